@@ -1,0 +1,132 @@
+"""Multi-scale deformable attention core: the single dispatch point for all implementations.
+
+Every caller in dino_core goes through :func:`ms_deform_attn`. It picks, per call, the fastest
+implementation that supports the inputs' device and dtype:
+
+* ``"cuda"``  – the compiled CUDA kernel from ``csrc/`` (float32/float16/bfloat16),
+* ``"cpu"``   – the compiled C++ CPU kernel from ``csrc/``,
+* ``"pytorch"`` – :func:`ms_deform_attn_reference`, pure PyTorch via ``grid_sample``; the
+  reference for the tests and the fallback when nothing is compiled.
+
+``DINO_MSDA_IMPL`` (``auto``/``cuda``/``cpu``/``pytorch``) forces a choice, e.g. for benchmarks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# name -> callable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+_KERNELS: Dict[str, Callable[..., torch.Tensor]] = {}
+_announced: set = set()
+
+
+def register_kernel(name: str, fn: Callable[..., torch.Tensor]) -> None:
+    """Register a compiled implementation (called by ``dino_core.ops._ext`` when it loads)."""
+    _KERNELS[name] = fn
+
+
+def ms_deform_attn_reference(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Pure-PyTorch multi-scale deformable attention (bilinear, zero padding, align_corners=False).
+
+    Args:
+        value: ``[N, S, M, D]`` projected values, ``S = sum(H_l * W_l)``, ``M`` heads of ``D`` channels.
+        spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)`` per level.
+        level_start_index: ``[L]`` int64 offset of each level in ``S`` (unused here, kept for the
+            common signature).
+        sampling_locations: ``[N, Lq, M, L, P, 2]`` ``(x, y)`` in ``[0, 1]`` of the level's map
+            (values outside sample zeros).
+        attention_weights: ``[N, Lq, M, L, P]`` softmax-normalised over ``L * P``.
+
+    Returns:
+        ``[N, Lq, M * D]``.
+    """
+    n, _, m, d = value.shape
+    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
+    value_per_level = value.split(sizes, dim=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(n * m, d, int(h), int(w))
+        # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [N, Lq, M, L, P] -> [N*M, 1, Lq, L*P]
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+def available_implementations() -> List[str]:
+    """Names of the implementations usable in this process, fastest first."""
+    _load_compiled()
+    return [k for k in ("cuda", "cpu") if k in _KERNELS] + ["pytorch"]
+
+
+def selected_implementation(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """The implementation :func:`ms_deform_attn` uses for tensors on ``device`` of ``dtype``."""
+    _load_compiled()
+    forced = os.environ.get("DINO_MSDA_IMPL", "auto").lower()
+    device_type = torch.device(device).type
+    if forced not in ("auto", "cuda", "cpu", "pytorch"):
+        raise ValueError(f"DINO_MSDA_IMPL={forced!r}: expected one of auto, cuda, cpu, pytorch")
+    if forced == "pytorch":
+        return "pytorch"
+    if forced != "auto":
+        if forced not in _KERNELS:
+            raise RuntimeError(
+                f"DINO_MSDA_IMPL={forced} but that kernel is not built here; "
+                f"available: {available_implementations()}. Reinstall with the extension (see README, Kernels)."
+            )
+        if forced != device_type:
+            raise RuntimeError(f"DINO_MSDA_IMPL={forced} cannot run on {device_type} tensors")
+        return forced
+    if device_type in _KERNELS:
+        return device_type
+    return "pytorch"
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Dispatch to the best implementation; shapes as in :func:`ms_deform_attn_reference`."""
+    impl = selected_implementation(value.device, value.dtype)
+    key = (impl, value.device.type)
+    if key not in _announced:
+        _announced.add(key)
+        log.info("MSDeformAttn: using the %s implementation on %s", impl, value.device.type)
+    if impl == "pytorch":
+        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _KERNELS[impl](value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+_compiled_loaded = False
+
+
+def _load_compiled() -> None:
+    """Import the compiled extension once, if it was built; absence is not an error."""
+    global _compiled_loaded
+    if _compiled_loaded:
+        return
+    _compiled_loaded = True
+    try:
+        from . import _ext  # noqa: F401  (registers kernels as a side effect)
+    except ImportError as exc:  # not built: the reference is used
+        log.debug("MSDeformAttn extension not available: %s", exc)
