@@ -1,0 +1,1 @@
+"""Distributed inference over evaluation shards and COCO AP (pycocotools)."""

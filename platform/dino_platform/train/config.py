@@ -1,0 +1,343 @@
+"""The training job's configuration: one typed object, loaded from YAML and validated once.
+
+Defaults follow the official DINO recipe (``config/DINO/DINO_4scale.py`` and ``main.py``): AdamW with
+lr 1e-4, backbone lr 1e-5, weight decay 1e-4, gradient clipping 0.1 and a step decay at ``lr_drop``.
+Every error names the dotted field (``optim.lr``) and what would be accepted.
+
+Example (``dino train job.yaml``)::
+
+    run: {name: coco-ft, storage_path: s3://bucket/runs}
+    data: {train_uri: s3://bucket/shards/train, eval_uri: s3://bucket/shards/val}
+    scaling: {num_workers: 2, batch_size_per_worker: 2}
+    deepspeed: {zero_stage: 2, precision: bf16}
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+
+from dino_platform.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+ZeroStage = Literal[0, 1, 2, 3]
+
+
+@dataclass
+class ModelConfig:
+    """Which ``dino_core`` model to build and where its first weights come from."""
+
+    preset: str = "dino_tiny"
+    # dataset category ids are used as labels directly, so this is max category id + 1 (COCO: 91)
+    num_classes: int = 91
+    # keyword overrides for dino_core.build_model, e.g. {num_queries: 100}
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    # official DINO .pth or a platform model.pt / checkpoint directory; None = backbone init only
+    init_from: Optional[str] = None
+    # class transfer when init_from was trained on another label space: {new_id: old_id};
+    # classes not listed start from scratch (passed to dino_core.load_official_state_dict)
+    init_class_map: Optional[Dict[int, int]] = None
+    # False: tolerate missing/unexpected keys in init_from (e.g. a different head), reported in the log
+    init_strict: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule; ``epochs`` and ``lr_drop`` count passes over the training set."""
+
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    # NOTE: the official configs carry lr_linear_proj_mult=0.1 but their default param-dict type
+    # ignores it; set scale_linear_proj_lr to apply it to sampling_offsets/reference_points.
+    lr_linear_proj_mult: float = 0.1
+    scale_linear_proj_lr: bool = False
+    clip_max_norm: float = 0.1
+    epochs: int = 12
+    lr_drop: int = 11
+    lr_drop_factor: float = 0.1
+    # stop after this many optimizer steps (smoke runs, staged runs); the schedule is unchanged
+    max_steps: Optional[int] = None
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers; the total batch is batch_size_per_worker x num_workers x accumulation_steps."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    # fractional CPUs let Ray Data's readers run beside the workers on small machines
+    cpus_per_worker: float = 0.5
+    batch_size_per_worker: int = 2
+    accumulation_steps: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: ZeroStage = 2
+    precision: Precision = "fp32"
+
+
+@dataclass
+class DataConfig:
+    """Shard URIs produced by ``dino ingest`` and the image transform (see ``data.streaming``)."""
+
+    train_uri: str = ""
+    eval_uri: Optional[str] = None
+    # forwarded to dino_platform.data.streaming (e.g. {max_size: 256}); validated there
+    transform: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    every_n_epochs: Optional[int] = 1
+    batch_size: int = 2
+    # detections kept per image for COCO AP (the official postprocessor keeps 300 before the 100 cut)
+    max_detections: int = 100
+    # validation images drawn with their predicted boxes and logged to MLflow
+    num_logged_images: int = 4
+    logged_score_threshold: float = 0.3
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: Optional[int] = None
+    every_n_epochs: Optional[int] = 1
+    # checkpoints kept in storage (oldest removed first); None keeps all
+    num_to_keep: Optional[int] = 2
+
+
+@dataclass
+class RunConfig:
+    name: str = "dino"
+    # local directory or s3://bucket/prefix; the run lives at <storage_path>/<name>
+    storage_path: str = "./runs"
+    # restarts of the worker group from the latest checkpoint after a worker dies
+    max_failures: int = 0
+    seed: int = 42
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "dino"
+    # None: $MLFLOW_TRACKING_URI, else a SQLite file under the run directory
+    tracking_uri: Optional[str] = None
+    enabled: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def total_batch_size(self) -> int:
+        s = self.scaling
+        return s.batch_size_per_worker * s.num_workers * s.accumulation_steps
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[List[str]] = None) -> TrainConfig:
+    """Read a YAML file (or a dict), apply ``a.b=value`` overrides, build and validate the config."""
+    if isinstance(source, dict):
+        raw, origin = dict(source), "config"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        origin = str(path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        cfg = _build(TrainConfig, raw, "")
+        validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    return cfg
+
+
+def _apply_override(raw: Dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=2e-4")
+    key, text = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown field {where}{unknown[0]}; allowed: {', '.join(names)}")
+    values = {name: _coerce(hints[name], raw[name], f"{prefix}.{name}".lstrip(".")) for name in names if name in raw}
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{name}: a value is required")
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(key_tp, k, f"{name}[{k}]"): _coerce(val_tp, v, f"{name}[{k}]") for k, v in value.items()}
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {name}")  # a bug in this file, not user input
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field and range checks; raises ConfigError naming the field."""
+    o, s, e, c = cfg.optim, cfg.scaling, cfg.eval, cfg.checkpoint
+    _positive("optim.lr", o.lr)
+    _non_negative("optim.lr_backbone", o.lr_backbone)
+    _non_negative("optim.weight_decay", o.weight_decay)
+    _positive("optim.lr_linear_proj_mult", o.lr_linear_proj_mult)
+    _non_negative("optim.clip_max_norm", o.clip_max_norm)
+    _positive("optim.epochs", o.epochs)
+    _positive("optim.lr_drop", o.lr_drop)
+    if not 0 < o.lr_drop_factor <= 1:
+        raise ConfigError(f"optim.lr_drop_factor: {o.lr_drop_factor} must be in (0, 1]")
+    if o.max_steps is not None:
+        _positive("optim.max_steps", o.max_steps)
+    _positive("scaling.num_workers", s.num_workers)
+    _positive("scaling.cpus_per_worker", s.cpus_per_worker)
+    _positive("scaling.batch_size_per_worker", s.batch_size_per_worker)
+    _positive("scaling.accumulation_steps", s.accumulation_steps)
+    if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
+        raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
+    _positive("model.num_classes", cfg.model.num_classes)
+    if not cfg.model.preset:
+        raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
+    if not cfg.data.train_uri:
+        raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
+    _positive("eval.batch_size", e.batch_size)
+    _positive("eval.max_detections", e.max_detections)
+    _non_negative("eval.num_logged_images", e.num_logged_images)
+    for name in ("every_n_epochs",):
+        if getattr(e, name) is not None:
+            _positive(f"eval.{name}", getattr(e, name))
+    for name in ("every_n_steps", "every_n_epochs", "num_to_keep"):
+        if getattr(c, name) is not None:
+            _positive(f"checkpoint.{name}", getattr(c, name))
+    if not _RUN_NAME.match(cfg.run.name):
+        raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
+    _non_negative("run.max_failures", cfg.run.max_failures)
+    if not cfg.run.storage_path:
+        raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}: {value} must be > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(f"{name}: {value} must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# logging the config without secrets
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key)", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
+def flat_params(cfg: TrainConfig) -> Dict[str, str]:
+    """``{"optim.lr": "0.0001", ...}`` for tracking; secret-looking keys and URI credentials redacted."""
+    flat: Dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+            return
+        text = "" if node is None else str(node)
+        if _SECRET_KEY.search(prefix.rsplit(".", 1)[-1]):
+            text = "***"
+        flat[prefix] = _URI_USERINFO.sub(r"\1***@", text)
+
+    walk(cfg.to_dict(), "")
+    return flat
