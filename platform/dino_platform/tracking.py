@@ -1,0 +1,157 @@
+"""MLflow tracking: one run per training job, written by the driver (params, curves) and rank 0 (metrics).
+
+The driver opens the run before the workers start and passes its id down; only worker rank 0 logs
+step metrics and evaluation results to it. A resumed job (same storage path and run name) finds
+its earlier MLflow run by tag and continues it, so a job keeps one run however often it restarts.
+
+Tracking URI: ``tracking.tracking_uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else a SQLite
+file ``mlflow.db`` under the local run directory (artifacts beside it in ``mlartifacts/``).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "dino.run_key"
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where rank 0 logs: passed from the driver to the workers (plain strings, picklable)."""
+
+    tracking_uri: str
+    run_id: str
+
+
+def resolve_tracking_uri(configured: Optional[str], local_run_dir: Path) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    local_run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{local_run_dir.resolve() / 'mlflow.db'}"
+
+
+def start_or_resume_run(
+    tracking_uri: str,
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    params: Mapping[str, str],
+    config_yaml: str,
+    artifact_dir: Optional[Path] = None,
+) -> TrackingTarget:
+    """Create (or find, by ``run_key``) the job's MLflow run; log params and the resolved config.
+
+    Params are logged once, when the run is created: MLflow refuses to change a param's value,
+    and a resumed job may legitimately differ (e.g. ``optim.max_steps``); each start's full config is
+    logged as an artifact instead (``config.yaml``, then ``config_resume_<n>.yaml``).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = artifact_dir.resolve().as_uri() if artifact_dir is not None and tracking_uri.startswith("sqlite:") else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    escaped = run_key.replace("'", "\\'")
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        starts = len([a for a in client.list_artifacts(run_id) if a.path.startswith("config")])
+        client.log_text(run_id, config_yaml, f"config_resume_{starts}.yaml")
+        log.info("continuing MLflow run %s (%s)", run_id, tracking_uri)
+    else:
+        run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
+        run_id = run.info.run_id
+        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            client.log_batch(run_id, params=items[i : i + 100])
+        client.log_text(run_id, config_yaml, "config.yaml")
+        log.info("MLflow run %s (%s)", run_id, tracking_uri)
+    return TrackingTarget(tracking_uri, run_id)
+
+
+class MetricsLogger:
+    """Rank 0's handle on the run: step metrics, evaluation summaries, artifacts."""
+
+    def __init__(self, target: TrackingTarget):
+        from mlflow import MlflowClient
+
+        self.target = target
+        self.client = MlflowClient(target.tracking_uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.target.run_id, metrics=items)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.target.run_id, data, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        self.client.log_image(self.target.run_id, image, artifact_file=artifact_file)
+
+
+def finish_run(target: TrackingTarget, status: str = "FINISHED") -> None:
+    """Draw loss and AP curves from the logged history, attach them, and close the run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(target.tracking_uri)
+    run = client.get_run(target.run_id)
+    names = sorted(run.data.metrics)
+    history = {name: [(m.step, m.value) for m in client.get_metric_history(target.run_id, name)] for name in names}
+    losses = {k: v for k, v in history.items() if k.startswith("loss")}
+    aps = {k: v for k, v in history.items() if k.startswith("eval/AP") and "/class_" not in k}
+    if losses:
+        client.log_figure(target.run_id, plot_curves(losses, "training loss"), "curves/loss.png")
+    if aps:
+        client.log_figure(target.run_id, plot_curves(aps, "COCO AP"), "curves/ap.png")
+    client.set_terminated(target.run_id, status=status)
+
+
+def plot_curves(series: Mapping[str, Sequence[Tuple[int, float]]], title: str):
+    """One line per series against the optimizer step; returns a matplotlib Figure (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    for name, points in sorted(series.items()):
+        points = sorted(points)
+        axes.plot([s for s, _ in points], [v for _, v in points], label=name, marker="." if len(points) < 20 else None)
+    axes.set_xlabel("optimizer step")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if len(series) <= 12:
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def draw_detections(image, boxes: Iterable, labels: Iterable, scores: Iterable, names: Mapping[int, str]):
+    """Boxes (x0, y0, x1, y1 pixels of ``image``) drawn on a copy of a PIL image, labelled 'name 0.87'."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    for box, label, score in zip(boxes, labels, scores):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, x1, y1], outline=(255, 64, 0), width=2)
+        draw.text((x0 + 2, y0 + 1), f"{names.get(int(label), int(label))} {float(score):.2f}", fill=(255, 255, 0))
+    return canvas
