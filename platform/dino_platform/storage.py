@@ -1,0 +1,295 @@
+"""One storage layer for every location the platform reads or writes.
+
+A location is a URI: a local path or ``file:///abs/path`` (the embedded default), or
+``s3://bucket/prefix``. S3 settings are resolved the way the AWS CLI resolves them (botocore
+reads ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE`` and the shared config/credentials files,
+``AWS_MAX_ATTEMPTS``), so MinIO, Ceph or a test endpoint work by setting the endpoint. All I/O then
+goes through a ``pyarrow.fs.FileSystem``, the same object Ray Data reads Parquet with; transient
+S3 errors are retried by the AWS SDK's standard retry strategy inside pyarrow.
+
+Usage::
+
+    loc = resolve("s3://bucket/datasets/coco")
+    loc.child("manifest.json").write_bytes(data)       # atomic: complete object or nothing
+    names = loc.list_files()                           # relative paths, sorted
+    ray.data.read_parquet(loc.path, filesystem=loc.fs)
+
+Every failure surfaces as :class:`StorageError` (or :class:`StorageNotFoundError`) naming the URI
+and what to check. Credentials never appear in messages or logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from dino_platform.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 5
+CONNECT_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 120.0
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """The URI names an object or directory that does not exist."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """S3 connection settings as botocore resolved them (secrets are kept out of ``repr``)."""
+
+    endpoint_url: Optional[str]          # None: AWS itself
+    region: Optional[str]
+    max_attempts: int
+    credential_source: str               # e.g. "env", "shared-credentials-file", "anonymous"
+    access_key: Optional[str] = field(default=None, repr=False)
+    secret_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        kwargs = dict(
+            region=self.region,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+            connect_timeout=CONNECT_TIMEOUT_S,
+            request_timeout=REQUEST_TIMEOUT_S,
+        )
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            kwargs.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"),
+                          scheme=parsed.scheme or "https")
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key,
+                          session_token=self.session_token)
+        else:
+            kwargs.update(anonymous=True)
+        return pafs.S3FileSystem(**kwargs)
+
+    def redact(self, text: str) -> str:
+        """``text`` with any credential value replaced by ``***``."""
+        for secret in (self.secret_key, self.session_token, self.access_key):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+
+def _aws_environment_key() -> Tuple[Tuple[str, str], ...]:
+    # Settings are cached per process; a changed AWS_* variable (tests, a new profile) re-resolves.
+    keys = sorted(k for k in os.environ if k.startswith("AWS_"))
+    return tuple((k, os.environ[k]) for k in keys)
+
+
+def s3_settings() -> S3Settings:
+    """Resolve S3 settings from the environment and AWS config files, like the AWS CLI does."""
+    return _resolve_s3_settings(_aws_environment_key())
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_s3_settings(_env_key: Tuple[Tuple[str, str], ...]) -> S3Settings:
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        session = botocore.session.Session()
+        client = session.create_client("s3")
+        credentials = session.get_credentials()
+    except BotoCoreError as exc:  # e.g. a profile named in AWS_PROFILE that does not exist
+        raise StorageError(f"cannot resolve S3 settings: {exc}; check AWS_PROFILE and "
+                           "~/.aws/config") from None
+    endpoint = client.meta.endpoint_url
+    if urlparse(endpoint).hostname and urlparse(endpoint).hostname.endswith("amazonaws.com"):
+        endpoint = None  # let the SDK pick the regional AWS endpoint
+    max_attempts = session.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS
+    if credentials is None:
+        return S3Settings(endpoint, client.meta.region_name, int(max_attempts), "anonymous")
+    frozen = credentials.get_frozen_credentials()
+    settings = S3Settings(endpoint, client.meta.region_name, int(max_attempts),
+                          credentials.method, frozen.access_key, frozen.secret_key, frozen.token)
+    log.debug("S3 settings: %r", settings)  # repr hides the credential values
+    return settings
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved storage location: the URI a user gave, plus the filesystem and path to reach it.
+
+    Picklable (Ray tasks and Ray Data receive it as is). ``path`` is what ``fs`` understands:
+    ``bucket/key`` for S3, an absolute path for local files.
+    """
+
+    uri: str
+    fs: pafs.FileSystem = field(repr=False, compare=False)
+    path: str
+    settings: Optional[S3Settings] = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.settings is not None
+
+    def child(self, relative: str) -> "Location":
+        """The location ``relative`` (a '/'-separated path) below this one."""
+        relative = relative.strip("/")
+        return Location(f"{self.uri.rstrip('/')}/{relative}", self.fs,
+                        posixpath.join(self.path, relative) if self.is_s3
+                        else os.path.join(self.path, *relative.split("/")), self.settings)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    # --- reading ---------------------------------------------------------------------------
+    def read_bytes(self) -> bytes:
+        with self._errors("read"):
+            with self.fs.open_input_file(self.path) as stream:
+                return stream.read()
+
+    def exists(self) -> bool:
+        with self._errors("check"):
+            return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        with self._errors("check"):
+            return self.fs.get_file_info(self.path).type == pafs.FileType.File
+
+    def size(self) -> int:
+        with self._errors("stat"):
+            info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageNotFoundError(f"{self.uri}: does not exist")
+        return int(info.size)
+
+    def list_files(self, recursive: bool = True) -> List[str]:
+        """Paths of the files below this location, relative to it, '/'-separated, sorted.
+
+        A location that does not exist lists as empty (S3 has no directories to be missing); a
+        missing bucket is an error.
+        """
+        with self._errors("list"):
+            infos = self.fs.get_file_info(
+                pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
+            if not infos and self.is_s3:
+                bucket = self.path.split("/", 1)[0]
+                if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageError(f"cannot list {self.uri}: the bucket {bucket!r} does not "
+                                       "exist; create it or fix the URI")
+        base = self.path.rstrip("/") + "/"
+        if not self.is_s3:
+            base = base.replace(os.sep, "/")
+        out = []
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            full = info.path if self.is_s3 else info.path.replace(os.sep, "/")
+            if full.startswith(base):
+                out.append(full[len(base):])
+        return sorted(out)
+
+    # --- writing ---------------------------------------------------------------------------
+    def write_bytes(self, data: bytes) -> None:
+        """Write ``data`` so that readers see the complete object or the previous state, never part.
+
+        Local files: written to a temporary name in the same directory, then renamed (atomic on
+        POSIX). S3: one upload from memory; S3 makes an object visible only once it is complete.
+        """
+        with self._errors("write"):
+            if self.is_s3:
+                with self.fs.open_output_stream(self.path) as stream:
+                    stream.write(data)
+                return
+            directory = os.path.dirname(self.path)
+            os.makedirs(directory, exist_ok=True)
+            tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+
+    def delete(self, missing_ok: bool = True) -> None:
+        with self._errors("delete"):
+            info = self.fs.get_file_info(self.path)
+            if info.type == pafs.FileType.NotFound:
+                if not missing_ok:
+                    raise FileNotFoundError(self.path)
+                return
+            if info.type == pafs.FileType.Directory:
+                self.fs.delete_dir(self.path)
+            else:
+                self.fs.delete_file(self.path)
+
+    def ensure_dir(self) -> None:
+        """Create the directory (a no-op on S3, where prefixes need no creation)."""
+        if not self.is_s3:
+            with self._errors("create"):
+                os.makedirs(self.path, exist_ok=True)
+
+    # --- errors ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"{self.uri}: does not exist") from None
+        except OSError as exc:
+            raise StorageError(self._explain(action, exc)) from None
+
+    def _explain(self, action: str, exc: OSError) -> str:
+        detail = str(exc)
+        if not self.is_s3:
+            return f"cannot {action} {self.uri}: {detail}"
+        settings = self.settings
+        endpoint = settings.endpoint_url or f"AWS S3 (region {settings.region or 'auto'})"
+        if "NETWORK_CONNECTION" in detail or "Could not connect" in detail or "curlCode" in detail:
+            hint = (f"cannot reach the S3 endpoint {endpoint}; check that it is running and that "
+                    "AWS_ENDPOINT_URL names it")
+        elif "NO_SUCH_BUCKET" in detail or "NoSuchBucket" in detail:
+            hint = "the bucket does not exist; create it or fix the URI"
+        elif "ACCESS_DENIED" in detail or "AccessDenied" in detail or "403" in detail or \
+                "InvalidAccessKeyId" in detail or "SignatureDoesNotMatch" in detail:
+            hint = (f"access denied by {endpoint}; check the credentials "
+                    f"(source: {settings.credential_source}; AWS_ACCESS_KEY_ID / AWS_PROFILE)")
+        else:
+            hint = f"endpoint {endpoint}; check AWS_ENDPOINT_URL, AWS_REGION and the credentials"
+        return settings.redact(f"cannot {action} {self.uri}: {hint} ({detail})")
+
+
+def resolve(uri: str) -> Location:
+    """Turn a URI (local path, ``file://``, ``s3://``) into a :class:`Location`.
+
+    Relative local paths are made absolute here, so a Location can travel to a Ray worker whose
+    working directory differs.
+    """
+    if not uri:
+        raise StorageError("empty storage URI; give a local path, file:///path or s3://bucket/prefix")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket, as in s3://bucket/prefix")
+        settings = s3_settings()
+        path = f"{parsed.netloc}/{parsed.path.lstrip('/')}".rstrip("/")
+        return Location(uri.rstrip("/"), settings.filesystem(), path, settings)
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri}: file:// URIs must be absolute (file:///path)")
+        local = parsed.path
+    elif scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        local = uri
+    else:
+        raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
+    local = os.path.abspath(os.path.expanduser(local))
+    return Location(local, pafs.LocalFileSystem(), local)
