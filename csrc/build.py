@@ -1,0 +1,59 @@
+"""How to compile the MSDeformAttn extension; shared by setup.py, the JIT fallback and the CUDA check.
+
+Kept free of project imports so setup.py can load it by path before anything is installed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+CSRC_DIR = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+def sources(with_cuda: bool) -> List[str]:
+    """Source files of the extension (absolute paths)."""
+    files = ["bindings.cpp", "ms_deform_attn_cpu.cpp"]
+    if with_cuda:
+        files.append("ms_deform_attn_cuda.cu")
+    return [str(CSRC_DIR / name) for name in files]
+
+
+def compile_args(with_cuda: bool) -> Dict[str, List[str]]:
+    """Compiler flags per compiler ("cxx" and, with CUDA, "nvcc")."""
+    if sys.platform == "win32":
+        cxx = ["/O2", "/openmp"]
+    else:
+        # -fopenmp: ATen's parallel_for is an inline OpenMP region, so without it the kernels run on
+        # one thread. The extension binds to torch's own libgomp, which is loaded first.
+        cxx = ["-O3", "-fopenmp"]
+    args = {"cxx": cxx + (["-DDINO_WITH_CUDA"] if with_cuda else [])}
+    if with_cuda:
+        args["nvcc"] = ["-O3", "-DDINO_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
+    return args
+
+
+def link_args() -> List[str]:
+    return [] if sys.platform == "win32" else ["-fopenmp"]
+
+
+def ensure_cuda_arch_list() -> str:
+    """TORCH_CUDA_ARCH_LIST for the build: the caller's, else Ampere and Hopper."""
+    return os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+
+
+def make_extension(cpp_extension, with_cuda: bool, name: str = "dino_core._C"):
+    """A setuptools Extension built with ``torch.utils.cpp_extension`` (passed in by the caller)."""
+    kwargs = dict(
+        name=name,
+        sources=sources(with_cuda),
+        include_dirs=[str(CSRC_DIR)],
+        extra_compile_args=compile_args(with_cuda),
+        extra_link_args=link_args(),
+    )
+    if with_cuda:
+        ensure_cuda_arch_list()
+        return cpp_extension.CUDAExtension(**kwargs)
+    return cpp_extension.CppExtension(**kwargs)
