@@ -114,32 +114,37 @@ def finish_run(target: TrackingTarget, status: str = "FINISHED") -> None:
     run = client.get_run(target.run_id)
     names = sorted(run.data.metrics)
     history = {name: [(m.step, m.value) for m in client.get_metric_history(target.run_id, name)] for name in names}
-    losses = {k: v for k, v in history.items() if k.startswith("loss")}
+    terms = {k: v for k, v in history.items() if k.startswith("loss_")}
     aps = {k: v for k, v in history.items() if k.startswith("eval/AP") and "/class_" not in k}
-    if losses:
-        client.log_figure(target.run_id, plot_curves(losses, "training loss"), "curves/loss.png")
+    if "loss" in history:
+        panels = {"weighted training loss": {"loss": history["loss"]}}
+        if terms:
+            panels["unweighted loss terms"] = terms
+        client.log_figure(target.run_id, plot_curves(panels), "curves/loss.png")
     if aps:
-        client.log_figure(target.run_id, plot_curves(aps, "COCO AP"), "curves/ap.png")
+        client.log_figure(target.run_id, plot_curves({"COCO AP": aps}), "curves/ap.png")
     client.set_terminated(target.run_id, status=status)
 
 
-def plot_curves(series: Mapping[str, Sequence[Tuple[int, float]]], title: str):
-    """One line per series against the optimizer step; returns a matplotlib Figure (Agg backend)."""
+def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Tuple[int, float]]]]):
+    """One panel per title, one line per series against the optimizer step (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4), dpi=100)
-    axes = figure.add_subplot()
-    for name, points in sorted(series.items()):
-        points = sorted(points)
-        axes.plot([s for s, _ in points], [v for _, v in points], label=name, marker="." if len(points) < 20 else None)
-    axes.set_xlabel("optimizer step")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    if len(series) <= 12:
-        axes.legend(fontsize=7)
+    figure = Figure(figsize=(6 * len(panels), 4), dpi=100)
+    for index, (title, series) in enumerate(panels.items()):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for name, points in sorted(series.items()):
+            points = sorted(points)
+            axes.plot([s for s, _ in points], [v for _, v in points], label=name,
+                      marker="." if len(points) < 20 else None)
+        axes.set_xlabel("optimizer step")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        if 1 < len(series) <= 12:
+            axes.legend(fontsize=7)
     figure.tight_layout()
     return figure
 

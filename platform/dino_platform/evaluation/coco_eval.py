@@ -136,7 +136,7 @@ def evaluate_coco(
             for i, d in enumerate(detections)
         ],
     }
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet():
         gt.createIndex()
         dt.createIndex()
         evaluator = COCOeval(gt, dt, iouType="bbox")
@@ -163,6 +163,25 @@ def evaluate_coco(
         num_detections=len(detections),
         detections=detections,
     )
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence pycocotools' progress prints.
+
+    Ray Train V2 replaces ``builtins.print`` in its workers with a function that also logs, which
+    ``redirect_stdout`` alone does not silence, so ``print`` itself is swapped for the duration.
+    """
+    import builtins
+
+    sink = io.StringIO()
+    original = builtins.print
+    builtins.print = lambda *args, **kwargs: original(*args, **{**kwargs, "file": sink})
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        builtins.print = original
 
 
 def _sort_key(image_id: Any) -> tuple:

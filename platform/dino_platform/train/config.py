@@ -40,8 +40,8 @@ class ModelConfig:
     overrides: Dict[str, Any] = field(default_factory=dict)
     # official DINO .pth or a platform model.pt / checkpoint directory; None = backbone init only
     init_from: Optional[str] = None
-    # class transfer when init_from was trained on another label space: {new_id: old_id};
-    # classes not listed start from scratch (passed to dino_core.load_official_state_dict)
+    # class transfer when init_from was trained on another label space: {checkpoint_class_id:
+    # model_class_id}; unlisted classes start fresh (dino_core.load_official_state_dict's class_map)
     init_class_map: Optional[Dict[int, int]] = None
     # False: tolerate missing/unexpected keys in init_from (e.g. a different head), reported in the log
     init_strict: bool = True
@@ -129,6 +129,8 @@ class TrackingConfig:
     # None: $MLFLOW_TRACKING_URI, else a SQLite file under the run directory
     tracking_uri: Optional[str] = None
     enabled: bool = True
+    # progress (loss terms, lr, throughput) is reported every this many optimizer steps
+    log_every_n_steps: int = 10
 
 
 @dataclass
@@ -304,6 +306,7 @@ def validate(cfg: TrainConfig) -> None:
     if not _RUN_NAME.match(cfg.run.name):
         raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
     _non_negative("run.max_failures", cfg.run.max_failures)
+    _positive("tracking.log_every_n_steps", cfg.tracking.log_every_n_steps)
     if not cfg.run.storage_path:
         raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
 

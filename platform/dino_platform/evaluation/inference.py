@@ -1,0 +1,103 @@
+"""Inference over one worker's evaluation shard, and gathering the results on rank 0.
+
+NOTE (padding, DINO issue #231): in a padded batch the backbone's convolutions see the padded
+border as image content (after the first normalisation layer it is no longer zero), so an image's
+detections change with whatever it was batched with (an untrained dino_tiny, 96x128 image padded
+to 128x128: logits moved by up to 1.25, normalised boxes by up to 0.94, top-k query selection
+amplifying the feature change). Batching equal-sized images without padding still moves outputs
+by ~1e-6 (different BLAS blocking). So, as the official evaluation does (batch size 1), every image
+is run on its own, cropped to its valid region: the evaluation batch size and the number of workers
+change only how images are loaded and spread, never the predictions.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dino_platform.evaluation.coco_eval import ImagePrediction, ImageTruth
+
+
+def valid_sizes(mask: torch.Tensor) -> List[Tuple[int, int]]:
+    """(h, w) of each image's unpadded region; mask: [B, H, W] bool, True = padding (bottom/right)."""
+    sizes = []
+    for m in mask:
+        valid = ~m
+        sizes.append((int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())))
+    return sizes
+
+
+@torch.no_grad()
+def predict_batch(
+    model: torch.nn.Module,
+    postprocessor: torch.nn.Module,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    targets: Sequence[Dict[str, torch.Tensor]],
+    max_detections: int,
+) -> List[ImagePrediction]:
+    """Detections for a collated batch, each image run alone at its own valid size.
+
+    images: [B, 3, H, W] normalized; mask: [B, H, W] bool (True = padding, bottom/right);
+    targets carry ``image_id`` and ``orig_size`` (h, w). Returned boxes are (x0, y0, x1, y1) in
+    original-image pixels, at most ``max_detections`` per image, by descending score.
+    """
+    device = next(model.parameters()).device
+    predictions = []
+    for i, (h, w) in enumerate(valid_sizes(mask)):
+        image = images[i : i + 1, :, :h, :w].to(device)
+        outputs = model(image, torch.zeros((1, h, w), dtype=torch.bool, device=device))
+        orig_size = torch.as_tensor(targets[i]["orig_size"]).reshape(1, 2).to(device)
+        (result,) = postprocessor(outputs, orig_size)
+        keep = torch.argsort(result["scores"], descending=True, stable=True)[:max_detections]
+        predictions.append(ImagePrediction(
+            image_id=_image_id(targets[i]),
+            boxes=result["boxes"][keep].float().cpu().numpy(),
+            scores=result["scores"][keep].float().cpu().numpy(),
+            labels=result["labels"][keep].cpu().numpy(),
+        ))
+    return predictions
+
+
+def truths_from_targets(targets: Sequence[Dict[str, torch.Tensor]]) -> List[ImageTruth]:
+    """Ground truth in original pixels from collated targets (boxes cx, cy, w, h in 0..1)."""
+    truths = []
+    for t in targets:
+        orig_h, orig_w = (int(v) for v in torch.as_tensor(t["orig_size"]).tolist())
+        boxes = torch.as_tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4)
+        cx, cy, bw, bh = boxes.unbind(-1)
+        xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+        xyxy = xyxy * torch.tensor([orig_w, orig_h, orig_w, orig_h], dtype=torch.float64)
+        iscrowd = t.get("iscrowd")
+        truths.append(ImageTruth(
+            image_id=_image_id(t),
+            height=orig_h,
+            width=orig_w,
+            boxes=xyxy.numpy(),
+            labels=torch.as_tensor(t["labels"]).cpu().numpy(),
+            iscrowd=None if iscrowd is None else torch.as_tensor(iscrowd).cpu().numpy(),
+        ))
+    return truths
+
+
+def gather_to_rank0(items: list) -> Optional[list]:
+    """Concatenate every rank's list on rank 0 (others get None); a no-op without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    gathered: Optional[List[list]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    if gathered is None:
+        return None
+    return [x for part in gathered for x in part]
+
+
+def _image_id(target: Dict) -> object:
+    value = target["image_id"]
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value

@@ -1,0 +1,193 @@
+"""Training checkpoints: DeepSpeed state for exact resume plus a consolidated fp32 ``model.pt``.
+
+Layout of one ``ray.train.Checkpoint`` directory (each rank writes its own files, Ray merges them)::
+
+    deepspeed/         engine.save_checkpoint(): module, optimizer partitions, per-rank RNG-free state
+    model.pt           {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
+    model_config.json  the ModelConfig that built it (preset, num_classes, overrides)
+    train_state.json   step, epoch, micro-batches consumed in that epoch, seed
+
+``model.pt`` needs neither DeepSpeed nor Ray: ``dino_core.load_official_state_dict(model, path)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+
+from dino_platform.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+MODEL_CONFIG_FILE = "model_config.json"
+STATE_FILE = "train_state.json"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough to continue with the same step, data position and lr."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epoch in progress (or the next one when batches_in_epoch == 0)
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed on each worker
+    seed: int = 0
+
+
+def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
+    """The full fp32 ``state_dict`` of ``engine.module``, on every rank (a collective call).
+
+    Trainable parameters come from the optimizer's fp32 master copy (DeepSpeed's
+    ``safe_get_full_fp32_param``, which assembles ZeRO-1/2/3 partitions); frozen parameters and
+    buffers are gathered (ZeRO-3) or read directly, then cast to fp32.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    full: Dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        value = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if value is None:
+            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned, not held by the optimizer
+                with deepspeed.zero.GatheredParameters([param]):
+                    value = param.data.clone()
+            else:
+                value = param.data
+        full[name] = value.detach().to("cpu", torch.float32).clone()
+    for name, tensor in module.state_dict().items():
+        if name not in full:  # buffers (frozen batch-norm statistics ...)
+            is_float = tensor.is_floating_point()
+            full[name] = tensor.detach().to("cpu", torch.float32 if is_float else tensor.dtype).clone()
+    # keep the module's own key order so the file diff-matches the official layout
+    order = list(module.state_dict().keys())
+    return {k: full[k] for k in order if k in full} | {k: v for k, v in full.items() if k not in order}
+
+
+def write_checkpoint(
+    engine,
+    directory: Path,
+    state: TrainState,
+    model_state: Optional[Dict[str, torch.Tensor]],
+    model_config: Optional[Dict[str, Any]],
+) -> None:
+    """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``."""
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=True)
+    if model_state is not None:
+        torch.save(model_state, directory / MODEL_FILE)
+        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+        (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+
+
+def restore_checkpoint(engine, directory: Path) -> TrainState:
+    """Load DeepSpeed's module/optimizer state and return where training stood."""
+    state_file = directory / STATE_FILE
+    if not state_file.is_file():
+        raise StorageError(f"{directory}: not a dino training checkpoint (no {STATE_FILE})")
+    load_path, _ = engine.load_checkpoint(
+        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise StorageError(f"{directory / DEEPSPEED_DIR}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
+    return TrainState(**json.loads(state_file.read_text()))
+
+
+def scratch_dir(prefix: str) -> "_Scratch":
+    """A temporary local directory removed on exit (checkpoints are staged here before upload)."""
+    return _Scratch(prefix)
+
+
+class _Scratch:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __enter__(self) -> Path:
+        self.path = Path(tempfile.mkdtemp(prefix=self.prefix))
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading model weights from anywhere (local path, s3://, a checkpoint directory)
+
+
+def read_model_state(uri: str) -> Dict[str, torch.Tensor]:
+    """``model.pt`` of a platform checkpoint (directory or file) or an official ``.pth``, loaded safely.
+
+    Official files wrap the weights as ``{"model": state_dict, ...}``; that wrapper is removed.
+    """
+    with local_copy(uri, want=MODEL_FILE) as path:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
+            raise StorageError(f"{uri}: cannot be read as model weights ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise StorageError(f"{uri}: expected a state_dict (name -> tensor)")
+    return obj
+
+
+def read_model_config(uri: str) -> Optional[Dict[str, Any]]:
+    """``model_config.json`` beside a platform checkpoint's ``model.pt``; None for official files."""
+    try:
+        with local_copy(uri, want=MODEL_CONFIG_FILE, sibling=True) as path:
+            return json.loads(Path(path).read_text())
+    except StorageError:
+        return None
+
+
+class local_copy:
+    """Context manager giving a local file path for ``uri`` (a file, or ``want`` inside a directory).
+
+    ``sibling=True`` looks for ``want`` next to ``uri`` when ``uri`` names a file.
+    """
+
+    def __init__(self, uri: str, want: str, sibling: bool = False):
+        self.uri, self.want, self.sibling = uri, want, sibling
+        self._tmp: Optional[str] = None
+
+    def __enter__(self) -> str:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = pafs.FileSystem.from_uri(self.uri if "://" in self.uri else os.path.abspath(self.uri))
+            info = fs.get_file_info(path)
+        except Exception as exc:
+            raise StorageError(f"{self.uri}: cannot open ({exc})") from None
+        if info.type == pafs.FileType.Directory:
+            path = f"{path.rstrip('/')}/{self.want}"
+        elif info.type == pafs.FileType.File and self.sibling:
+            path = f"{path.rsplit('/', 1)[0]}/{self.want}"
+        elif info.type != pafs.FileType.File:
+            raise StorageError(f"{self.uri}: no such file or directory")
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise StorageError(f"{self.uri}: {self.want} not found")
+        if isinstance(fs, pafs.LocalFileSystem):
+            return path
+        handle, self._tmp = tempfile.mkstemp(suffix=Path(path).suffix)
+        os.close(handle)
+        with fs.open_input_stream(path) as src, open(self._tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return self._tmp
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp:
+            os.unlink(self._tmp)
+
+
+def iter_checkpoint_dirs(run_dir: Path) -> Iterator[Path]:
+    """Local run directories only: checkpoint_* sub-directories, oldest first."""
+    yield from sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())

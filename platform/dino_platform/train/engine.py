@@ -1,0 +1,103 @@
+"""Model, optimizer and DeepSpeed engine for one worker (the edges of the training loop)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from dino_platform.train.config import ModelConfig, OptimConfig, TrainConfig
+from dino_platform.train.deepspeed_config import build_deepspeed_config
+
+log = logging.getLogger(__name__)
+
+
+def build_model(model_cfg: ModelConfig):
+    """``(model, criterion, postprocessor)`` from the dino_core preset and overrides."""
+    import dino_core
+
+    return dino_core.build_model(model_cfg.preset, num_classes=model_cfg.num_classes, **model_cfg.overrides)
+
+
+def init_weights(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
+    """Load ``model.init_from`` (official .pth or platform model.pt) with dino_core's class transfer."""
+    import dino_core
+
+    from dino_platform.train.checkpoint import read_model_state
+
+    state = read_model_state(model_cfg.init_from)
+    kwargs = {"strict": model_cfg.init_strict}
+    if model_cfg.init_class_map:
+        kwargs["class_map"] = dict(model_cfg.init_class_map)
+    report = dino_core.load_official_state_dict(model, state, **kwargs)
+    log.info("initialised from %s (%s)", model_cfg.init_from, report)
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> List[Dict]:
+    """AdamW groups of the official recipe via dino_core (backbone at lr_backbone, optional linear-proj mult)."""
+    import dino_core
+
+    mult = optim.lr_linear_proj_mult if optim.scale_linear_proj_lr else 1.0
+    return dino_core.param_groups(model, lr=optim.lr, lr_backbone=optim.lr_backbone,
+                                  lr_linear_proj_mult=mult, weight_decay=optim.weight_decay)
+
+
+def lr_factor(optim: OptimConfig, epoch: int) -> float:
+    """Step decay: the official StepLR(lr_drop) stepped once per epoch."""
+    return optim.lr_drop_factor ** (epoch // optim.lr_drop)
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, base_lrs: List[float], optim: OptimConfig, epoch: int) -> None:
+    """Set each param group's lr for ``epoch``; ``base_lrs`` are the groups' undecayed rates, in order."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = base * lr_factor(optim, epoch)
+
+
+def seed_step(seed: int, micro_step: int, rank: int) -> None:
+    """Seed every RNG from (seed, micro step, rank): denoising noise and dropout replay exactly on resume."""
+    digest = hashlib.sha256(f"{seed}:{micro_step}:{rank}".encode()).digest()
+    value = int.from_bytes(digest[:8], "little") % (2**63 - 1)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % (2**32))
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce extension on CPU.
+
+    DeepSpeed's TorchBackend builds ``deepspeed_shm_comm`` (g++, 40-290 s on small machines) on
+    every CPU start unless the op is marked incompatible in ``deepspeed.ops.__compatible_ops__``,
+    the table it consults before building. The op only serves ``inference_all_reduce`` (tensor-
+    parallel inference); training collectives go through torch.distributed (gloo) either way.
+    """
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig) -> Tuple[object, List[float]]:
+    """Wrap ``model`` in a DeepSpeed engine on the process group Ray Train already created.
+
+    Returns the engine and the param groups' base learning rates (for the step decay).
+    """
+    import deepspeed
+
+    skip_cpu_shm_comm_build()
+    # Ray Train has initialised torch.distributed; DeepSpeed adopts that group instead of making one
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=build_deepspeed_config(cfg), dist_init_required=False
+    )
+    return engine, base_lrs
+
+
+def weighted_loss(losses: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
+    """The training objective: sum of the weighted loss terms (unweighted terms are logged only)."""
+    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)

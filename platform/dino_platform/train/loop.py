@@ -1,0 +1,259 @@
+"""The per-worker training loop: a plain PyTorch loop with Ray Train and DeepSpeed at its edges.
+
+Every worker runs ``train_loop_per_worker``. Ray Train has set up the process group and hands each
+worker its shard of the training (and evaluation) dataset; DeepSpeed owns the optimizer step.
+Exact resume rests on three things: the data order is deterministic (ordered, equal shards),
+every RNG is seeded per micro-batch from (seed, micro-batch, rank), and a checkpoint records the
+step, epoch and micro-batches consumed, so a resumed worker skips exactly what it already trained on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from dino_platform.train.checkpoint import (
+    TrainState,
+    consolidated_state_dict,
+    restore_checkpoint,
+    write_checkpoint,
+)
+from dino_platform.train.config import TrainConfig, load_config
+from dino_platform.train.engine import (
+    build_engine,
+    build_model,
+    init_weights,
+    seed_step,
+    set_epoch_lr,
+    weighted_loss,
+)
+
+log = logging.getLogger("dino.train")
+
+
+@dataclass
+class EpochPlan:
+    """Sizes the driver computed before starting workers (identical on every rank)."""
+
+    micro_batches_per_epoch: int  # per worker; a multiple of the accumulation steps
+    steps_per_epoch: int  # optimizer steps
+    categories: Dict[int, str] = field(default_factory=dict)
+
+
+def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = load_config(loop_config["config"])
+    plan = EpochPlan(**loop_config["plan"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    tracker = _rank0_tracker(loop_config.get("tracking"), rank)
+
+    model, criterion, postprocessor = build_model(cfg.model)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.model.init_from:
+        init_weights(model, cfg.model)
+    model.to(device)
+    criterion.to(device)
+    engine, base_lrs = build_engine(model, cfg)
+
+    state = TrainState(seed=cfg.run.seed)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = restore_checkpoint(engine, Path(directory))
+        if rank == 0:
+            log.info("resumed at step %d (epoch %d, %d micro-batches in)", state.step, state.epoch, state.batches_in_epoch)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_uri else None
+    evaluator = _Evaluator(cfg, plan, postprocessor, eval_shard, tracker, device) if eval_shard is not None else None
+    accumulation = cfg.scaling.accumulation_steps
+    total_steps = plan.steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps is not None:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+    progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
+    last_checkpoint_step = state.step if checkpoint is not None else -1
+
+    while state.step < total_steps:
+        set_epoch_lr(engine.optimizer, base_lrs, cfg.optim, state.epoch)
+        engine.train()
+        batches = _train_batches(train_shard, cfg, plan, skip=state.batches_in_epoch)
+        for images, mask, targets in batches:
+            seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
+            images, mask, targets = _to_device(images, mask, targets, device)
+            outputs = engine(images, mask, targets)
+            losses = criterion(outputs, targets)
+            loss = weighted_loss(losses, criterion.weight_dict)
+            engine.backward(loss)
+            engine.step()
+            state.batches_in_epoch += 1
+            progress.add_micro_batch(loss, losses)
+            if state.batches_in_epoch % accumulation:
+                continue
+
+            state.step += 1
+            if state.batches_in_epoch == plan.micro_batches_per_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            end_of_epoch = state.batches_in_epoch == 0
+            finished = state.step >= total_steps
+            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps, force=end_of_epoch or finished)
+            if metrics and tracker is not None:
+                tracker.log_metrics(metrics, step=state.step)
+
+            model_state = None
+            if evaluator is not None and (finished or (end_of_epoch and _every(cfg.eval.every_n_epochs, state.epoch))):
+                model_state = consolidated_state_dict(engine)
+                evaluator.run(model_state, state.step, state.epoch)
+            if finished or _checkpoint_due(cfg, state, end_of_epoch):
+                model_state = model_state if model_state is not None else consolidated_state_dict(engine)
+                _save(engine, state, model_state if rank == 0 else None, cfg, metrics or {})
+                last_checkpoint_step = state.step
+            if finished or end_of_epoch:
+                break
+        else:
+            raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
+                               f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
+    if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
+        _save(engine, state, consolidated_state_dict(engine) if rank == 0 else None, cfg, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int) -> Iterator[Tuple]:
+    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on)."""
+    from dino_platform.train.batches import iter_collated
+
+    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True)
+    for index, batch in enumerate(batches):
+        if index >= plan.micro_batches_per_epoch:
+            return  # equal shards give every worker this many; the rest would not fill an accumulation
+        if index >= skip:
+            yield batch
+
+
+def _to_device(images, mask, targets, device):
+    moved = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+    return images.to(device), mask.to(device), moved
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints, progress, evaluation
+
+
+def _every(n: Optional[int], count: int) -> bool:
+    return n is not None and count % n == 0
+
+
+def _checkpoint_due(cfg: TrainConfig, state: TrainState, end_of_epoch: bool) -> bool:
+    c = cfg.checkpoint
+    return _every(c.every_n_steps, state.step) or (end_of_epoch and _every(c.every_n_epochs, state.epoch))
+
+
+def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float]) -> None:
+    import ray.train
+
+    from dino_platform.train.checkpoint import scratch_dir
+
+    with scratch_dir("dino-ckpt-") as directory:
+        write_checkpoint(engine, directory, state, model_state, cfg.to_dict()["model"])
+        ray.train.report(
+            {**metrics, "step": state.step, "epoch": state.epoch},
+            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+            checkpoint_dir_name=f"checkpoint_step{state.step:07d}",
+        )
+
+
+class _Progress:
+    """Loss terms averaged over workers and micro-batches; steps/s and images/s since the last report."""
+
+    MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
+                  "loss_ce_interm", "loss_bbox_interm", "loss_giou_interm")
+
+    def __init__(self, world_size: int, batch_size: int):
+        self.world_size, self.batch_size = world_size, batch_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: Dict[str, float] = {}
+        self.micro_batches, self.steps, self.started = 0, 0, time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+        self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
+        for name in self.MAIN_TERMS:
+            if name in losses:
+                self.sums[name] = self.sums.get(name, 0.0) + float(losses[name].detach())
+        self.micro_batches += 1
+
+    def report_if_due(self, state: TrainState, engine, every: int, force: bool) -> Optional[Dict[str, float]]:
+        """All ranks call this at every optimizer step; on report steps it is a collective."""
+        import ray.train
+        import torch.distributed as dist
+
+        self.steps += 1
+        if not (force or state.step % every == 0):
+            return None
+        names = sorted(self.sums)
+        values = torch.tensor([self.sums[n] / self.micro_batches for n in names], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {name: float(v) for name, v in zip(names, values)}
+        metrics.update({
+            "lr": float(engine.optimizer.param_groups[0]["lr"]),
+            "steps_per_s": self.steps / elapsed,
+            "images_per_s": self.micro_batches * self.batch_size * self.world_size / elapsed,
+        })
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise FloatingPointError(f"step {state.step}: non-finite training metrics {metrics}")
+        ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
+        if ray.train.get_context().get_world_rank() == 0:
+            log.info("step %d epoch %d | loss %.4f lr %.2e | %.2f steps/s %.1f img/s", state.step, state.epoch,
+                     metrics["loss"], metrics["lr"], metrics["steps_per_s"], metrics["images_per_s"])
+        self._reset()
+        return metrics
+
+
+def _rank0_tracker(target, rank: int):
+    if target is None or rank != 0:
+        return None
+    from dino_platform.tracking import MetricsLogger
+
+    return MetricsLogger(target)
+
+
+class _Evaluator:
+    """Evaluation during training: a plain fp32 copy of the model per worker, COCO AP on rank 0."""
+
+    def __init__(self, cfg: TrainConfig, plan: EpochPlan, postprocessor, shard, tracker, device):
+        self.cfg, self.plan, self.postprocessor, self.shard = cfg, plan, postprocessor, shard
+        self.tracker, self.device = tracker, device
+        self.model = None
+
+    def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> None:
+        from dino_platform.evaluation.runner import evaluate_shard
+
+        if self.model is None:
+            self.model, _, _ = build_model(self.cfg.model)
+            self.model.to(self.device)
+        self.model.load_state_dict(model_state)
+        self.model.eval()
+        result = evaluate_shard(self.model, self.postprocessor, self.shard, self.plan.categories,
+                                batch_size=self.cfg.eval.batch_size, max_detections=self.cfg.eval.max_detections,
+                                num_drawn=self.cfg.eval.num_logged_images if self.tracker else 0,
+                                draw_threshold=self.cfg.eval.logged_score_threshold)
+        if result is None:
+            return  # not rank 0
+        log.info("eval at step %d: AP %.4f AP50 %.4f (%d images)", step, result.coco.stats["AP"],
+                 result.coco.stats["AP50"], result.coco.num_images)
+        if self.tracker is not None:
+            result.log_to(self.tracker, step)

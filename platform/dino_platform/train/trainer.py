@@ -1,0 +1,150 @@
+"""Driver side of a training job: datasets, MLflow run, and the Ray Train ``TorchTrainer``.
+
+    cfg = load_config("job.yaml")
+    outcome = run_training(cfg)      # resumes by itself if <storage_path>/<run.name> has checkpoints
+    outcome.checkpoint.path          # latest checkpoint: deepspeed/ state + model.pt
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from dino_platform.errors import ConfigError
+from dino_platform.train.config import TrainConfig, flat_params
+from dino_platform.train.loop import EpochPlan, train_loop_per_worker
+
+log = logging.getLogger("dino.train")
+
+
+@dataclass
+class TrainingOutcome:
+    checkpoint: Any  # ray.train.Checkpoint (latest), or None
+    metrics: Optional[Dict[str, Any]]  # last metrics reported with a checkpoint
+    run_dir: str  # <storage_path>/<run.name>
+    tracking: Any  # TrackingTarget or None
+    error: Optional[BaseException]
+
+
+def ordered_shards():
+    """A ``ray.train.DataConfig`` that splits every dataset in a reproducible order.
+
+    ``preserve_order`` makes Ray Data's splitter deal blocks out deterministically (it otherwise
+    follows locality and timing), which exact resume relies on. Training shards are equal-sized
+    (every worker runs the same number of steps, so collectives never wait on a finished worker);
+    evaluation shards are not, so no evaluation image is dropped.
+    """
+    import ray.train
+
+    class OrderedShards(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, dataset in datasets.items():
+                dataset = dataset.copy(dataset)
+                options = self.default_ingest_options()
+                options.preserve_order = True
+                dataset.context.execution_options = options
+                for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
+                    output[rank][name] = split
+            return output
+
+    return OrderedShards()
+
+
+def plan_epochs(num_train_images: int, cfg: TrainConfig, categories: Dict[int, str]) -> EpochPlan:
+    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations)."""
+    s = cfg.scaling
+    per_worker = num_train_images // s.num_workers
+    micro = per_worker // s.batch_size_per_worker
+    micro -= micro % s.accumulation_steps
+    if micro == 0:
+        raise ConfigError(
+            f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
+            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
+        )
+    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps,
+                     categories=dict(categories))
+
+
+def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainingOutcome:
+    """Train (or resume) the job described by ``cfg`` on the current Ray cluster and return its outcome.
+
+    ``storage_filesystem``: a pyarrow filesystem for ``run.storage_path`` (e.g. S3 with a custom
+    endpoint); None lets Ray resolve the URI.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dino_platform.data.streaming import build_eval_dataset, build_train_dataset, read_manifest
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+    manifest = read_manifest(cfg.data.train_uri)
+    categories = {int(k): str(v) for k, v in manifest["categories"].items()}
+    if categories and max(categories) >= cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is too small for category id "
+                          f"{max(categories)} of {cfg.data.train_uri}; use {max(categories) + 1}")
+    datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed)}
+    if cfg.data.eval_uri:
+        datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform)
+    plan = plan_epochs(datasets["train"].count(), cfg, categories)
+
+    run_dir = _join(cfg.run.storage_path, cfg.run.name)
+    tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "plan": plan.__dict__, "tracking": tracking},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path if "://" in cfg.run.storage_path else os.path.abspath(cfg.run.storage_path),
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+        ),
+        datasets=datasets,
+        dataset_config=ordered_shards(),
+    )
+    log.info("run %s: %d workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
+             cfg.run.name, cfg.scaling.num_workers, cfg.scaling.batch_size_per_worker, cfg.scaling.accumulation_steps,
+             cfg.total_batch_size, plan.steps_per_epoch, cfg.optim.epochs)
+    error: Optional[BaseException] = None
+    try:
+        result = trainer.fit()
+        checkpoint, metrics, error = result.checkpoint, result.metrics, result.error
+    except Exception as exc:  # TrainingFailedError: workers failed more than max_failures times
+        checkpoint, metrics, error = None, None, exc
+    if tracking is not None:
+        from dino_platform.tracking import finish_run
+
+        finish_run(tracking, status="FAILED" if error else "FINISHED")
+    outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_dir, tracking=tracking, error=error)
+    if error is not None:
+        raise error
+    return outcome
+
+
+def _open_tracking(cfg: TrainConfig, run_dir: str):
+    from dino_platform.tracking import resolve_tracking_uri, start_or_resume_run
+
+    # the default SQLite store lives under the run directory when that is local, else under ./runs
+    local_dir = Path(run_dir) if "://" not in run_dir else Path("runs") / cfg.run.name
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
+    return start_or_resume_run(
+        tracking_uri=uri, experiment=cfg.tracking.experiment, run_key=run_dir, run_name=cfg.run.name,
+        params=flat_params(cfg), config_yaml=cfg.to_yaml(), artifact_dir=local_dir / "mlartifacts",
+    )
+
+
+def _join(storage_path: str, name: str) -> str:
+    if "://" in storage_path:
+        return f"{storage_path.rstrip('/')}/{name}"
+    return str(Path(storage_path).resolve() / name)
