@@ -238,6 +238,8 @@ def draw_image(cfg: SynthConfig, index: int) -> Tuple[Image.Image, List[dict]]:
         for _attempt in range(20):
             h = rng.uniform(0.18, 0.6) * min(width, height)
             w = h * aspect * rng.uniform(0.85, 1.15)
+            if w > 0.95 * width:  # wide shapes in narrow pictures: shrink, keeping the aspect
+                w, h = 0.95 * width, h * 0.95 * width / w
             margin = 0.25 if rng.random() < 0.2 else 0.0  # sometimes cut by the border
             x0 = rng.uniform(-margin * w, width - w * (1 - margin))
             y0 = rng.uniform(-margin * h, height - h * (1 - margin))
