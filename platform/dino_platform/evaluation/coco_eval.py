@@ -67,6 +67,27 @@ class CocoResult:
         }
 
 
+def truths_from_coco(ground_truth: Mapping[str, Any]) -> List[ImageTruth]:
+    """ImageTruths from a COCO-format dict (``images``, ``annotations`` with ``bbox`` [x, y, w, h])."""
+    per_image: Dict[Any, List[dict]] = {img["id"]: [] for img in ground_truth["images"]}
+    for ann in ground_truth["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+    truths = []
+    for img in ground_truth["images"]:
+        anns = per_image[img["id"]]
+        xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        truths.append(ImageTruth(
+            image_id=img["id"],
+            height=int(img["height"]),
+            width=int(img["width"]),
+            boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+            labels=np.asarray([a["category_id"] for a in anns], dtype=np.int64),
+            iscrowd=np.asarray([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
+            area=np.asarray([a.get("area", w * h) for a, (w, h) in zip(anns, xywh[:, 2:])], dtype=np.float64),
+        ))
+    return truths
+
+
 def evaluate_coco(
     truths: Sequence[ImageTruth],
     predictions: Sequence[ImagePrediction],

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dino_platform.evaluation.coco_eval import ImagePrediction, ImageTruth
+from dino_platform.evaluation.coco_eval import ImagePrediction
 
 
 def valid_sizes(mask: torch.Tensor) -> List[Tuple[int, int]]:
@@ -58,27 +58,6 @@ def predict_batch(
             labels=result["labels"][keep].cpu().numpy(),
         ))
     return predictions
-
-
-def truths_from_targets(targets: Sequence[Dict[str, torch.Tensor]]) -> List[ImageTruth]:
-    """Ground truth in original pixels from collated targets (boxes cx, cy, w, h in 0..1)."""
-    truths = []
-    for t in targets:
-        orig_h, orig_w = (int(v) for v in torch.as_tensor(t["orig_size"]).tolist())
-        boxes = torch.as_tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4)
-        cx, cy, bw, bh = boxes.unbind(-1)
-        xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
-        xyxy = xyxy * torch.tensor([orig_w, orig_h, orig_w, orig_h], dtype=torch.float64)
-        iscrowd = t.get("iscrowd")
-        truths.append(ImageTruth(
-            image_id=_image_id(t),
-            height=orig_h,
-            width=orig_w,
-            boxes=xyxy.numpy(),
-            labels=torch.as_tensor(t["labels"]).cpu().numpy(),
-            iscrowd=None if iscrowd is None else torch.as_tensor(iscrowd).cpu().numpy(),
-        ))
-    return truths
 
 
 def gather_to_rank0(items: list) -> Optional[list]:

@@ -1,19 +1,23 @@
 """Distributed evaluation: each worker predicts its shard, rank 0 gathers and scores with pycocotools.
 
-Used by the training loop (``_Evaluator``) and by ``dino eval`` (``eval_loop_per_worker``).
+Ground truth comes from the shard directory's own annotations (``data.manifest.read_ground_truth``:
+original pixels, crowd flags, areas), not from the network's transformed targets, so the score is
+the dataset's COCO AP. Used by the training loop and by ``dino eval`` (``run_evaluation``).
 """
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from dino_platform.evaluation.coco_eval import CocoResult, ImagePrediction, evaluate_coco
-from dino_platform.evaluation.inference import gather_to_rank0, predict_batch, truths_from_targets, valid_sizes
+from dino_platform.errors import DataError
+from dino_platform.evaluation.coco_eval import CocoResult, ImagePrediction, evaluate_coco, truths_from_coco
+from dino_platform.evaluation.inference import gather_to_rank0, predict_batch, valid_sizes
 
 log = logging.getLogger("dino.eval")
 
@@ -42,7 +46,7 @@ def evaluate_shard(
     model: torch.nn.Module,
     postprocessor: torch.nn.Module,
     shard,
-    categories: Mapping[int, str],
+    data_uri: str,
     batch_size: int,
     max_detections: int,
     num_drawn: int = 0,
@@ -50,41 +54,58 @@ def evaluate_shard(
 ) -> Optional[EvalOutcome]:
     """Predict every image of this worker's ``shard``; on rank 0 return the COCO result (else None).
 
-    All ranks must call this together (predictions are gathered with torch.distributed).
-    ``model`` is a plain module in eval mode; each image is run at its own valid size.
+    All ranks must call this together (predictions are gathered with torch.distributed). ``model``
+    is a plain module in eval mode; each image is run alone at its own size (see ``inference``).
+    ``data_uri`` is the evaluation shard directory, whose annotations are the ground truth.
     """
+    from dino_platform.data.manifest import read_ground_truth
     from dino_platform.train.batches import iter_collated
 
-    truths, predictions, drawings = [], [], []
+    predictions, drawings = [], []
     for images, mask, targets in iter_collated(shard, batch_size=batch_size, drop_last=False):
         batch_predictions = predict_batch(model, postprocessor, images, mask, targets, max_detections)
         predictions.extend(batch_predictions)
-        truths.extend(truths_from_targets(targets))
         if len(drawings) < num_drawn:
-            drawings.extend(_draw(images, mask, targets, batch_predictions, categories, draw_threshold)[: num_drawn - len(drawings)])
-    all_truths, all_predictions = gather_to_rank0(truths), gather_to_rank0(predictions)
-    if all_truths is None:
+            drawings.extend(_draw(images, mask, targets, batch_predictions, num_drawn - len(drawings), draw_threshold))
+    everything = gather_to_rank0(predictions)
+    if everything is None:
         return None
-    coco = evaluate_coco(all_truths, all_predictions, categories, max_detections=max_detections)
-    return EvalOutcome(coco=coco, drawings=drawings)
+    ground_truth = read_ground_truth(data_uri)
+    expected = {img["id"] for img in ground_truth["images"]}
+    seen = [p.image_id for p in everything]
+    if len(seen) != len(set(seen)) or set(seen) != expected:
+        raise DataError(f"{data_uri}: evaluation covered {len(set(seen))} distinct images ({len(seen)} predictions) "
+                        f"but the shards hold {len(expected)}; every image must be evaluated exactly once")
+    categories = {c["id"]: c["name"] for c in ground_truth["categories"]}
+    coco = evaluate_coco(truths_from_coco(ground_truth), everything, categories, max_detections=max_detections)
+    names = dict(categories)
+    return EvalOutcome(coco=coco, drawings=[(i, _label(img, names)) for i, img in drawings])
 
 
-def _draw(images, mask, targets, predictions: List[ImagePrediction], categories, threshold: float):
-    """The network's input images (de-normalized, unpadded) with confident detections drawn on them."""
+def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int, threshold: float):
+    """Up to ``limit`` network inputs (de-normalised, unpadded) with their confident detections."""
     from PIL import Image
 
     from dino_platform.train.batches import denormalize
-    from dino_platform.tracking import draw_detections
 
     out = []
     for i, ((h, w), prediction) in enumerate(zip(valid_sizes(mask), predictions)):
-        pixels = denormalize(images[i, :, :h, :w])  # [h, w, 3] uint8
+        if len(out) == limit:
+            break
         orig_h, orig_w = (int(v) for v in torch.as_tensor(targets[i]["orig_size"]).tolist())
         keep = prediction.scores >= threshold
-        boxes = prediction.boxes[keep] * [w / orig_w, h / orig_h, w / orig_w, h / orig_h]
-        image = draw_detections(Image.fromarray(pixels), boxes, prediction.labels[keep], prediction.scores[keep], categories)
-        out.append((prediction.image_id, image))
+        scale = [w / orig_w, h / orig_h, w / orig_w, h / orig_h]
+        out.append((prediction.image_id, (Image.fromarray(denormalize(images[i, :, :h, :w])),
+                                          prediction.boxes[keep] * scale, prediction.labels[keep],
+                                          prediction.scores[keep])))
     return out
+
+
+def _label(drawing, names):
+    from dino_platform.tracking import draw_detections
+
+    image, boxes, labels, scores = drawing
+    return draw_detections(image, boxes, labels, scores, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,9 +113,8 @@ def _draw(images, mask, targets, predictions: List[ImagePrediction], categories,
 
 
 def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    """Load ``model.pt`` on every worker, evaluate its shard; rank 0 reports the result as a checkpoint."""
-    import tempfile
-
+    """Every worker loads ``model.pt`` and predicts its shard; rank 0 reports the COCO result."""
+    import dino_core
     import ray.train
     import ray.train.torch
 
@@ -102,12 +122,11 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     from dino_platform.train.config import ModelConfig
     from dino_platform.train.engine import build_model
 
-    model_cfg = ModelConfig(**loop_config["model"])
-    model, _, postprocessor = build_model(model_cfg)
-    model.load_state_dict(read_model_state(loop_config["checkpoint"]))
+    model, _, postprocessor = build_model(ModelConfig(**loop_config["model"]))
+    dino_core.load_official_state_dict(model, read_model_state(loop_config["checkpoint"]), strict=True)
     model.to(ray.train.torch.get_device()).eval()
     outcome = evaluate_shard(
-        model, postprocessor, ray.train.get_dataset_shard("eval"), loop_config["categories"],
+        model, postprocessor, ray.train.get_dataset_shard("eval"), loop_config["data_uri"],
         batch_size=loop_config["batch_size"], max_detections=loop_config["max_detections"],
     )
     if outcome is None:
@@ -116,3 +135,55 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / RESULT_FILE).write_text(json.dumps(outcome.coco.to_json()))
         ray.train.report(outcome.metrics(), checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def run_evaluation(
+    checkpoint_uri: str,
+    data_uri: str,
+    num_workers: int = 1,
+    batch_size: int = 2,
+    max_detections: int = 100,
+    model: Optional[Dict[str, Any]] = None,
+    transform: Optional[Dict[str, Any]] = None,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 0.5,
+) -> Dict[str, Any]:
+    """COCO evaluation of a checkpoint on a shard directory with ``num_workers`` Ray Train workers.
+
+    ``model``/``transform`` default to those recorded in a platform checkpoint
+    (``train_config.json``); an official ``.pth`` needs ``model`` (preset, num_classes).
+    Returns the COCO eval JSON (``stats``, ``per_class``, ``detections``).
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dino_platform.data.streaming import build_eval_dataset
+    from dino_platform.train.checkpoint import read_train_config
+    from dino_platform.train.config import ModelConfig, parse_section
+    from dino_platform.train.trainer import ordered_shards
+
+    recorded = read_train_config(checkpoint_uri) or {}
+    model_section = {**recorded.get("model", {}), **(model or {})}
+    if not model_section:
+        raise DataError(f"{checkpoint_uri}: no train_config.json beside the weights; name the model "
+                        "(--preset and --num-classes) to evaluate an official checkpoint")
+    model_cfg = parse_section(ModelConfig, model_section, "model")
+    transform = transform if transform is not None else recorded.get("data", {}).get("transform", {})
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
+        trainer = TorchTrainer(
+            eval_loop_per_worker,
+            train_loop_config={"model": model_cfg.__dict__, "checkpoint": checkpoint_uri, "data_uri": data_uri,
+                               "batch_size": batch_size, "max_detections": max_detections},
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(name="eval", storage_path=storage),
+            datasets={"eval": build_eval_dataset(data_uri, transform)},
+            dataset_config=ordered_shards(),
+        )
+        result = trainer.fit()
+        with result.checkpoint.as_directory() as directory:
+            return json.loads((Path(directory) / RESULT_FILE).read_text())

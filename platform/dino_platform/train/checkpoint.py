@@ -4,7 +4,7 @@ Layout of one ``ray.train.Checkpoint`` directory (each rank writes its own files
 
     deepspeed/         engine.save_checkpoint(): module, optimizer partitions, per-rank RNG-free state
     model.pt           {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
-    model_config.json  the ModelConfig that built it (preset, num_classes, overrides)
+    train_config.json  the job's resolved TrainConfig (model preset/overrides, data transform ...)
     train_state.json   step, epoch, micro-batches consumed in that epoch, seed
 
 ``model.pt`` needs neither DeepSpeed nor Ray: ``dino_core.load_official_state_dict(model, path)``.
@@ -12,14 +12,12 @@ Layout of one ``ray.train.Checkpoint`` directory (each rank writes its own files
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -28,7 +26,7 @@ from dino_platform.errors import StorageError
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
-MODEL_CONFIG_FILE = "model_config.json"
+CONFIG_FILE = "train_config.json"
 STATE_FILE = "train_state.json"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
@@ -79,13 +77,13 @@ def write_checkpoint(
     directory: Path,
     state: TrainState,
     model_state: Optional[Dict[str, torch.Tensor]],
-    model_config: Optional[Dict[str, Any]],
+    config: Optional[Dict[str, Any]],
 ) -> None:
     """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``."""
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=True)
     if model_state is not None:
         torch.save(model_state, directory / MODEL_FILE)
-        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
 
 
@@ -102,23 +100,6 @@ def restore_checkpoint(engine, directory: Path) -> TrainState:
     return TrainState(**json.loads(state_file.read_text()))
 
 
-def scratch_dir(prefix: str) -> "_Scratch":
-    """A temporary local directory removed on exit (checkpoints are staged here before upload)."""
-    return _Scratch(prefix)
-
-
-class _Scratch:
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def __enter__(self) -> Path:
-        self.path = Path(tempfile.mkdtemp(prefix=self.prefix))
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # reading model weights from anywhere (local path, s3://, a checkpoint directory)
 
@@ -128,66 +109,41 @@ def read_model_state(uri: str) -> Dict[str, torch.Tensor]:
 
     Official files wrap the weights as ``{"model": state_dict, ...}``; that wrapper is removed.
     """
-    with local_copy(uri, want=MODEL_FILE) as path:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
-            raise StorageError(f"{uri}: cannot be read as model weights ({exc.__class__.__name__}: {exc})") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+    location = _weights_file(uri, MODEL_FILE)
+    try:
+        obj = torch.load(io.BytesIO(location.read_bytes()), map_location="cpu", weights_only=True)
+    except StorageError:
+        raise
+    except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
+        raise StorageError(f"{location.uri}: cannot be read as model weights ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise StorageError(f"{uri}: expected a state_dict (name -> tensor)")
+        raise StorageError(f"{location.uri}: expected a state_dict (name -> tensor)")
     return obj
 
 
-def read_model_config(uri: str) -> Optional[Dict[str, Any]]:
-    """``model_config.json`` beside a platform checkpoint's ``model.pt``; None for official files."""
-    try:
-        with local_copy(uri, want=MODEL_CONFIG_FILE, sibling=True) as path:
-            return json.loads(Path(path).read_text())
-    except StorageError:
+def read_train_config(uri: str) -> Optional[Dict[str, Any]]:
+    """``train_config.json`` of a platform checkpoint (beside its ``model.pt``); None for official files."""
+    from dino_platform.storage import resolve
+
+    location = resolve(uri)
+    if location.is_file():
+        parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+        location = resolve(parent)
+    config_file = location.child(CONFIG_FILE)
+    if not config_file.exists():
         return None
+    return json.loads(config_file.read_bytes())
 
 
-class local_copy:
-    """Context manager giving a local file path for ``uri`` (a file, or ``want`` inside a directory).
+def _weights_file(uri: str, name: str):
+    from dino_platform.storage import resolve
 
-    ``sibling=True`` looks for ``want`` next to ``uri`` when ``uri`` names a file.
-    """
-
-    def __init__(self, uri: str, want: str, sibling: bool = False):
-        self.uri, self.want, self.sibling = uri, want, sibling
-        self._tmp: Optional[str] = None
-
-    def __enter__(self) -> str:
-        import pyarrow.fs as pafs
-
-        try:
-            fs, path = pafs.FileSystem.from_uri(self.uri if "://" in self.uri else os.path.abspath(self.uri))
-            info = fs.get_file_info(path)
-        except Exception as exc:
-            raise StorageError(f"{self.uri}: cannot open ({exc})") from None
-        if info.type == pafs.FileType.Directory:
-            path = f"{path.rstrip('/')}/{self.want}"
-        elif info.type == pafs.FileType.File and self.sibling:
-            path = f"{path.rsplit('/', 1)[0]}/{self.want}"
-        elif info.type != pafs.FileType.File:
-            raise StorageError(f"{self.uri}: no such file or directory")
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            raise StorageError(f"{self.uri}: {self.want} not found")
-        if isinstance(fs, pafs.LocalFileSystem):
-            return path
-        handle, self._tmp = tempfile.mkstemp(suffix=Path(path).suffix)
-        os.close(handle)
-        with fs.open_input_stream(path) as src, open(self._tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        return self._tmp
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp:
-            os.unlink(self._tmp)
-
-
-def iter_checkpoint_dirs(run_dir: Path) -> Iterator[Path]:
-    """Local run directories only: checkpoint_* sub-directories, oldest first."""
-    yield from sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    location = resolve(uri)
+    if location.is_file():
+        return location
+    candidate = location.child(name)
+    if not candidate.is_file():
+        raise StorageError(f"{uri}: neither a weights file nor a checkpoint directory with {name}")
+    return candidate

@@ -199,6 +199,11 @@ def _apply_override(raw: Dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(text)
 
 
+def parse_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build one config dataclass (e.g. ModelConfig) from a dict, with the same checks as load_config."""
+    return _build(cls, raw, prefix)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -42,7 +43,6 @@ class EpochPlan:
 
     micro_batches_per_epoch: int  # per worker; a multiple of the accumulation steps
     steps_per_epoch: int  # optimizer steps
-    categories: Dict[int, str] = field(default_factory=dict)
 
 
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
@@ -161,10 +161,9 @@ def _checkpoint_due(cfg: TrainConfig, state: TrainState, end_of_epoch: bool) -> 
 def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float]) -> None:
     import ray.train
 
-    from dino_platform.train.checkpoint import scratch_dir
-
-    with scratch_dir("dino-ckpt-") as directory:
-        write_checkpoint(engine, directory, state, model_state, cfg.to_dict()["model"])
+    with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as staging:
+        directory = Path(staging)
+        write_checkpoint(engine, directory, state, model_state, cfg.to_dict())
         ray.train.report(
             {**metrics, "step": state.step, "epoch": state.epoch},
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
@@ -247,7 +246,7 @@ class _Evaluator:
             self.model.to(self.device)
         self.model.load_state_dict(model_state)
         self.model.eval()
-        result = evaluate_shard(self.model, self.postprocessor, self.shard, self.plan.categories,
+        result = evaluate_shard(self.model, self.postprocessor, self.shard, self.cfg.data.eval_uri,
                                 batch_size=self.cfg.eval.batch_size, max_detections=self.cfg.eval.max_detections,
                                 num_drawn=self.cfg.eval.num_logged_images if self.tracker else 0,
                                 draw_threshold=self.cfg.eval.logged_score_threshold)

@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from dino_platform.errors import ConfigError
+from dino_platform.storage import resolve
 from dino_platform.train.config import TrainConfig, flat_params
 from dino_platform.train.loop import EpochPlan, train_loop_per_worker
 
@@ -53,7 +53,7 @@ def ordered_shards():
     return OrderedShards()
 
 
-def plan_epochs(num_train_images: int, cfg: TrainConfig, categories: Dict[int, str]) -> EpochPlan:
+def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations)."""
     s = cfg.scaling
     per_worker = num_train_images // s.num_workers
@@ -64,15 +64,14 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig, categories: Dict[int, s
             f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
             f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
         )
-    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps,
-                     categories=dict(categories))
+    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
 
 
-def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainingOutcome:
+def run_training(cfg: TrainConfig) -> TrainingOutcome:
     """Train (or resume) the job described by ``cfg`` on the current Ray cluster and return its outcome.
 
-    ``storage_filesystem``: a pyarrow filesystem for ``run.storage_path`` (e.g. S3 with a custom
-    endpoint); None lets Ray resolve the URI.
+    Starts a local Ray instance when none is running. Checkpoints go to
+    ``<run.storage_path>/<run.name>`` (local or S3, resolved by ``dino_platform.storage``).
     """
     import ray
     import ray.train
@@ -82,17 +81,17 @@ def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainingOutcome:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    manifest = read_manifest(cfg.data.train_uri)
-    categories = {int(k): str(v) for k, v in manifest["categories"].items()}
+    categories = read_manifest(cfg.data.train_uri).categories
     if categories and max(categories) >= cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is too small for category id "
                           f"{max(categories)} of {cfg.data.train_uri}; use {max(categories) + 1}")
     datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed)}
     if cfg.data.eval_uri:
         datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform)
-    plan = plan_epochs(datasets["train"].count(), cfg, categories)
+    plan = plan_epochs(datasets["train"].count(), cfg)
 
-    run_dir = _join(cfg.run.storage_path, cfg.run.name)
+    storage = resolve(cfg.run.storage_path)
+    run_dir = storage.child(cfg.run.name).uri
     tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -100,13 +99,13 @@ def run_training(cfg: TrainConfig, storage_filesystem=None) -> TrainingOutcome:
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path if "://" in cfg.run.storage_path else os.path.abspath(cfg.run.storage_path),
-            storage_filesystem=storage_filesystem,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
@@ -142,9 +141,3 @@ def _open_tracking(cfg: TrainConfig, run_dir: str):
         tracking_uri=uri, experiment=cfg.tracking.experiment, run_key=run_dir, run_name=cfg.run.name,
         params=flat_params(cfg), config_yaml=cfg.to_yaml(), artifact_dir=local_dir / "mlartifacts",
     )
-
-
-def _join(storage_path: str, name: str) -> str:
-    if "://" in storage_path:
-        return f"{storage_path.rstrip('/')}/{name}"
-    return str(Path(storage_path).resolve() / name)
