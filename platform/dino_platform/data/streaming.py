@@ -1,0 +1,184 @@
+"""Shards -> Ray Data -> model-ready samples, and ``collate`` for the training/evaluation loops.
+
+::
+
+    ds = build_train_dataset("s3://bucket/shards/coco-train", TrainTransformConfig.scaled(0.4), seed=0)
+    trainer = TorchTrainer(..., datasets={"train": ds})        # workers: get_dataset_shard("train")
+    for batch in shard.iter_batches(batch_size=2, batch_format="numpy"):
+        images, mask, targets = collate(batch)
+
+Rows of both datasets: ``image float32 [3, h, w]`` (normalised), ``labels int64 [n]`` (raw dataset
+category ids), ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``, ``image_id int64``,
+``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``.
+
+Decoding and augmentation run in one ``map_batches`` over Arrow batches (no pandas, no per-row
+Ray overhead). Reproducibility: every image's augmentation is drawn from a generator seeded by
+``(seed, epoch, image_id)``, so it does not depend on worker count, batch boundaries or arrival
+order. ``epoch`` is the ``epoch`` argument plus the number of times the dataset has been iterated
+to the end before (Ray Data's execution index), so each pass of a training loop over
+``get_dataset_shard`` sees fresh, reproducible augmentation; file order is shuffled per pass
+with the same seed.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from dino_platform.data.manifest import Manifest, read_manifest, shard_locations, verify_shards
+from dino_platform.data.transforms import (
+    EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample, sample_rng, sample_train_plan,
+    transform_configs,
+)
+
+__all__ = ["build_train_dataset", "build_eval_dataset", "collate", "read_manifest", "verify_shards",
+           "dataset_size", "Manifest"]
+
+READ_COLUMNS = ["image_id", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
+MAP_BATCH_SIZE = 16  # rows per decode task: big enough to amortise task overhead, small for memory
+
+TrainTransform = Union[TrainTransformConfig, Mapping[str, Any], None]
+EvalTransform = Union[EvalTransformConfig, Mapping[str, Any], None]
+
+
+def _train_config(transform: TrainTransform) -> TrainTransformConfig:
+    return transform if isinstance(transform, TrainTransformConfig) else transform_configs(transform)[0]
+
+
+def _eval_config(transform: EvalTransform) -> EvalTransformConfig:
+    return transform if isinstance(transform, EvalTransformConfig) else transform_configs(transform)[1]
+
+
+def _execution_index() -> int:
+    from ray.data import DataContext
+
+    # NOTE: private attribute; Ray Data's own seeded random expressions read it the same way.
+    # It counts completed executions of this dataset and travels with the task's DataContext.
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+def _flat_lists(column: pa.ChunkedArray, width: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """(offsets [rows+1], flat values) of a list column, without a Python object per element."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy() - array.offsets[0].as_py()
+    values = array.flatten()
+    if width:
+        values = values.flatten()
+    return offsets, values.to_numpy(zero_copy_only=False)
+
+
+def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
+                     eval_cfg: Optional[EvalTransformConfig], seed: int, epoch: int) -> Dict[str, Any]:
+    epoch += _execution_index() if train_cfg is not None else 0
+    image_ids = batch.column("image_id").to_numpy()
+    widths, heights = batch.column("width").to_numpy(), batch.column("height").to_numpy()
+    encoded = batch.column("image").to_pylist()
+    box_offsets, boxes = _flat_lists(batch.column("boxes"), width=4)
+    label_offsets, labels = _flat_lists(batch.column("category_ids"))
+    _, crowd = _flat_lists(batch.column("iscrowd"))
+    cfg = train_cfg or eval_cfg
+    columns: Dict[str, list] = {k: [] for k in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
+    for row in range(batch.num_rows):
+        width, height, image_id = int(widths[row]), int(heights[row]), int(image_ids[row])
+        lo, hi = label_offsets[row], label_offsets[row + 1]
+        if train_cfg is not None:
+            plan = sample_train_plan(width, height, train_cfg, sample_rng(seed, epoch, image_id))
+        else:
+            plan = eval_plan(width, height, eval_cfg)
+        sample = make_sample(encoded[row], width, height, boxes[box_offsets[row] * 4:box_offsets[row + 1] * 4],
+                             labels[lo:hi], crowd[lo:hi], image_id, plan, cfg.mean, cfg.std)
+        for key, value in sample.items():
+            columns[key].append(value)
+    return {
+        "image": columns["image"],
+        "labels": columns["labels"],
+        "boxes": columns["boxes"],
+        "image_id": np.asarray(columns["image_id"], dtype=np.int64),
+        "orig_size": np.stack(columns["orig_size"]),
+        "size": np.stack(columns["size"]),
+    }
+
+
+def _read_shards(shards_uri: str, shuffle_seed: Optional[int]):
+    import ray.data
+
+    manifest = verify_shards(shards_uri)
+    locations = shard_locations(shards_uri, manifest)
+    shuffle = None
+    if shuffle_seed is not None:
+        shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    return ray.data.read_parquet([loc.path for loc in locations], filesystem=locations[0].fs,
+                                 columns=READ_COLUMNS, shuffle=shuffle)
+
+
+def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *, epoch: int = 0,
+                        batch_size: int = MAP_BATCH_SIZE):
+    """A Ray Dataset of augmented training samples from the shard directory ``shards_uri``.
+
+    ``transform``: a TrainTransformConfig, or a mapping accepted by ``transforms.transform_configs``
+    (None: the official recipe). ``epoch``: the epoch of the first pass (set it when resuming).
+    """
+    cfg = _train_config(transform)
+    return _read_shards(shards_uri, shuffle_seed=seed).map_batches(
+        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+        fn_kwargs={"train_cfg": cfg, "eval_cfg": None, "seed": int(seed), "epoch": int(epoch)})
+
+
+def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batch_size: int = MAP_BATCH_SIZE):
+    """A Ray Dataset of evaluation samples (deterministic resize) from ``shards_uri``.
+
+    ``transform``: an EvalTransformConfig, or the same mapping given to ``build_train_dataset``.
+    """
+    cfg = _eval_config(transform)
+    return _read_shards(shards_uri, shuffle_seed=None).map_batches(
+        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+        fn_kwargs={"train_cfg": None, "eval_cfg": cfg, "seed": 0, "epoch": 0})
+
+
+def dataset_size(shards_uri: str) -> int:
+    """Number of images (rows) in a shard directory, from its manifest (no data is read)."""
+    return read_manifest(shards_uri).images
+
+
+def _rows_of(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Mapping[str, Any]]:
+    if isinstance(batch, Mapping):
+        count = len(batch["image_id"])
+        return [{key: batch[key][i] for key in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
+                for i in range(count)]
+    return list(batch)
+
+
+def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to_multiple: int = 1
+            ) -> Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]:
+    """Pad a batch of samples into the model's inputs.
+
+    ``batch``: a numpy batch from ``iter_batches(batch_format="numpy")`` or a list of row dicts.
+    Returns ``images float32 [B, 3, H, W]`` (zero padding right/bottom to the largest picture,
+    rounded up to ``pad_to_multiple``), ``mask bool [B, H, W]`` (True = padding) and one target dict
+    per image: ``labels int64 [n]``, ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]`` of the
+    unpadded picture, ``image_id int64 []``, ``orig_size int64 [2]``, ``size int64 [2]``.
+    """
+    rows = _rows_of(batch)
+    if not rows:
+        raise ValueError("collate: empty batch")
+    shapes = [np.shape(row["image"]) for row in rows]
+    height, width = max(s[1] for s in shapes), max(s[2] for s in shapes)
+    if pad_to_multiple > 1:
+        height = -(-height // pad_to_multiple) * pad_to_multiple
+        width = -(-width // pad_to_multiple) * pad_to_multiple
+    images = torch.zeros((len(rows), 3, height, width), dtype=torch.float32)
+    mask = torch.ones((len(rows), height, width), dtype=torch.bool)
+    targets = []
+    for i, (row, (_, h, w)) in enumerate(zip(rows, shapes)):
+        images[i, :, :h, :w] = torch.from_numpy(np.asarray(row["image"], dtype=np.float32))
+        mask[i, :h, :w] = False
+        targets.append({
+            "labels": torch.as_tensor(np.asarray(row["labels"], dtype=np.int64).reshape(-1)),
+            "boxes": torch.as_tensor(np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)),
+            "image_id": torch.tensor(int(row["image_id"]), dtype=torch.int64),
+            "orig_size": torch.as_tensor(np.asarray(row["orig_size"], dtype=np.int64)),
+            "size": torch.as_tensor(np.asarray(row["size"], dtype=np.int64)),
+        })
+    return images, mask, targets

@@ -1,0 +1,288 @@
+"""DINO's image transforms, with the box arithmetic of the official code and one resample per image.
+
+Training (the official recipe, scales configurable)::
+
+    random horizontal flip (p=0.5)
+    then, with p=0.5 each:
+      A. resize the short side to a random one of ``scales`` (long side <= ``max_size``)
+      B. resize the short side to one of ``crop_resize_scales`` -> random crop of
+         ``crop_min..crop_max`` pixels per side -> A
+    normalise with the ImageNet mean/std
+
+Evaluation: resize the short side to ``short_side`` (long side <= ``max_size``), normalise.
+
+Targets follow the official COCO preparation: crowd boxes are dropped, ``[x, y, w, h]`` boxes
+become corners clipped to the image, empty boxes are dropped, and the result is
+``boxes [n, 4] (cx, cy, w, h) in [0, 1]`` of the transformed image with ``labels [n]`` = raw
+dataset category ids.
+
+NOTE: the official code resamples the picture once per resize (twice in branch B, plus the crop).
+Here the flip/resize/crop chain is composed into one source rectangle and one output size, and the
+picture is resampled once from it (JPEGs are decoded at a reduced DCT scale when that still gives
+enough pixels). Boxes follow the official arithmetic exactly; pixels differ only by interpolation.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from dino_platform.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TrainTransformConfig:
+    """Training augmentation; the defaults are the official DINO/DETR values."""
+
+    scales: Tuple[int, ...] = tuple(range(480, 801, 32))
+    max_size: int = 1333
+    crop_resize_scales: Tuple[int, ...] = (400, 500, 600)
+    crop_min: int = 384
+    crop_max: int = 600
+    flip_prob: float = 0.5
+    crop_branch_prob: float = 0.5
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for name in ("scales", "crop_resize_scales"):
+            value = getattr(self, name)
+            if not value or not all(isinstance(s, int) and s > 0 for s in value):
+                raise ConfigError(f"transform.{name}: a non-empty list of positive integers, got {value!r}")
+        if not 0 < self.crop_min <= self.crop_max:
+            raise ConfigError(f"transform.crop_min/crop_max: need 0 < crop_min <= crop_max, "
+                              f"got {self.crop_min}, {self.crop_max}")
+        if self.max_size < 1:
+            raise ConfigError(f"transform.max_size: must be positive, got {self.max_size}")
+        for name in ("flip_prob", "crop_branch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"transform.{name}: a probability in [0, 1], got {getattr(self, name)}")
+        _check_stats(self.mean, self.std)
+
+    @classmethod
+    def scaled(cls, factor: float) -> "TrainTransformConfig":
+        """The official recipe with every size multiplied by ``factor`` (e.g. 0.4 for a CPU demo:
+        scales 192..320, max 533); multi-scale sizes stay multiples of 32."""
+        if not 0 < factor <= 4:
+            raise ConfigError(f"transform.scale: a factor in (0, 4], got {factor}")
+        low, high = math.ceil(480 * factor / 32) * 32, max(32, math.floor(800 * factor / 32) * 32)
+        return cls(scales=tuple(range(min(low, high), high + 1, 32)), max_size=round(1333 * factor),
+                   crop_resize_scales=tuple(round(s * factor) for s in (400, 500, 600)),
+                   crop_min=round(384 * factor), crop_max=round(600 * factor))
+
+
+@dataclass(frozen=True)
+class EvalTransformConfig:
+    short_side: int = 800
+    max_size: int = 1333
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.short_side < 1 or self.max_size < 1:
+            raise ConfigError(f"transform.eval_short_side/eval_max_size: must be positive, "
+                              f"got {self.short_side}, {self.max_size}")
+        _check_stats(self.mean, self.std)
+
+
+def _check_stats(mean, std) -> None:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(f"transform.mean/std: three values each, std > 0; got {mean}, {std}")
+
+
+TRANSFORM_KEYS = ("scale", "scales", "max_size", "crop_resize_scales", "crop_min", "crop_max", "flip_prob",
+                  "crop_branch_prob", "mean", "std", "eval_short_side", "eval_max_size")
+
+
+def transform_configs(mapping: Optional[Mapping[str, Any]]) -> Tuple[TrainTransformConfig, EvalTransformConfig]:
+    """Training and evaluation configs from one plain mapping (e.g. a YAML ``transform:`` block).
+
+    Keys: ``scale`` (a factor applied to the official sizes first, see ``TrainTransformConfig.scaled``),
+    any field of TrainTransformConfig, and ``eval_short_side`` / ``eval_max_size`` (default: the
+    largest training scale and ``max_size``, as in the official recipe).
+    """
+    mapping = dict(mapping or {})
+    unknown = sorted(set(mapping) - set(TRANSFORM_KEYS))
+    if unknown:
+        raise ConfigError(f"transform.{unknown[0]}: unknown key; allowed: {', '.join(TRANSFORM_KEYS)}")
+    base = TrainTransformConfig.scaled(float(mapping.pop("scale"))) if "scale" in mapping else TrainTransformConfig()
+    eval_short = mapping.pop("eval_short_side", None)
+    eval_max = mapping.pop("eval_max_size", None)
+    values = {f.name: getattr(base, f.name) for f in fields(TrainTransformConfig)}
+    for key, value in mapping.items():
+        values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    train = TrainTransformConfig(**values)
+    evaluation = EvalTransformConfig(short_side=int(eval_short or max(train.scales)),
+                                     max_size=int(eval_max or train.max_size), mean=train.mean, std=train.std)
+    return train, evaluation
+
+
+# --- geometry ------------------------------------------------------------------------------------
+def resized_size(width: int, height: int, short_side: int, max_size: Optional[int]) -> Tuple[int, int]:
+    """(width, height) after resizing the short side to ``short_side`` with the long side capped at
+    ``max_size`` — the official rule, integer truncation included."""
+    if max_size is not None:
+        short, long = float(min(width, height)), float(max(width, height))
+        if long / short * short_side > max_size:
+            short_side = int(round(max_size * short / long))
+    if (width <= height and width == short_side) or (height <= width and height == short_side):
+        return width, height
+    if width < height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+@dataclass(frozen=True)
+class GeometricPlan:
+    """What one sample's transform does, in numbers.
+
+    ``flip``: mirror first. ``crop_resize``: (w, h) of the pre-crop resize (branch B only);
+    ``crop``: (left, top, width, height) in that resized picture. ``out_size``: final (w, h).
+    """
+
+    flip: bool
+    crop_resize: Optional[Tuple[int, int]]
+    crop: Optional[Tuple[int, int, int, int]]
+    out_size: Tuple[int, int]
+
+
+def sample_train_plan(width: int, height: int, cfg: TrainTransformConfig, rng: np.random.Generator) -> GeometricPlan:
+    flip = bool(rng.random() < cfg.flip_prob)
+    if rng.random() >= cfg.crop_branch_prob:
+        short = int(cfg.scales[rng.integers(len(cfg.scales))])
+        return GeometricPlan(flip, None, None, resized_size(width, height, short, cfg.max_size))
+    crop_resize = resized_size(width, height, int(cfg.crop_resize_scales[rng.integers(len(cfg.crop_resize_scales))]), None)
+    rw, rh = crop_resize
+    # NOTE: the official code fails on pictures smaller than crop_min; here the crop shrinks to fit
+    cw = int(rng.integers(min(cfg.crop_min, rw), min(rw, cfg.crop_max) + 1))
+    ch = int(rng.integers(min(cfg.crop_min, rh), min(rh, cfg.crop_max) + 1))
+    top = int(rng.integers(0, rh - ch + 1))
+    left = int(rng.integers(0, rw - cw + 1))
+    short = int(cfg.scales[rng.integers(len(cfg.scales))])
+    return GeometricPlan(flip, crop_resize, (left, top, cw, ch), resized_size(cw, ch, short, cfg.max_size))
+
+
+def eval_plan(width: int, height: int, cfg: EvalTransformConfig) -> GeometricPlan:
+    return GeometricPlan(False, None, None, resized_size(width, height, cfg.short_side, cfg.max_size))
+
+
+def transform_boxes(boxes: np.ndarray, width: int, height: int, plan: GeometricPlan) -> Tuple[np.ndarray, np.ndarray]:
+    """Apply ``plan`` to ``boxes [n, 4] (x0, y0, x1, y1)`` in pixels of a ``width x height`` picture.
+
+    Returns ``(boxes [m, 4] (x0, y0, x1, y1) in output pixels, keep [n] bool)``: boxes that a crop
+    leaves empty are dropped, as in the official code.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    keep = np.ones(len(boxes), dtype=bool)
+    if plan.flip:
+        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+    w, h = width, height
+    if plan.crop is not None:
+        rw, rh = plan.crop_resize
+        boxes *= np.array([rw / w, rh / h, rw / w, rh / h])
+        left, top, w, h = plan.crop
+        boxes -= np.array([left, top, left, top], dtype=np.float64)
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep]
+    ow, oh = plan.out_size
+    boxes *= np.array([ow / w, oh / h, ow / w, oh / h])
+    return boxes, keep
+
+
+def source_rectangle(width: int, height: int, plan: GeometricPlan) -> Tuple[float, float, float, float]:
+    """The region (x0, y0, x1, y1) of the *unflipped* source picture that becomes the output."""
+    if plan.crop is None:
+        x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
+    else:
+        rw, rh = plan.crop_resize
+        left, top, cw, ch = plan.crop
+        sx, sy = width / rw, height / rh
+        x0, y0, x1, y1 = left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+    if plan.flip:
+        x0, x1 = width - x1, width - x0
+    return x0, y0, x1, y1
+
+
+# --- pixels --------------------------------------------------------------------------------------
+def render(encoded: bytes, width: int, height: int, plan: GeometricPlan) -> Image.Image:
+    """Decode ``encoded`` and produce the plan's output picture (RGB, ``plan.out_size``)."""
+    x0, y0, x1, y1 = source_rectangle(width, height, plan)
+    out_w, out_h = plan.out_size
+    picture = Image.open(io.BytesIO(encoded))
+    if picture.format == "JPEG":
+        reduction = min(out_w / (x1 - x0), out_h / (y1 - y0))
+        if reduction < 0.5:  # libjpeg can decode at 1/2, 1/4, 1/8 scale for a fraction of the cost
+            picture.draft("RGB", (math.ceil(width * reduction), math.ceil(height * reduction)))
+            sx, sy = picture.size[0] / width, picture.size[1] / height
+            x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
+    if picture.mode != "RGB":
+        picture = picture.convert("RGB")
+    picture = picture.resize((out_w, out_h), Image.BILINEAR, box=(x0, y0, x1, y1))
+    return picture.transpose(Image.FLIP_LEFT_RIGHT) if plan.flip else picture
+
+
+def normalize(picture: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """RGB picture -> ``float32 [3, h, w]`` standardised with ``mean``/``std`` (of 0..1 values)."""
+    chw = np.asarray(picture).transpose(2, 0, 1).astype(np.float32)
+    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))[:, None, None]
+    chw *= scale
+    chw -= (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32))[:, None, None]
+    return chw
+
+
+def coco_boxes_to_corners(boxes_xywh: np.ndarray, iscrowd: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Official target preparation: drop crowd boxes, xywh -> clipped corners, drop empty ones.
+
+    Returns ``(corners [m, 4], keep [n] bool)``.
+    """
+    boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+    corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    corners[:, [0, 2]] = corners[:, [0, 2]].clip(0, width)
+    corners[:, [1, 3]] = corners[:, [1, 3]].clip(0, height)
+    keep = (np.asarray(iscrowd).reshape(-1) == 0) & (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
+    return corners[keep], keep
+
+
+def corners_to_normalized_cxcywh(corners: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``[n, 4] (x0, y0, x1, y1)`` pixels -> ``float32 [n, 4] (cx, cy, w, h)`` in [0, 1]."""
+    out = np.empty((len(corners), 4), dtype=np.float32)
+    out[:, 0] = (corners[:, 0] + corners[:, 2]) / (2 * width)
+    out[:, 1] = (corners[:, 1] + corners[:, 3]) / (2 * height)
+    out[:, 2] = (corners[:, 2] - corners[:, 0]) / width
+    out[:, 3] = (corners[:, 3] - corners[:, 1]) / height
+    return out
+
+
+def make_sample(encoded: bytes, width: int, height: int, boxes_xywh: np.ndarray, category_ids: np.ndarray,
+                iscrowd: np.ndarray, image_id: int, plan: GeometricPlan, mean, std) -> Dict[str, np.ndarray]:
+    """One model-ready sample.
+
+    Returns ``image float32 [3, h, w]``, ``labels int64 [n]``, ``boxes float32 [n, 4] (cx, cy, w, h)
+    in [0, 1]``, ``image_id int64``, ``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``.
+    """
+    corners, keep = coco_boxes_to_corners(boxes_xywh, iscrowd, width, height)
+    labels = np.asarray(category_ids, dtype=np.int64).reshape(-1)[keep]
+    corners, kept = transform_boxes(corners, width, height, plan)
+    out_w, out_h = plan.out_size
+    return {
+        "image": normalize(render(encoded, width, height, plan), mean, std),
+        "labels": labels[kept],
+        "boxes": corners_to_normalized_cxcywh(corners, out_w, out_h),
+        "image_id": np.int64(image_id),
+        "orig_size": np.array([height, width], dtype=np.int64),
+        "size": np.array([out_h, out_w], dtype=np.int64),
+    }
+
+
+def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
+    """The random stream of one image in one epoch: independent of order, worker and batch."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, image_id % (1 << 63)])
