@@ -5,7 +5,7 @@ The container is ``backbone.0`` so that parameter names match the official check
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import List, Sequence, Tuple
 
 import timm
@@ -112,11 +112,12 @@ class SwinBackbone(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i]))
         self.num_channels: List[int] = [dims[i] for i in self.return_interm_indices]
         self.strides: List[int] = [self.patch_size * 2 ** i for i in self.return_interm_indices]
+        # NOTE: a partial of a module-level function (not a lambda bound to the block) so that the
+        # model survives pickle/torch.save and deepcopy (EMA) with each copy calling its own block.
         for stage in self.layers:
             for j, blk in enumerate(stage.blocks):
                 shift = self.window_size // 2 if j % 2 == 1 else 0
-                blk._attn = types.MethodType(
-                    lambda blk_self, x, s=shift: _official_window_attention(blk_self, x, self.window_size, s), blk)
+                blk._attn = functools.partial(_official_window_attention, blk, window=self.window_size, shift=shift)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> FeatureMaps:
         h, w = images.shape[-2:]

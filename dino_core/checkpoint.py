@@ -171,7 +171,8 @@ def load_official_state_dict(
         else:
             new_sd[key] = value.to(want.dtype)
             report.loaded.append(key)
-    report.missing = [k for k in target if k not in new_sd]
+    mis_shaped_keys = {m.split(":")[0] for m in mis_shaped}
+    report.missing = [k for k in target if k not in new_sd and k not in mis_shaped_keys]
     unexpected = [k for k in report.skipped]
     if mis_shaped or (strict and (report.missing or unexpected)):
         parts = []

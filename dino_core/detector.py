@@ -40,6 +40,8 @@ class DINO(nn.Module):
         self.dn_label_noise_ratio = dn_label_noise_ratio
         self.dn_box_noise_scale = dn_box_noise_scale
         self.dn_labelbook_size = num_classes if dn_labelbook_size is None else dn_labelbook_size
+        # registration order = the official checkpoint's key order
+        self.transformer = transformer
         self.label_enc = nn.Embedding(self.dn_labelbook_size + 1, hidden_dim)
 
         in_channels = backbone.num_channels
@@ -55,7 +57,6 @@ class DINO(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.constant_(proj[0].bias, 0)
         self.backbone = backbone
-        self.transformer = transformer
 
         # one class head and one box head shared by all decoder layers; separate copies for the encoder
         class_embed = nn.Linear(hidden_dim, num_classes)
@@ -64,12 +65,12 @@ class DINO(nn.Module):
         nn.init.constant_(bbox_embed.layers[-1].weight, 0)
         nn.init.constant_(bbox_embed.layers[-1].bias, 0)
         n_dec = transformer.num_decoder_layers
-        self.class_embed = nn.ModuleList([class_embed] * n_dec)
         self.bbox_embed = nn.ModuleList([bbox_embed] * n_dec)
-        transformer.decoder.class_embed = self.class_embed
+        self.class_embed = nn.ModuleList([class_embed] * n_dec)
         transformer.decoder.bbox_embed = self.bbox_embed
-        transformer.enc_out_class_embed = copy.deepcopy(class_embed)
+        transformer.decoder.class_embed = self.class_embed
         transformer.enc_out_bbox_embed = copy.deepcopy(bbox_embed)
+        transformer.enc_out_class_embed = copy.deepcopy(class_embed)
 
     def _multiscale_inputs(self, images: torch.Tensor, mask: torch.Tensor):
         feats, masks, pos = self.backbone(images, mask)

@@ -177,20 +177,20 @@ class DeformableTransformer(nn.Module):
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         self.num_decoder_layers = num_decoder_layers
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.encoder = DeformableEncoder(
             DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points),
             num_encoder_layers, use_checkpoint)
         self.decoder = DeformableDecoder(
             DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points),
             num_decoder_layers, d_model, use_checkpoint)
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         # mixed query selection: learnable content queries + encoder-selected anchors
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         # heads for the encoder proposals, attached by the detector (separate from the decoder heads)
-        self.enc_out_class_embed: Optional[nn.Module] = None
         self.enc_out_bbox_embed: Optional[nn.Module] = None
+        self.enc_out_class_embed: Optional[nn.Module] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

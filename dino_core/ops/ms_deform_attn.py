@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, FrozenSet, Iterable, List
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,15 @@ log = logging.getLogger(__name__)
 
 # name -> callable(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 _KERNELS: Dict[str, Callable[..., torch.Tensor]] = {}
+# name -> value dtypes the kernel supports; other dtypes fall back to the reference
+_KERNEL_DTYPES: Dict[str, FrozenSet[torch.dtype]] = {}
 _announced: set = set()
 
 
-def register_kernel(name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Register a compiled implementation (called by ``dino_core.ops._ext`` when it loads)."""
+def register_kernel(name: str, fn: Callable[..., torch.Tensor], dtypes: Iterable[torch.dtype] = (torch.float32,)) -> None:
+    """Register a compiled implementation for value tensors of ``dtypes`` (called by ``dino_core.ops._ext``)."""
     _KERNELS[name] = fn
+    _KERNEL_DTYPES[name] = frozenset(dtypes)
 
 
 def ms_deform_attn_reference(
@@ -93,8 +96,11 @@ def selected_implementation(device: torch.device | str = "cpu", dtype: torch.dty
             )
         if forced != device_type:
             raise RuntimeError(f"DINO_MSDA_IMPL={forced} cannot run on {device_type} tensors")
+        if dtype not in _KERNEL_DTYPES[forced]:
+            supported = sorted(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[forced])
+            raise RuntimeError(f"DINO_MSDA_IMPL={forced}: that kernel supports {supported}, not {dtype}")
         return forced
-    if device_type in _KERNELS:
+    if device_type in _KERNELS and dtype in _KERNEL_DTYPES[device_type]:
         return device_type
     return "pytorch"
 
@@ -108,10 +114,11 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Dispatch to the best implementation; shapes as in :func:`ms_deform_attn_reference`."""
     impl = selected_implementation(value.device, value.dtype)
-    key = (impl, value.device.type)
+    key = (impl, value.device.type, value.dtype)
     if key not in _announced:
         _announced.add(key)
-        log.info("MSDeformAttn: using the %s implementation on %s", impl, value.device.type)
+        log.info("MSDeformAttn: using the %s implementation on %s (%s)", impl, value.device.type,
+                 str(value.dtype).replace("torch.", ""))
     if impl == "pytorch":
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     return _KERNELS[impl](value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
