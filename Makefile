@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv test test-fast demo bench cuda-compile-check clean
+.PHONY: venv ext test test-fast demo bench bench-msda cuda-compile-check clean
 
 venv: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
-test: venv
+# The MSDeformAttn extension (dino_core._C), rebuilt in place when csrc/ changed, a no-op otherwise.
+# A failed compile only warns (the PyTorch reference is then used); DINO_BUILD_EXT=0 skips it.
+ext: venv
+	$(PY) setup.py -q build_ext --inplace
+
+test: venv ext
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: venv ext
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 demo: venv
@@ -38,5 +43,18 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/bench_model.py
 
+bench-msda: ext
+	$(PY) benchmarks/bench_msda.py --device cpu $(BENCH_ARGS)
+
+# Compiles the CUDA build of csrc/ into a temporary directory and imports it; needs no GPU.
+# nvcc and CCCL come from the package index, matching torch's CUDA 13.0, into their own folder.
+CUDA_TOOLKIT := $(VENV)/cuda-toolkit
+CUDA_CHECK_HOME := $(CURDIR)/$(CUDA_TOOLKIT)/nvidia/cu13
+cuda-compile-check: venv
+	test -x $(CUDA_CHECK_HOME)/bin/nvcc || $(PIP) install -q --target $(CUDA_TOOLKIT) "cuda-toolkit[nvcc,cccl]==13.0.3"
+	ln -sf libcudart.so.13 $(CUDA_CHECK_HOME)/lib/libcudart.so
+	CUDA_HOME=$(CUDA_CHECK_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS=2 \
+		$(PY) csrc/cuda_compile_check.py
+
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache dino_core/_C*.so

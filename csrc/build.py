@@ -7,18 +7,21 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 CSRC_DIR = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 
 
-def sources(with_cuda: bool) -> List[str]:
-    """Source files of the extension (absolute paths)."""
+def sources(with_cuda: bool, relative_to: Optional[Path] = None) -> List[str]:
+    """Source files of the extension: absolute, or relative to ``relative_to`` (setup.py needs that)."""
     files = ["bindings.cpp", "ms_deform_attn_cpu.cpp"]
     if with_cuda:
         files.append("ms_deform_attn_cuda.cu")
-    return [str(CSRC_DIR / name) for name in files]
+    paths = [CSRC_DIR / name for name in files]
+    if relative_to is not None:
+        paths = [path.relative_to(relative_to) for path in paths]
+    return [path.as_posix() for path in paths]
 
 
 def compile_args(with_cuda: bool) -> Dict[str, List[str]]:
@@ -28,7 +31,7 @@ def compile_args(with_cuda: bool) -> Dict[str, List[str]]:
     else:
         # -fopenmp: ATen's parallel_for is an inline OpenMP region, so without it the kernels run on
         # one thread. The extension binds to torch's own libgomp, which is loaded first.
-        cxx = ["-O3", "-fopenmp"]
+        cxx = ["-O3", "-g0", "-fopenmp"]
     args = {"cxx": cxx + (["-DDINO_WITH_CUDA"] if with_cuda else [])}
     if with_cuda:
         args["nvcc"] = ["-O3", "-DDINO_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -44,12 +47,17 @@ def ensure_cuda_arch_list() -> str:
     return os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
 
 
-def make_extension(cpp_extension, with_cuda: bool, name: str = "dino_core._C"):
-    """A setuptools Extension built with ``torch.utils.cpp_extension`` (passed in by the caller)."""
+def make_extension(cpp_extension, with_cuda: bool, root: Path, name: str = "dino_core._C"):
+    """A setuptools Extension built with ``torch.utils.cpp_extension`` (passed in by the caller).
+
+    Paths are relative to ``root``, the directory of setup.py, as setuptools requires.
+    """
     kwargs = dict(
         name=name,
-        sources=sources(with_cuda),
-        include_dirs=[str(CSRC_DIR)],
+        sources=sources(with_cuda, relative_to=root),
+        include_dirs=[CSRC_DIR.relative_to(root).as_posix()],
+        # Headers and this file: setuptools rebuilds the extension when any of them is newer.
+        depends=[(CSRC_DIR / dep).relative_to(root).as_posix() for dep in ("ms_deform_attn.h", "build.py")],
         extra_compile_args=compile_args(with_cuda),
         extra_link_args=link_args(),
     )
