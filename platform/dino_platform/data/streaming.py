@@ -101,7 +101,7 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
     }
 
 
-def _read_shards(shards_uri: str, shuffle_seed: Optional[int]):
+def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: int):
     import ray.data
 
     manifest = verify_shards(shards_uri)
@@ -109,8 +109,11 @@ def _read_shards(shards_uri: str, shuffle_seed: Optional[int]):
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    return ray.data.read_parquet([loc.path for loc in locations], filesystem=locations[0].fs,
-                                 columns=READ_COLUMNS, shuffle=shuffle)
+    dataset = ray.data.read_parquet([loc.path for loc in locations], filesystem=locations[0].fs,
+                                    shuffle=shuffle).select_columns(READ_COLUMNS)
+    # The Parquet reader packs files into blocks of up to ~128 MB; one decode task per block would
+    # leave cores idle and give streaming_split nothing to divide. Small blocks, streamed:
+    return dataset.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *, epoch: int = 0,
@@ -121,7 +124,7 @@ def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *
     (None: the official recipe). ``epoch``: the epoch of the first pass (set it when resuming).
     """
     cfg = _train_config(transform)
-    return _read_shards(shards_uri, shuffle_seed=seed).map_batches(
+    return _read_shards(shards_uri, shuffle_seed=seed, rows_per_block=batch_size).map_batches(
         _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
         fn_kwargs={"train_cfg": cfg, "eval_cfg": None, "seed": int(seed), "epoch": int(epoch)})
 
@@ -132,7 +135,7 @@ def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batc
     ``transform``: an EvalTransformConfig, or the same mapping given to ``build_train_dataset``.
     """
     cfg = _eval_config(transform)
-    return _read_shards(shards_uri, shuffle_seed=None).map_batches(
+    return _read_shards(shards_uri, shuffle_seed=None, rows_per_block=batch_size).map_batches(
         _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
         fn_kwargs={"train_cfg": None, "eval_cfg": cfg, "seed": 0, "epoch": 0})
 
@@ -168,17 +171,18 @@ def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to
     if pad_to_multiple > 1:
         height = -(-height // pad_to_multiple) * pad_to_multiple
         width = -(-width // pad_to_multiple) * pad_to_multiple
-    images = torch.zeros((len(rows), 3, height, width), dtype=torch.float32)
-    mask = torch.ones((len(rows), height, width), dtype=torch.bool)
+    # assembled in numpy: Ray hands out read-only arrays, which torch.from_numpy warns about
+    images = np.zeros((len(rows), 3, height, width), dtype=np.float32)
+    mask = np.ones((len(rows), height, width), dtype=bool)
     targets = []
     for i, (row, (_, h, w)) in enumerate(zip(rows, shapes)):
-        images[i, :, :h, :w] = torch.from_numpy(np.asarray(row["image"], dtype=np.float32))
+        images[i, :, :h, :w] = row["image"]
         mask[i, :h, :w] = False
         targets.append({
-            "labels": torch.as_tensor(np.asarray(row["labels"], dtype=np.int64).reshape(-1)),
-            "boxes": torch.as_tensor(np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)),
+            "labels": torch.tensor(np.asarray(row["labels"], dtype=np.int64).reshape(-1)),
+            "boxes": torch.tensor(np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4)),
             "image_id": torch.tensor(int(row["image_id"]), dtype=torch.int64),
-            "orig_size": torch.as_tensor(np.asarray(row["orig_size"], dtype=np.int64)),
-            "size": torch.as_tensor(np.asarray(row["size"], dtype=np.int64)),
+            "orig_size": torch.tensor(np.asarray(row["orig_size"], dtype=np.int64)),
+            "size": torch.tensor(np.asarray(row["size"], dtype=np.int64)),
         })
-    return images, mask, targets
+    return torch.from_numpy(images), torch.from_numpy(mask), targets
