@@ -8,7 +8,6 @@ whose label is not one of the dataset's categories are ignored, as pycocotools i
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -190,17 +189,15 @@ def evaluate_coco(
 def _quiet():
     """Silence pycocotools' progress prints.
 
-    Ray Train V2 replaces ``builtins.print`` in its workers with a function that also logs, which
-    ``redirect_stdout`` alone does not silence, so ``print`` itself is swapped for the duration.
+    Ray Train V2 replaces ``builtins.print`` in its workers with a function that also sends the
+    text to the logging system, past any ``redirect_stdout``; so ``print`` itself is swapped out.
     """
     import builtins
 
-    sink = io.StringIO()
     original = builtins.print
-    builtins.print = lambda *args, **kwargs: original(*args, **{**kwargs, "file": sink})
+    builtins.print = lambda *args, **kwargs: None
     try:
-        with contextlib.redirect_stdout(sink):
-            yield
+        yield
     finally:
         builtins.print = original
 

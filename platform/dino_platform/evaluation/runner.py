@@ -11,7 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,19 +46,20 @@ def evaluate_shard(
     model: torch.nn.Module,
     postprocessor: torch.nn.Module,
     shard,
-    data_uri: str,
+    ground_truth: Optional[Dict[str, Any]],
     batch_size: int,
     max_detections: int,
     num_drawn: int = 0,
     draw_threshold: float = 0.3,
+    normalization: Tuple[Sequence[float], Sequence[float]] = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 ) -> Optional[EvalOutcome]:
     """Predict every image of this worker's ``shard``; on rank 0 return the COCO result (else None).
 
     All ranks must call this together (predictions are gathered with torch.distributed). ``model``
     is a plain module in eval mode; each image is run alone at its own size (see ``inference``).
-    ``data_uri`` is the evaluation shard directory, whose annotations are the ground truth.
+    ``ground_truth`` is the shard directory's COCO-format annotations (``read_ground_truth``),
+    needed on rank 0 only. ``normalization`` (mean, std) turns inputs back into pictures for drawing.
     """
-    from dino_platform.data.manifest import read_ground_truth
     from dino_platform.train.batches import iter_collated
 
     predictions, drawings = [], []
@@ -66,15 +67,15 @@ def evaluate_shard(
         batch_predictions = predict_batch(model, postprocessor, images, mask, targets, max_detections)
         predictions.extend(batch_predictions)
         if len(drawings) < num_drawn:
-            drawings.extend(_draw(images, mask, targets, batch_predictions, num_drawn - len(drawings), draw_threshold))
+            drawings.extend(_draw(images, mask, targets, batch_predictions, num_drawn - len(drawings),
+                                  draw_threshold, normalization))
     everything = gather_to_rank0(predictions)
     if everything is None:
         return None
-    ground_truth = read_ground_truth(data_uri)
     expected = {img["id"] for img in ground_truth["images"]}
     seen = [p.image_id for p in everything]
     if len(seen) != len(set(seen)) or set(seen) != expected:
-        raise DataError(f"{data_uri}: evaluation covered {len(set(seen))} distinct images ({len(seen)} predictions) "
+        raise DataError(f"evaluation covered {len(set(seen))} distinct images ({len(seen)} predictions) "
                         f"but the shards hold {len(expected)}; every image must be evaluated exactly once")
     categories = {c["id"]: c["name"] for c in ground_truth["categories"]}
     coco = evaluate_coco(truths_from_coco(ground_truth), everything, categories, max_detections=max_detections)
@@ -82,7 +83,7 @@ def evaluate_shard(
     return EvalOutcome(coco=coco, drawings=[(i, _label(img, names)) for i, img in drawings])
 
 
-def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int, threshold: float):
+def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int, threshold: float, normalization):
     """Up to ``limit`` network inputs (de-normalised, unpadded) with their confident detections."""
     from PIL import Image
 
@@ -95,7 +96,7 @@ def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int,
         orig_h, orig_w = (int(v) for v in torch.as_tensor(targets[i]["orig_size"]).tolist())
         keep = prediction.scores >= threshold
         scale = [w / orig_w, h / orig_h, w / orig_w, h / orig_h]
-        out.append((prediction.image_id, (Image.fromarray(denormalize(images[i, :, :h, :w])),
+        out.append((prediction.image_id, (Image.fromarray(denormalize(images[i, :, :h, :w], *normalization)),
                                           prediction.boxes[keep] * scale, prediction.labels[keep],
                                           prediction.scores[keep])))
     return out
@@ -123,10 +124,11 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     from dino_platform.train.engine import build_model
 
     model, _, postprocessor = build_model(ModelConfig(**loop_config["model"]))
-    dino_core.load_official_state_dict(model, read_model_state(loop_config["checkpoint"]), strict=True)
+    dino_core.load_official_state_dict(model, read_model_state(loop_config["weights"]), strict=True)
     model.to(ray.train.torch.get_device()).eval()
     outcome = evaluate_shard(
-        model, postprocessor, ray.train.get_dataset_shard("eval"), loop_config["data_uri"],
+        model, postprocessor, ray.train.get_dataset_shard("eval"),
+        loop_config["ground_truth"] if ray.train.get_context().get_world_rank() == 0 else None,
         batch_size=loop_config["batch_size"], max_detections=loop_config["max_detections"],
     )
     if outcome is None:
@@ -158,10 +160,11 @@ def run_evaluation(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dino_platform.data.manifest import read_ground_truth
     from dino_platform.data.streaming import build_eval_dataset
-    from dino_platform.train.checkpoint import read_train_config
+    from dino_platform.train.checkpoint import read_train_config, weights_location
     from dino_platform.train.config import ModelConfig, parse_section
-    from dino_platform.train.trainer import ordered_shards
+    from dino_platform.train.trainer import OrderedShards
 
     recorded = read_train_config(checkpoint_uri) or {}
     model_section = {**recorded.get("model", {}), **(model or {})}
@@ -175,14 +178,15 @@ def run_evaluation(
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"model": model_cfg.__dict__, "checkpoint": checkpoint_uri, "data_uri": data_uri,
-                               "batch_size": batch_size, "max_detections": max_detections},
+            train_loop_config={"model": model_cfg.__dict__, "weights": weights_location(checkpoint_uri),
+                               "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
+                               "max_detections": max_detections},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=ray.train.RunConfig(name="eval", storage_path=storage),
             datasets={"eval": build_eval_dataset(data_uri, transform)},
-            dataset_config=ordered_shards(),
+            dataset_config=OrderedShards(),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as directory:

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from dino_platform.errors import StorageError
+from dino_platform.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class TrainState:
     epoch: int = 0  # epoch in progress (or the next one when batches_in_epoch == 0)
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed on each worker
     seed: int = 0
+    world_size: int = 0  # workers that wrote the checkpoint (ZeRO partitions are per worker)
 
 
 def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
@@ -87,29 +88,53 @@ def write_checkpoint(
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
 
 
-def restore_checkpoint(engine, directory: Path) -> TrainState:
+def restore_checkpoint(engine, directory: Path, world_size: int) -> TrainState:
     """Load DeepSpeed's module/optimizer state and return where training stood."""
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise StorageError(f"{directory}: not a dino training checkpoint (no {STATE_FILE})")
+    state = TrainState(**json.loads(state_file.read_text()))
+    if state.world_size and state.world_size != world_size:
+        raise ConfigError(
+            f"scaling.num_workers: the run's checkpoints were written by {state.world_size} workers and "
+            f"ZeRO state is partitioned per worker; resume with num_workers: {state.world_size}, or start a "
+            f"new run with model.init_from pointing at {directory.name}/{MODEL_FILE}"
+        )
     load_path, _ = engine.load_checkpoint(
         str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise StorageError(f"{directory / DEEPSPEED_DIR}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
-    return TrainState(**json.loads(state_file.read_text()))
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
 # reading model weights from anywhere (local path, s3://, a checkpoint directory)
 
 
-def read_model_state(uri: str) -> Dict[str, torch.Tensor]:
-    """``model.pt`` of a platform checkpoint (directory or file) or an official ``.pth``, loaded safely.
+def weights_location(uri: str):
+    """The storage Location of the weights file ``uri`` names: itself, or ``model.pt`` inside it.
+
+    Resolve on the driver and hand the Location to workers: it carries its filesystem (and S3
+    settings), so workers need not share the driver's AWS environment.
+    """
+    from dino_platform.storage import resolve
+
+    location = resolve(uri)
+    if location.is_file():
+        return location
+    candidate = location.child(MODEL_FILE)
+    if not candidate.is_file():
+        raise StorageError(f"{uri}: neither a weights file nor a checkpoint directory with {MODEL_FILE}")
+    return candidate
+
+
+def read_model_state(source) -> Dict[str, torch.Tensor]:
+    """Weights from a URI or Location (``model.pt``, a checkpoint directory, an official ``.pth``), loaded safely.
 
     Official files wrap the weights as ``{"model": state_dict, ...}``; that wrapper is removed.
     """
-    location = _weights_file(uri, MODEL_FILE)
+    location = weights_location(source) if isinstance(source, str) else source
     try:
         obj = torch.load(io.BytesIO(location.read_bytes()), map_location="cpu", weights_only=True)
     except StorageError:
@@ -135,15 +160,3 @@ def read_train_config(uri: str) -> Optional[Dict[str, Any]]:
     if not config_file.exists():
         return None
     return json.loads(config_file.read_bytes())
-
-
-def _weights_file(uri: str, name: str):
-    from dino_platform.storage import resolve
-
-    location = resolve(uri)
-    if location.is_file():
-        return location
-    candidate = location.child(name)
-    if not candidate.is_file():
-        raise StorageError(f"{uri}: neither a weights file nor a checkpoint directory with {name}")
-    return candidate

@@ -22,13 +22,14 @@ def build_model(model_cfg: ModelConfig):
     return dino_core.build_model(model_cfg.preset, num_classes=model_cfg.num_classes, **model_cfg.overrides)
 
 
-def init_weights(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
-    """Load ``model.init_from`` (official .pth or platform model.pt) with dino_core's class transfer."""
+def init_weights(model: torch.nn.Module, model_cfg: ModelConfig, location) -> None:
+    """Load ``model.init_from`` (official .pth or platform model.pt, resolved to ``location``)
+    with dino_core's class transfer options."""
     import dino_core
 
     from dino_platform.train.checkpoint import read_model_state
 
-    state = read_model_state(model_cfg.init_from)
+    state = read_model_state(location)
     kwargs = {"strict": model_cfg.init_strict}
     if model_cfg.init_class_map:
         kwargs["class_map"] = dict(model_cfg.init_class_map)

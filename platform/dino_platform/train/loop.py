@@ -56,24 +56,29 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     tracker = _rank0_tracker(loop_config.get("tracking"), rank)
 
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
     model, criterion, postprocessor = build_model(cfg.model)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and cfg.model.init_from:
-        init_weights(model, cfg.model)
+        init_weights(model, cfg.model, loop_config["init_location"])
     model.to(device)
     criterion.to(device)
     engine, base_lrs = build_engine(model, cfg)
 
-    state = TrainState(seed=cfg.run.seed)
+    state = TrainState(seed=cfg.run.seed, world_size=world_size)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = restore_checkpoint(engine, Path(directory))
+            state = restore_checkpoint(engine, Path(directory), world_size)
         if rank == 0:
             log.info("resumed at step %d (epoch %d, %d micro-batches in)", state.step, state.epoch, state.batches_in_epoch)
+        if tracker is not None:
+            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_uri else None
-    evaluator = _Evaluator(cfg, plan, postprocessor, eval_shard, tracker, device) if eval_shard is not None else None
+    evaluator = None
+    if eval_shard is not None:
+        evaluator = _Evaluator(cfg, postprocessor, eval_shard, loop_config["ground_truth"], tracker, device)
     accumulation = cfg.scaling.accumulation_steps
     total_steps = plan.steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps is not None:
@@ -85,6 +90,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         set_epoch_lr(engine.optimizer, base_lrs, cfg.optim, state.epoch)
         engine.train()
         batches = _train_batches(train_shard, cfg, plan, skip=state.batches_in_epoch)
+        epoch_started = state.epoch
         for images, mask, targets in batches:
             seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
             images, mask, targets = _to_device(images, mask, targets, device)
@@ -115,9 +121,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                 model_state = model_state if model_state is not None else consolidated_state_dict(engine)
                 _save(engine, state, model_state if rank == 0 else None, cfg, metrics or {})
                 last_checkpoint_step = state.step
-            if finished or end_of_epoch:
+            progress.mark()
+            if finished:
                 break
-        else:
+        if state.step < total_steps and state.epoch == epoch_started:
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
     if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
@@ -134,9 +141,9 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int) -> Itera
 
     batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True)
     for index, batch in enumerate(batches):
-        if index >= plan.micro_batches_per_epoch:
-            return  # equal shards give every worker this many; the rest would not fill an accumulation
-        if index >= skip:
+        # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
+        # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
+        if skip <= index < plan.micro_batches_per_epoch:
             yield batch
 
 
@@ -183,9 +190,17 @@ class _Progress:
 
     def _reset(self) -> None:
         self.sums: Dict[str, float] = {}
-        self.micro_batches, self.steps, self.started = 0, 0, time.perf_counter()
+        self.micro_batches, self.steps, self.busy = 0, 0, 0.0
+        self.mark()
+
+    def mark(self) -> None:
+        """Start timing from now: evaluation and checkpoint time stay out of the throughput."""
+        self.last = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
+        now = time.perf_counter()
+        self.busy += now - self.last  # data loading + forward + backward + optimizer step
+        self.last = now
         self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
         for name in self.MAIN_TERMS:
             if name in losses:
@@ -205,7 +220,7 @@ class _Progress:
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= dist.get_world_size()
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = max(self.busy, 1e-9)
         metrics = {name: float(v) for name, v in zip(names, values)}
         metrics.update({
             "lr": float(engine.optimizer.param_groups[0]["lr"]),
@@ -233,12 +248,13 @@ def _rank0_tracker(target, rank: int):
 class _Evaluator:
     """Evaluation during training: a plain fp32 copy of the model per worker, COCO AP on rank 0."""
 
-    def __init__(self, cfg: TrainConfig, plan: EpochPlan, postprocessor, shard, tracker, device):
-        self.cfg, self.plan, self.postprocessor, self.shard = cfg, plan, postprocessor, shard
+    def __init__(self, cfg: TrainConfig, postprocessor, shard, ground_truth, tracker, device):
+        self.cfg, self.postprocessor, self.shard, self.ground_truth = cfg, postprocessor, shard, ground_truth
         self.tracker, self.device = tracker, device
         self.model = None
 
     def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> None:
+        from dino_platform.data.transforms import transform_configs
         from dino_platform.evaluation.runner import evaluate_shard
 
         if self.model is None:
@@ -246,10 +262,12 @@ class _Evaluator:
             self.model.to(self.device)
         self.model.load_state_dict(model_state)
         self.model.eval()
-        result = evaluate_shard(self.model, self.postprocessor, self.shard, self.cfg.data.eval_uri,
+        _, eval_transform = transform_configs(self.cfg.data.transform)
+        result = evaluate_shard(self.model, self.postprocessor, self.shard, self.ground_truth,
                                 batch_size=self.cfg.eval.batch_size, max_detections=self.cfg.eval.max_detections,
                                 num_drawn=self.cfg.eval.num_logged_images if self.tracker else 0,
-                                draw_threshold=self.cfg.eval.logged_score_threshold)
+                                draw_threshold=self.cfg.eval.logged_score_threshold,
+                                normalization=(eval_transform.mean, eval_transform.std))
         if result is None:
             return  # not rank 0
         log.info("eval at step %d: AP %.4f AP50 %.4f (%d images)", step, result.coco.stats["AP"],

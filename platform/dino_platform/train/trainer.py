@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from dino_platform.errors import ConfigError
 from dino_platform.storage import resolve
 from dino_platform.train.config import TrainConfig, flat_params
@@ -28,29 +32,49 @@ class TrainingOutcome:
     error: Optional[BaseException]
 
 
-def ordered_shards():
+class OrderedShards(ray.train.DataConfig):
     """A ``ray.train.DataConfig`` that splits every dataset in a reproducible order.
 
     ``preserve_order`` makes Ray Data's splitter deal blocks out deterministically (it otherwise
     follows locality and timing), which exact resume relies on. Training shards are equal-sized
     (every worker runs the same number of steps, so collectives never wait on a finished worker);
     evaluation shards are not, so no evaluation image is dropped.
+
+    Resuming: the training pipeline draws each pass's augmentation and file order from the number
+    of passes made so far, which a fresh split (a restarted worker group, a resumed job) would
+    count from 0. ``run_location`` lets ``configure`` read the epoch of the checkpoint Ray Train
+    resumes from (its checkpoint_manager_snapshot.json) and start the count there.
     """
-    import ray.train
 
-    class OrderedShards(ray.train.DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
-            for name, dataset in datasets.items():
-                dataset = dataset.copy(dataset)
-                options = self.default_ingest_options()
-                options.preserve_order = True
-                dataset.context.execution_options = options
-                for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
-                    output[rank][name] = split
-            return output
+    def __init__(self, run_location=None):
+        super().__init__()
+        self.run_location = run_location
 
-    return OrderedShards()
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        passes_done = _resume_epoch(self.run_location) if self.run_location is not None else 0
+        output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            options = self.default_ingest_options()
+            options.preserve_order = True
+            dataset.context.execution_options = options
+            if name == "train":
+                # NOTE: private attribute; data.streaming and Ray Data's file shuffling read it
+                dataset.context._execution_idx = passes_done
+            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
+                output[rank][name] = split
+        return output
+
+
+def _resume_epoch(run_location) -> int:
+    """Epoch of the latest registered checkpoint of the run at ``run_location`` (0 if none)."""
+    import json
+
+    snapshot = run_location.child("checkpoint_manager_snapshot.json")
+    if not snapshot.exists():
+        return 0
+    latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
 
 
 def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
@@ -73,11 +97,9 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
     Starts a local Ray instance when none is running. Checkpoints go to
     ``<run.storage_path>/<run.name>`` (local or S3, resolved by ``dino_platform.storage``).
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dino_platform.data.streaming import build_eval_dataset, build_train_dataset, read_manifest
+    from dino_platform.data.manifest import read_ground_truth
+    from dino_platform.data.streaming import build_eval_dataset, build_train_dataset, dataset_size, read_manifest
+    from dino_platform.train.checkpoint import weights_location
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
@@ -88,14 +110,21 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
     datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed)}
     if cfg.data.eval_uri:
         datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform)
-    plan = plan_epochs(datasets["train"].count(), cfg)
+    plan = plan_epochs(dataset_size(cfg.data.train_uri), cfg)
 
     storage = resolve(cfg.run.storage_path)
     run_dir = storage.child(cfg.run.name).uri
     tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": plan.__dict__, "tracking": tracking},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "plan": plan.__dict__,
+            "tracking": tracking,
+            # resolved here: workers may not share the driver's storage settings (AWS_* variables)
+            "ground_truth": read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
+            "init_location": weights_location(cfg.model.init_from) if cfg.model.init_from else None,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -110,7 +139,7 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         ),
         datasets=datasets,
-        dataset_config=ordered_shards(),
+        dataset_config=OrderedShards(storage.child(cfg.run.name)),
     )
     log.info("run %s: %d workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
              cfg.run.name, cfg.scaling.num_workers, cfg.scaling.batch_size_per_worker, cfg.scaling.accumulation_steps,
