@@ -14,6 +14,7 @@ Example (``dino train job.yaml``)::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -212,7 +213,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown field {where}{unknown[0]}; allowed: {', '.join(names)}")
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"; did you mean {where}{close[0]}?" if close else ""
+        raise ConfigError(f"unknown field {where}{unknown[0]}; allowed: {', '.join(names)}{hint}")
     values = {name: _coerce(hints[name], raw[name], f"{prefix}.{name}".lstrip(".")) for name in names if name in raw}
     return cls(**values)
 
