@@ -166,6 +166,7 @@ def run_evaluation(
     from dino_platform.train.config import ModelConfig, parse_section
     from dino_platform.train.trainer import OrderedShards
 
+    weights = weights_location(checkpoint_uri)  # fails first, and clearly, on a wrong path
     recorded = read_train_config(checkpoint_uri) or {}
     model_section = {**recorded.get("model", {}), **(model or {})}
     if not model_section:
@@ -178,7 +179,7 @@ def run_evaluation(
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"model": model_cfg.__dict__, "weights": weights_location(checkpoint_uri),
+            train_loop_config={"model": model_cfg.__dict__, "weights": weights,
                                "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
                                "max_detections": max_detections},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
