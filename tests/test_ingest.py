@@ -186,7 +186,7 @@ def test_tampered_shard_is_detected(clean_coco, tmp_path):
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    verify_shards(str(out))  # same size and footer: only the deep check sees it
+    verify_shards(str(out))  # same size: only the deep check sees it
     with pytest.raises(DataError, match="shard-00001.parquet content differs"):
         verify_shards(str(out), deep=True)
     shard.unlink()

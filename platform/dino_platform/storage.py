@@ -27,7 +27,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -174,6 +174,10 @@ class Location:
         A location that does not exist lists as empty (S3 has no directories to be missing); a
         missing bucket is an error.
         """
+        return sorted(self.file_sizes(recursive))
+
+    def file_sizes(self, recursive: bool = True) -> Dict[str, int]:
+        """Like :meth:`list_files`, with each file's size in bytes (one listing, no per-file requests)."""
         with self._errors("list"):
             infos = self.fs.get_file_info(
                 pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
@@ -185,14 +189,14 @@ class Location:
         base = self.path.rstrip("/") + "/"
         if not self.is_s3:
             base = base.replace(os.sep, "/")
-        out = []
+        sizes = {}
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
             full = info.path if self.is_s3 else info.path.replace(os.sep, "/")
             if full.startswith(base):
-                out.append(full[len(base):])
-        return sorted(out)
+                sizes[full[len(base):]] = int(info.size)
+        return sizes
 
     # --- writing ---------------------------------------------------------------------------
     def write_bytes(self, data: bytes) -> None:

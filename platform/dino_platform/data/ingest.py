@@ -308,12 +308,11 @@ def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
         out.child(WORK_DIR).delete()
         plan.write_bytes(json.dumps({"plan_digest": plan_digest}).encode())
         return {}
-    done = {}
+    done, sizes = {}, out.file_sizes(recursive=False)
     for marker in out.child(f"{WORK_DIR}/done").list_files():
         result = json.loads(out.child(f"{WORK_DIR}/done/{marker}").read_bytes())
         info = ShardInfo(**result["info"])
-        shard = out.child(info.name)
-        if shard.exists() and shard.size() == info.bytes:
+        if sizes.get(info.name) == info.bytes:
             done[info.name] = ShardResult(info, result["quarantined"], result["dropped_annotations"])
     return done
 

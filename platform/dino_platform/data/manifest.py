@@ -132,41 +132,39 @@ def read_manifest(uri: str) -> Manifest:
     return Manifest.from_json(data, location.uri)
 
 
-def shard_locations(uri: str, manifest: Manifest) -> List[Location]:
+def shard_root(uri: str) -> Location:
+    """The shard directory of ``uri`` (the directory itself or its manifest.json)."""
     root = resolve(uri)
-    if root.name == MANIFEST_NAME:
-        root = resolve(uri.rsplit("/", 1)[0])
+    return resolve(uri.rstrip("/").rsplit("/", 1)[0]) if root.name == MANIFEST_NAME else root
+
+
+def shard_locations(uri: str, manifest: Manifest) -> List[Location]:
+    root = shard_root(uri)
     return [root.child(shard.name) for shard in manifest.shards]
 
 
 def verify_shards(uri: str, deep: bool = False) -> Manifest:
     """Check the shards of ``uri`` against its manifest; return the manifest or raise DataError.
 
-    Always: each shard exists, has the recorded size and row count (from its Parquet footer).
-    ``deep``: also the sha256 of every shard (reads every byte) and the manifest's digest.
+    Always: every shard exists with the recorded size (one listing of the directory).
+    ``deep``: also every shard's sha256 and row count (reads every byte) and the manifest's digest.
     """
     manifest = read_manifest(uri)
+    locations = shard_locations(uri, manifest)
+    sizes = shard_root(uri).file_sizes(recursive=False)
     problems = []
-    for shard, location in zip(manifest.shards, shard_locations(uri, manifest)):
-        try:
-            size = location.size()
-        except StorageNotFoundError:
+    for shard, location in zip(manifest.shards, locations):
+        if shard.name not in sizes:
             problems.append(f"{shard.name} is missing")
-            continue
-        if size != shard.bytes:
-            problems.append(f"{shard.name} has {size} bytes, manifest says {shard.bytes}")
-            continue
-        if deep:
+        elif sizes[shard.name] != shard.bytes:
+            problems.append(f"{shard.name} has {sizes[shard.name]} bytes, manifest says {shard.bytes}")
+        elif deep:
             data = location.read_bytes()
+            rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
             if hashlib.sha256(data).hexdigest() != shard.sha256:
                 problems.append(f"{shard.name} content differs from its sha256 in the manifest")
-                continue
-            rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
-        else:
-            with location.fs.open_input_file(location.path) as handle:
-                rows = pq.ParquetFile(handle).metadata.num_rows
-        if rows != shard.rows:
-            problems.append(f"{shard.name} has {rows} rows, manifest says {shard.rows}")
+            elif rows != shard.rows:
+                problems.append(f"{shard.name} has {rows} rows, manifest says {shard.rows}")
     if deep and content_digest(manifest.categories, manifest.shards) != manifest.digest:
         problems.append("the manifest's digest does not match its shard list")
     if sum(s.rows for s in manifest.shards) != manifest.images:
