@@ -87,11 +87,16 @@ def swinl_official_keys():
         return json.load(fh)
 
 
-def _constant_official_state_dict(keys):
+def _constant_official_state_dict(keys, relative_position_index):
     """Each float tensor = one constant per shared tensor (a zero-stride view): catches any key mix-up."""
-    number = {}
-    return {key: torch.tensor(float(number.setdefault(canonical, len(number) + 1))).expand(shape)
-            for key, shape, dtype, canonical in keys if dtype.startswith("float")}
+    number, out = {}, {}
+    for key, shape, dtype, canonical in keys:
+        if dtype.startswith("float"):
+            out[key] = torch.tensor(float(number.setdefault(canonical, len(number) + 1))).expand(shape)
+        else:
+            assert key.endswith("relative_position_index"), key
+            out[key] = relative_position_index
+    return out
 
 
 @pytest.mark.slow
@@ -109,14 +114,15 @@ def test_swinl_official_layout_loads_exports_and_reloads(preset, swinl_official_
         if key.endswith("relative_position_index"):
             assert torch.equal(initial[key], index12), key
 
-    # load a checkpoint with the official keys (no relative_position_index, as some re-saves drop it)
-    constants = _constant_official_state_dict(keys)
+    # a checkpoint with exactly the official entries loads strictly, each tensor where it belongs
+    constants = _constant_official_state_dict(keys, index12)
     report = load_official_state_dict(model, {"model": constants}, strict=True)
     assert not report.missing and not report.skipped and not report.reinitialized
     # the stage-0 patch merging lives in timm's stage 1
     assert torch.equal(model.backbone.body.layers[1].downsample.reduction.weight,
                        constants["backbone.0.layers.0.downsample.reduction.weight"])
     exported = export_official_state_dict(model)
+    assert set(exported) == set(constants)
     for key, value in constants.items():
         assert torch.equal(exported[key], value), key
 
