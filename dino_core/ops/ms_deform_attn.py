@@ -8,7 +8,10 @@ implementation that supports the inputs' device and dtype:
 * ``"pytorch"`` – :func:`ms_deform_attn_reference`, pure PyTorch via ``grid_sample``; the
   reference for the tests and the fallback when nothing is compiled.
 
-``DINO_MSDA_IMPL`` (``auto``/``cuda``/``cpu``/``pytorch``) forces a choice, e.g. for benchmarks.
+A kernel is used only for the value dtypes it supports (CPU: float32/float64; CUDA: float32,
+float64, float16, bfloat16); other dtypes take the reference. ``DINO_MSDA_IMPL``
+(``auto``/``cuda``/``cpu``/``pytorch``) forces a choice, e.g. for benchmarks. How the compiled
+kernels are found (prebuilt ``dino_core._C`` or a JIT build) is described in ``dino_core.ops._ext``.
 """
 from __future__ import annotations
 
@@ -77,6 +80,19 @@ def available_implementations() -> List[str]:
     """Names of the implementations usable in this process, fastest first."""
     _load_compiled()
     return [k for k in ("cuda", "cpu") if k in _KERNELS] + ["pytorch"]
+
+
+def get_implementation(name: str) -> Callable[..., torch.Tensor]:
+    """The function behind ``name`` (one of :func:`available_implementations`), e.g. to benchmark it.
+
+    Same signature as :func:`ms_deform_attn`; no dispatch, no logging.
+    """
+    _load_compiled()
+    if name == "pytorch":
+        return ms_deform_attn_reference
+    if name not in _KERNELS:
+        raise KeyError(f"MSDeformAttn implementation {name!r} is not available here; available: {available_implementations()}")
+    return _KERNELS[name]
 
 
 def selected_implementation(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
