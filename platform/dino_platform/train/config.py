@@ -242,6 +242,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        if key_tp is int:  # JSON object keys are strings: a train_config.json round trip gives {"1": 2}
+            value = {int(k) if isinstance(k, str) and re.fullmatch(r"-?\d+", k) else k: v for k, v in value.items()}
         return {_coerce(key_tp, k, f"{name}[{k}]"): _coerce(val_tp, v, f"{name}[{k}]") for k, v in value.items()}
     if origin in (list, List):
         if not isinstance(value, list):
