@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,9 +174,9 @@ def test_consolidated_checkpoint_matches_deepspeed_and_reproduces_outputs(refere
     for image_id, prediction in fresh.items():  # what the workers predicted during training
         mine = [d for d in detections if d["image_id"] == image_id]
         assert len(mine) == len(prediction.scores)
-        assert [d["score"] for d in mine] == pytest.approx(prediction.scores.tolist(), abs=1e-6)
+        np.testing.assert_allclose([d["score"] for d in mine], prediction.scores, atol=1e-6)
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in mine)]
-        assert boxes == pytest.approx(prediction.boxes.tolist(), abs=1e-3)
+        np.testing.assert_allclose(boxes, prediction.boxes, atol=1e-3)
 
 
 def test_stopped_and_resumed_job_ends_with_the_same_weights(reference, shards, tmp_path):

@@ -9,13 +9,12 @@ file ``mlflow.db`` under the local run directory (artifacts beside it in ``mlart
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, Mapping, Optional, Sequence, Tuple
 
 log = logging.getLogger(__name__)
 

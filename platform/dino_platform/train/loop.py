@@ -2,9 +2,10 @@
 
 Every worker runs ``train_loop_per_worker``. Ray Train has set up the process group and hands each
 worker its shard of the training (and evaluation) dataset; DeepSpeed owns the optimizer step.
-Exact resume rests on three things: the data order is deterministic (ordered, equal shards),
-every RNG is seeded per micro-batch from (seed, micro-batch, rank), and a checkpoint records the
-step, epoch and micro-batches consumed, so a resumed worker skips exactly what it already trained on.
+Exact resume rests on four things: the data order is deterministic (ordered, equal shards);
+each data pass is positioned at the checkpoint's epoch (trainer.OrderedShards); every RNG is
+seeded per micro-batch from (seed, micro-batch, rank); and a checkpoint records the step, epoch
+and micro-batches consumed, so a resumed worker skips exactly what it already trained on.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
