@@ -26,10 +26,13 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
-# The MSDeformAttn extension (dino_core._C), rebuilt in place when csrc/ changed, a no-op otherwise.
+# The MSDeformAttn extension (dino_core._C), rebuilt in place when csrc/ or setup.py is newer than it.
 # A failed compile only warns (the PyTorch reference is then used); DINO_BUILD_EXT=0 skips it.
+EXT_SOURCES := setup.py csrc/build.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 ext: venv
-	$(PY) setup.py -q build_ext --inplace
+	@so=$$(ls dino_core/_C*.so 2>/dev/null | head -n1); \
+	if [ -n "$$so" ] && [ -z "$$(find $(EXT_SOURCES) -newer "$$so")" ]; then echo "dino_core._C is up to date"; \
+	else $(PY) setup.py -q build_ext --inplace; fi
 
 test: venv ext
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
