@@ -1,0 +1,12 @@
+"""Declarative pipelines: a YAML spec of datasets and stages, run in order with resumable stages.
+
+    spec = load_spec("pipelines/o365_pretrain_coco_ft.yaml", preset="smoke", overrides=["output_root=/tmp/x"])
+    result = run_pipeline(spec)
+
+``spec`` validates everything that can be checked without touching storage or the cluster;
+``run_pipeline`` checks the rest (cluster resources, datasets that must already exist) before the
+first stage starts. See ``docs/pipelines.md``.
+"""
+from dino_platform.pipeline.spec import PipelineSpec, load_spec
+
+__all__ = ["PipelineSpec", "load_spec"]

@@ -1,0 +1,103 @@
+"""What stages share in one run, and how a stage's reference to weights is resolved and fingerprinted.
+
+Every kind of stage is an ``Executor`` of three functions:
+
+- ``fingerprint(ctx, name, stage)``: hash of the stage's config, the digests of the datasets it
+  reads and the fingerprints (or content hashes) of the weights it reads;
+- ``run(ctx, name, stage, fp) -> (outputs, details)``: do the work; ``outputs`` go to the state file
+  and to later stages, ``details`` to the run log (e.g. ``{"action": "resumed", "resumed_from_step": 4}``);
+- ``outputs_exist(ctx, outputs)``: whether a recorded result can still be used.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, NamedTuple, Tuple
+
+from dino_platform.pipeline.spec import PipelineSpec, SourceRef
+from dino_platform.pipeline.state import PipelineState
+from dino_platform.storage import resolve
+
+
+@dataclass
+class StageContext:
+    """What stages share within one run of the pipeline."""
+
+    spec: PipelineSpec
+    state: PipelineState
+    tracking_uri: str
+    git_commit: str
+    outputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # stage -> outputs (this run or recorded)
+    fingerprints: Dict[str, str] = field(default_factory=dict)
+    _digests: Dict[str, str] = field(default_factory=dict)
+    _content: Dict[str, str] = field(default_factory=dict)
+
+    def dataset_digest(self, name: str) -> str:
+        """The manifest digest of dataset ``name``'s shards (content of every shard, in order)."""
+        if name not in self._digests:
+            from dino_platform.data.manifest import read_manifest
+
+            self._digests[name] = read_manifest(self.spec.shards_uri(name)).digest
+        return self._digests[name]
+
+    def forget_digest(self, name: str) -> None:
+        self._digests.pop(name, None)
+
+    def content_sha256(self, uri: str) -> str:
+        """sha256 of the weights file ``uri`` names (a checkpoint directory means its model.pt)."""
+        if uri not in self._content:
+            from dino_platform.train.checkpoint import weights_location
+
+            location = weights_location(uri)
+            hasher = hashlib.sha256()
+            with location.fs.open_input_stream(location.path) as stream:
+                while chunk := stream.read(16 << 20):
+                    hasher.update(chunk)
+            self._content[uri] = hasher.hexdigest()
+        return self._content[uri]
+
+
+class Executor(NamedTuple):
+    fingerprint: Callable[[StageContext, str, Any], str]
+    run: Callable[[StageContext, str, Any, str], Tuple[Dict[str, Any], Dict[str, Any]]]
+    outputs_exist: Callable[[StageContext, Dict[str, Any]], bool]
+
+
+def weights_identity(ctx: StageContext, ref: SourceRef) -> Dict[str, Any]:
+    """What identifies the weights ``ref`` names: the producing stage's fingerprint, a content hash, a version."""
+    if ref.stage:
+        return {"stage": ref.stage, "fingerprint": ctx.fingerprints[ref.stage]}
+    if ref.uri:
+        return {"uri": ref.uri, "sha256": ctx.content_sha256(ref.uri)}
+    from dino_platform.registry.models import resolve_version
+
+    version = resolve_version(ref.model, ctx.tracking_uri)
+    return {"model": ref.model, "version": version.version, "run_id": version.run_id}
+
+
+def weights_source(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:
+    """(URI of the weights, lineage of what produced them) for an init/checkpoint reference."""
+    empty = {"runs": {}, "datasets": {}, "configs": {}}
+    if ref.stage:
+        upstream = ctx.outputs[ref.stage]
+        return upstream["checkpoint"], upstream.get("lineage", empty)
+    if ref.uri:
+        return ref.uri, {**empty, "weights": {ref.uri: ctx.content_sha256(ref.uri)}}
+    return _registry_weights(ctx, ref.model), {**empty, "registry": ref.model}
+
+
+def _registry_weights(ctx: StageContext, model_uri: str) -> str:
+    """Copy a registered version's files under the output root (reachable by every node); the weights' URI."""
+    import tempfile
+    from pathlib import Path
+
+    from dino_platform.registry.models import CONFIG_FILE, WEIGHTS_FILE, download_model, resolve_version
+
+    version = resolve_version(model_uri, ctx.tracking_uri)
+    target = resolve(ctx.spec.output_root).child(f"registry_cache/{version.name}-v{version.version}")
+    if not target.child(WEIGHTS_FILE).exists():
+        with tempfile.TemporaryDirectory(prefix="dino-model-") as tmp:
+            local = download_model(f"models:/{version.name}/{version.version}", ctx.tracking_uri, tmp)
+            for file in (CONFIG_FILE, WEIGHTS_FILE):  # config first: weights present = copy complete
+                target.child(file).write_bytes(Path(local, file).read_bytes())
+    return target.child(WEIGHTS_FILE).uri

@@ -1,0 +1,1 @@
+"""Model registry (MLflow registered models, the champion alias) and ``dino predict``."""
