@@ -7,10 +7,12 @@ batches (no data loading: this measures the training step), dino_tiny by default
     .venv/bin/python benchmarks/bench_zero.py --modes ddp zero2 --steps 10 --size 160
 
 Memory per rank, from the tensors themselves (not allocator statistics):
-  optimizer state   Adam moments held by the rank's optimizer (plus fp32 master partitions that are
-                    not the model's own parameters)
+  optimizer state   Adam moments held by the rank's optimizer, plus the fp32 partitions DeepSpeed
+                    steps on when they are copies rather than the model's own parameters
   gradients         the larger of: gradients left on the model's parameters after backward, and
-                    the gradient partitions the optimizer steps on
+                    the gradient partitions the optimizer steps on. DeepSpeed reduces gradients
+                    through its own buckets during backward; those transient buffers are not
+                    counted here (peak RSS includes them)
   peak RSS          the worker process's peak resident set (includes model, activations, runtime)
 Appends one row per mode to benchmarks/RESULTS.md with --record.
 """
@@ -74,7 +76,7 @@ def bench_worker(config: dict) -> None:
     torch.manual_seed(0)
     model, criterion, _ = dino_core.build_model(config["preset"], num_classes=91)
     batches = _synthetic_batches(config["warmup"] + config["steps"], config["batch"], config["size"], rank)
-    grad_on_params, grad_in_partitions = [0], [0]
+    grad_on_params, grad_in_partitions, masters = [0], [0], [0]
 
     if mode == "ddp":
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
@@ -89,7 +91,7 @@ def bench_worker(config: dict) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        inner, own_params = optimizer, {id(p) for p in model.parameters()}
+        inner = optimizer
     else:
         cfg = load_config({"data": {"train_uri": "unused"}, "deepspeed": {"zero_stage": int(mode[-1])},
                            "scaling": {"num_workers": 2, "batch_size_per_worker": config["batch"],
@@ -100,8 +102,10 @@ def bench_worker(config: dict) -> None:
         original_step = inner.step
 
         def recording_step(*args, **kwargs):
-            grads = sum(_tensor_bytes(p.grad) for g in inner.param_groups for p in g["params"])
-            grad_in_partitions[0] = max(grad_in_partitions[0], grads)
+            # ZeRO-3 puts its fp32 partitions into the param groups only for the step itself
+            stepped = [p for g in inner.param_groups for p in g["params"]]
+            grad_in_partitions[0] = max(grad_in_partitions[0], sum(_tensor_bytes(p.grad) for p in stepped))
+            masters[0] = max(masters[0], sum(_tensor_bytes(p) for p in stepped if id(p) not in own_params))
             return original_step(*args, **kwargs)
 
         inner.step = recording_step
@@ -123,10 +127,9 @@ def bench_worker(config: dict) -> None:
     dist.barrier()
     elapsed = time.perf_counter() - started
 
-    masters = sum(_tensor_bytes(p) for g in inner.param_groups for p in g["params"] if id(p) not in own_params)
     mine = {
         "rank": rank,
-        "optimizer_state_mb": (_tensor_bytes(list(inner.state.values())) + masters) / 2**20,
+        "optimizer_state_mb": (_tensor_bytes(list(inner.state.values())) + masters[0]) / 2**20,
         "gradients_mb": max(grad_on_params[0], grad_in_partitions[0]) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

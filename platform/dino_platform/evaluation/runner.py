@@ -49,21 +49,22 @@ def evaluate_shard(
     ground_truth: Optional[Dict[str, Any]],
     batch_size: int,
     max_detections: int,
+    normalization: Tuple[Sequence[float], Sequence[float]],
     num_drawn: int = 0,
     draw_threshold: float = 0.3,
-    normalization: Tuple[Sequence[float], Sequence[float]] = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 ) -> Optional[EvalOutcome]:
     """Predict every image of this worker's ``shard``; on rank 0 return the COCO result (else None).
 
     All ranks must call this together (predictions are gathered with torch.distributed). ``model``
     is a plain module in eval mode; each image is run alone at its own size (see ``inference``).
     ``ground_truth`` is the shard directory's COCO-format annotations (``read_ground_truth``),
-    needed on rank 0 only. ``normalization`` (mean, std) turns inputs back into pictures for drawing.
+    needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std).
     """
     from dino_platform.train.batches import iter_collated
 
     predictions, drawings = [], []
-    for images, mask, targets in iter_collated(shard, batch_size=batch_size, drop_last=False):
+    for images, mask, targets in iter_collated(shard, batch_size=batch_size, drop_last=False,
+                                               normalization=normalization):
         batch_predictions = predict_batch(model, postprocessor, images, mask, targets, max_detections)
         predictions.extend(batch_predictions)
         if len(drawings) < num_drawn:
@@ -130,6 +131,7 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         model, postprocessor, ray.train.get_dataset_shard("eval"),
         loop_config["ground_truth"] if ray.train.get_context().get_world_rank() == 0 else None,
         batch_size=loop_config["batch_size"], max_detections=loop_config["max_detections"],
+        normalization=loop_config["normalization"],
     )
     if outcome is None:
         ray.train.report({})
@@ -162,6 +164,7 @@ def run_evaluation(
 
     from dino_platform.data.manifest import read_ground_truth
     from dino_platform.data.streaming import build_eval_dataset
+    from dino_platform.data.transforms import transform_configs
     from dino_platform.train.checkpoint import read_train_config, weights_location
     from dino_platform.train.config import ModelConfig, parse_section
     from dino_platform.train.trainer import OrderedShards
@@ -174,6 +177,7 @@ def run_evaluation(
                         "(--preset and --num-classes) to evaluate an official checkpoint")
     model_cfg = parse_section(ModelConfig, model_section, "model")
     transform = transform if transform is not None else recorded.get("data", {}).get("transform", {})
+    _, eval_transform = transform_configs(transform)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
@@ -181,7 +185,8 @@ def run_evaluation(
             eval_loop_per_worker,
             train_loop_config={"model": model_cfg.__dict__, "weights": weights,
                                "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
-                               "max_detections": max_detections},
+                               "max_detections": max_detections,
+                               "normalization": (eval_transform.mean, eval_transform.std)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -9,12 +9,17 @@ import torch
 Batch = Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]
 
 
-def iter_collated(shard, batch_size: int, drop_last: bool) -> Iterator[Batch]:
-    """``(images [B,3,H,W], mask [B,H,W] True=padding, targets)`` batches, in the shard's row order."""
+def iter_collated(shard, batch_size: int, drop_last: bool, normalization: Tuple[Sequence[float], Sequence[float]]
+                  ) -> Iterator[Batch]:
+    """``(images [B,3,H,W], mask [B,H,W] True=padding, targets)`` batches, in the shard's row order.
+
+    ``normalization``: the (mean, std) of the job's transform config, applied by ``collate``.
+    """
     from dino_platform.data.streaming import collate
 
+    mean, std = normalization
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last):
-        yield collate(batch)
+        yield collate(batch, mean=mean, std=std)
 
 
 def denormalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

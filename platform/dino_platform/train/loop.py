@@ -138,9 +138,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
 def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int) -> Iterator[Tuple]:
     """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on)."""
+    from dino_platform.data.transforms import transform_configs
     from dino_platform.train.batches import iter_collated
 
-    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True)
+    train_transform, _ = transform_configs(cfg.data.transform)
+    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
+                            normalization=(train_transform.mean, train_transform.std))
     for index, batch in enumerate(batches):
         # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
         # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
