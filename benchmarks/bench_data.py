@@ -1,7 +1,7 @@
 """Decode + augment throughput: Ray Data from an S3 endpoint vs a torch DataLoader on local files.
 
 Both sides run the same per-image work (``transforms.make_sample``: decode, the DINO training
-augmentation, normalisation) and ``collate``; what differs is where the bytes come from (Parquet
+augmentation) and ``collate`` (normalisation, padding); what differs is where the bytes come from (Parquet
 shards on S3 through Ray Data vs JPEG files on local disk) and who schedules the work.
 
     .venv/bin/python benchmarks/bench_data.py                       # 256 COCO-sized images, official scales
@@ -10,7 +10,9 @@ shards on S3 through Ray Data vs JPEG files on local disk) and who schedules the
 
 The S3 endpoint is moto's server on loopback unless AWS_ENDPOINT_URL is already set (then the
 run uses that endpoint and the bucket named by --bucket, which must exist).
-Reported per core: images/s divided by the CPUs each side was given.
+Reported per core: images/s divided by the CPUs each side was given; and images per CPU-second
+(CPU time of this process and its descendants, Ray's included), which stays meaningful when other
+jobs share the machine.
 """
 from __future__ import annotations
 
@@ -67,33 +69,67 @@ class LocalFiles:
         plan = sample_train_plan(image["width"], image["height"], self.cfg, sample_rng(self.seed, 0, image["id"]))
         return make_sample(path.read_bytes(), image["width"], image["height"],
                            np.array([a["bbox"] for a in anns]).reshape(-1, 4), np.array([a["category_id"] for a in anns]),
-                           np.array([a["iscrowd"] for a in anns]), image["id"], plan, self.cfg.mean, self.cfg.std)
+                           np.array([a["iscrowd"] for a in anns]), image["id"], plan)
 
 
-def bench_dataloader(root: Path, cfg, workers: int, batch_size: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and every live descendant (Ray's raylet, workers...)."""
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        try:
+            total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def bench_dataloader(root: Path, cfg, workers: int, batch_size: int) -> dict:
     import torch.utils.data
 
     from dino_platform.data.streaming import collate
 
     loader = torch.utils.data.DataLoader(LocalFiles(root, cfg, 0), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate, shuffle=True)
-    count, start = 0, time.perf_counter()
-    for images, _, targets in loader:
+                                         collate_fn=collate, shuffle=True, persistent_workers=workers > 0)
+    iterator = iter(loader)  # workers start here, outside the timed region
+    count, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+    for images, _, targets in iterator:
         count += len(targets)
-    return count / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    del iterator, loader
+    return {"img_s": count / wall, "img_per_cpu_s": count / cpu}
 
 
-def bench_ray(shards_uri: str, cfg, batch_size: int, passes: int) -> list:
+def bench_ray(shards_uri: str, cfg, batch_size: int, passes: int, map_batch_size: int) -> list:
     from dino_platform.data.streaming import build_train_dataset, collate
 
-    dataset = build_train_dataset(shards_uri, cfg, seed=0)
-    rates = []
+    dataset = build_train_dataset(shards_uri, cfg, seed=0, batch_size=map_batch_size)
+    results = []
     for _ in range(passes):
-        count, start = 0, time.perf_counter()
+        count, start, cpu = 0, time.perf_counter(), _cpu_seconds()
         for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
             count += len(collate(batch)[2])
-        rates.append(count / (time.perf_counter() - start))
-    return rates
+        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+        task_cpu = _task_cpu_seconds(dataset.stats())
+        results.append({"img_s": count / wall, "img_per_cpu_s": count / cpu,
+                        "img_per_task_cpu_s": count / task_cpu if task_cpu else float("nan")})
+    return results
+
+
+def _task_cpu_seconds(stats: str) -> float:
+    """Sum of the "Remote cpu time ... total" of every operator in a Ray Data stats report: the CPU
+    the pipeline's own tasks used, without Ray's daemons (which accrue CPU with wall time)."""
+    import re
+
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    total = 0.0
+    for line in stats.splitlines():
+        if "Remote cpu time" in line:
+            value, unit = re.search(r"([0-9.]+)(us|ms|s) total", line).groups()
+            total += float(value) * units[unit]
+    return total
 
 
 def bench_decode_only(root: Path, limit: int = 200) -> float:
@@ -107,6 +143,38 @@ def bench_decode_only(root: Path, limit: int = 200) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+def bench_row_formats(root: Path, cfg, rows: int = 16, repeats: int = 4) -> dict:
+    """CPU ms per image from a transformed uint8 sample to the model's input: uint8 rows (what the
+    pipeline ships; collate normalises) vs float32 rows (normalised in the task): normalisation,
+    the Arrow conversion map_batches does on output, the numpy conversion iter_batches does, and
+    collate. Object-store copies, which scale with bytes too (4x for float32), are not included."""
+    from ray.data.block import BlockAccessor
+
+    from dino_platform.data.streaming import collate
+    from dino_platform.data.transforms import normalize_into
+
+    dataset = LocalFiles(root, cfg, 0)
+    samples = [dataset[i] for i in range(min(rows, len(dataset)))]
+
+    def as_float(batch_rows):  # the float32 design normalises in the task, before the conversion
+        return [dict(s, image=normalize_into(np.empty(s["image"].shape, np.float32), s["image"])) for s in batch_rows]
+
+    def to_model_input(batch_rows, float_rows: bool):
+        batch_rows = as_float(batch_rows) if float_rows else batch_rows
+        out = {k: [r[k] for r in batch_rows] for k in ("image", "labels", "boxes")}
+        out.update({k: np.stack([r[k] for r in batch_rows]) for k in ("image_id", "orig_size", "size")})
+        block = BlockAccessor.batch_to_block(out)
+        return collate(BlockAccessor.for_block(block).to_batch_format("numpy"))
+
+    timings = {"uint8": [], "float32": []}
+    for _ in range(repeats):
+        for name in ("uint8", "float32"):
+            start = time.process_time()
+            to_model_input(samples, float_rows=name == "float32")
+            timings[name].append((time.process_time() - start) / len(samples) * 1000)
+    return {name: round(min(values), 1) for name, values in timings.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
@@ -115,6 +183,7 @@ def main() -> int:
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for Ray and DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--passes", type=int, default=3, help="Ray passes; the best after the first is reported")
+    parser.add_argument("--map-batch-size", type=int, default=16, help="rows per Ray Data decode task")
     parser.add_argument("--bucket", default="bench-data")
     parser.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -141,39 +210,48 @@ def main() -> int:
         shard_bytes = sum(resolve(shards).child(n).size() for n in resolve(shards).list_files() if n.endswith(".parquet"))
 
         decode_only = bench_decode_only(root)
+        row_formats = bench_row_formats(root, cfg)
         single = bench_dataloader(root, cfg, workers=0, batch_size=args.batch_size)
-        multi = bench_dataloader(root, cfg, workers=args.cpus, batch_size=args.batch_size) if args.cpus > 1 else single
+        multi = bench_dataloader(root, cfg, workers=args.cpus, batch_size=args.batch_size)
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        rates = bench_ray(shards, cfg, args.batch_size, args.passes)
+        rates = bench_ray(shards, cfg, args.batch_size, args.passes, args.map_batch_size)
         ray.shutdown()
     if server is not None:
         server.stop()
 
-    ray_rate = max(rates[1:] or rates)
+    best = max(rates[1:] or rates, key=lambda r: r["img_s"])
     result = {
         "images": args.images, "size": list(args.size), "scale": args.scale, "cpus": args.cpus,
+        "map_batch_size": args.map_batch_size,
         "shard_mb": round(shard_bytes / 2 ** 20, 1),
         "pil_decode_only_img_s_1core": round(decode_only, 1),
-        "dataloader_img_s_1core": round(single, 1),
-        f"dataloader_img_s_{args.cpus}workers": round(multi, 1),
-        "ray_s3_img_s_per_pass": [round(r, 1) for r in rates],
-        "ray_s3_img_s_per_core": round(ray_rate / args.cpus, 1),
-        "dataloader_img_s_per_core": round(multi / args.cpus, 1),
-        "ratio_ray_per_core_vs_dataloader_per_core": round((ray_rate / args.cpus) / (multi / args.cpus), 2),
-        "ratio_ray_per_core_vs_single_process": round((ray_rate / args.cpus) / single, 2),
+        "dataloader_1process": {k: round(v, 1) for k, v in single.items()},
+        f"dataloader_{args.cpus}workers": {k: round(v, 1) for k, v in multi.items()},
+        "ray_s3_passes": [{k: round(v, 1) for k, v in r.items()} for r in rates],
+        # per core: wall-clock rate / CPUs given; per CPU-second: robust when other jobs share the cores
+        "ray_s3_img_s_per_core": round(best["img_s"] / args.cpus, 1),
+        "dataloader_img_s_per_core": round(multi["img_s"] / args.cpus, 1),
+        "ratio_per_core_wall": round(best["img_s"] / multi["img_s"], 2),
+        "ratio_per_cpu_second_ray_vs_dataloader_1process": round(best["img_per_cpu_s"] / single["img_per_cpu_s"], 2),
+        "ratio_per_task_cpu_second_ray_vs_dataloader_1process": round(best["img_per_task_cpu_s"] / single["img_per_cpu_s"], 2),
+        "cpu_ms_per_image_sample_to_model_input": row_formats,
         "load_average_1min": round(os.getloadavg()[0], 1),
     }
     print(json.dumps(result, indent=1))
     if args.record:
         machine = f"{platform.machine()} {os.cpu_count()} cores (load {result['load_average_1min']})"
-        line = (f"| data: decode+augment (train, scale {args.scale}, {args.size[0]}x{args.size[1]} JPEG, "
-                f"{args.images} img), Ray Data from S3 (moto) vs torch DataLoader local files, {args.cpus} CPUs "
-                f"| {machine} | {datetime.date.today()} | Ray {result['ray_s3_img_s_per_core']} img/s/core vs "
-                f"DataLoader {result['dataloader_img_s_per_core']} img/s/core (ratio "
-                f"{result['ratio_ray_per_core_vs_dataloader_per_core']}); 1 process "
-                f"{result['dataloader_img_s_1core']} img/s; PIL decode only {result['pil_decode_only_img_s_1core']} img/s |\n")
+        line = (f"| data: decode+augment+collate (train transform, scale {args.scale}, {args.size[0]}x{args.size[1]} "
+                f"JPEG, {args.images} img, {args.map_batch_size} rows/task), Ray Data from S3 (moto, loopback) vs torch DataLoader on local files, "
+                f"{args.cpus} CPUs | {machine} | {datetime.date.today()} | per core (wall): Ray "
+                f"{result['ray_s3_img_s_per_core']} vs DataLoader {result['dataloader_img_s_per_core']} img/s "
+                f"(ratio {result['ratio_per_core_wall']}); per CPU-second: Ray {best['img_per_cpu_s']:.1f} vs "
+                f"1-process DataLoader {single['img_per_cpu_s']:.1f} img (ratio "
+                f"{result['ratio_per_cpu_second_ray_vs_dataloader_1process']}; Ray Data tasks alone "
+                f"{best['img_per_task_cpu_s']:.1f} img/CPU-s); PIL decode only "
+                f"{result['pil_decode_only_img_s_1core']} img/s; sample -> model input CPU ms/img: uint8 rows "
+                f"{row_formats['uint8']} vs float32 rows {row_formats['float32']} |\n")
         path = Path(__file__).with_name("RESULTS.md")
         if not path.exists():
             path.write_text("# Benchmark results\n\n| what | device | date | figure |\n|---|---|---|---|\n")

@@ -69,12 +69,11 @@ def test_pixels_and_boxes_agree_after_augmentation(seed):
     cfg = TrainTransformConfig(scales=(96, 128, 160), max_size=400, crop_resize_scales=(100, 120),
                                crop_min=60, crop_max=110)
     plan = sample_train_plan(200, 120, cfg, sample_rng(seed, 0, 1))
-    sample = make_sample(encoded, 200, 120, np.array([[120, 30, 50, 60]]), np.array([44]), np.array([0]), 1, plan,
-                         MEAN, STD)
+    sample = make_sample(encoded, 200, 120, np.array([[120, 30, 50, 60]]), np.array([44]), np.array([0]), 1, plan)
     h, w = sample["size"]
-    assert sample["image"].shape == (3, h, w) and sample["image"].dtype == np.float32
+    assert sample["image"].shape == (3, h, w) and sample["image"].dtype == np.uint8
     assert sample["orig_size"].tolist() == [120, 200]
-    rgb = (sample["image"].transpose(1, 2, 0) * STD + MEAN) * 255
+    rgb = sample["image"].transpose(1, 2, 0).astype(float)
     yellow = (rgb[..., 0] > 180) & (rgb[..., 2] < 110)
     if len(sample["boxes"]) == 0:  # cropped away: no yellow may remain (allow edge blur)
         assert yellow.sum() <= 2 * (h + w)
@@ -89,10 +88,10 @@ def test_pixels_and_boxes_agree_after_augmentation(seed):
 def test_large_downscale_uses_reduced_decode_and_stays_aligned():
     encoded = _picture_with_square(width=1600, height=960, box=(960, 240, 1360, 720))
     sample = make_sample(encoded, 1600, 960, np.array([[960, 240, 400, 480]]), np.array([1]), np.array([0]), 1,
-                         eval_plan(1600, 960, EvalTransformConfig(short_side=120, max_size=400)), MEAN, STD)
+                         eval_plan(1600, 960, EvalTransformConfig(short_side=120, max_size=400)))
     assert sample["size"].tolist() == [120, 200]
     np.testing.assert_allclose(sample["boxes"][0], [0.725, 0.5, 0.25, 0.5], atol=1e-6)
-    rgb = (sample["image"].transpose(1, 2, 0) * STD + MEAN) * 255
+    rgb = sample["image"].transpose(1, 2, 0).astype(float)
     assert rgb[60, 145, 0] > 200 and rgb[60, 50, 2] > 120  # inside the square / background
 
 
@@ -120,7 +119,7 @@ def test_transform_configs_from_mapping():
 
 
 def _row(h, w, n, image_id):
-    return {"image": np.full((3, h, w), float(image_id), np.float32), "labels": np.arange(n, dtype=np.int64),
+    return {"image": np.full((3, h, w), image_id, np.uint8), "labels": np.arange(n, dtype=np.int64),
             "boxes": np.full((n, 4), 0.5, np.float32), "image_id": np.int64(image_id),
             "orig_size": np.array([h * 2, w * 2]), "size": np.array([h, w])}
 
@@ -131,7 +130,11 @@ def test_collate_pads_and_masks():
     assert images.shape == (2, 3, 6, 7) and mask.shape == (2, 6, 7) and mask.dtype == torch.bool
     assert not mask[0, :5, :7].any() and mask[0, 5:, :].all()
     assert not mask[1, :6, :4].any() and mask[1, :, 4:].all()
-    assert (images[1, :, :, 4:] == 0).all() and (images[1, :, :6, :4] == 2).all()
+    assert (images[1, :, :, 4:] == 0).all()  # padding is zero after normalisation, as in the official code
+    expected = torch.tensor((2 / 255 - MEAN) / STD, dtype=torch.float32)
+    torch.testing.assert_close(images[1, :, :6, :4], expected[:, None, None].expand(3, 6, 4))
+    already_normalised = [dict(rows[0], image=np.full((3, 5, 7), 0.25, np.float32))]
+    assert (collate(already_normalised)[0] == 0.25).all()
     assert targets[0]["labels"].tolist() == [0, 1] and targets[1]["boxes"].shape == (0, 4)
     assert targets[1]["image_id"].item() == 2 and targets[0]["size"].tolist() == [5, 7]
     padded, padded_mask, _ = collate(rows, pad_to_multiple=32)

@@ -7,12 +7,15 @@
     for batch in shard.iter_batches(batch_size=2, batch_format="numpy"):
         images, mask, targets = collate(batch)
 
-Rows of both datasets: ``image float32 [3, h, w]`` (normalised), ``labels int64 [n]`` (raw dataset
-category ids), ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``, ``image_id int64``,
-``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``.
+Rows of both datasets: ``image uint8 [3, h, w]`` (RGB, transformed), ``labels int64 [n]`` (raw
+dataset category ids), ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``, ``image_id int64``,
+``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``. ``collate`` normalises the pixels
+(ImageNet mean/std) while it pads them into the batch tensor.
 
 Decoding and augmentation run in one ``map_batches`` over Arrow batches (no pandas, no per-row
-Ray overhead). Reproducibility: every image's augmentation is drawn from a generator seeded by
+Ray overhead). Rows carry uint8 pixels, not float32: a quarter of the bytes to convert to Arrow,
+store and hand to the trainer (measured: benchmarks/RESULTS.md), and the normalisation is fused
+into the copy ``collate`` makes anyway. Reproducibility: every image's augmentation is drawn from a generator seeded by
 ``(seed, epoch, image_id)``, so it does not depend on worker count, batch boundaries or arrival
 order. ``epoch`` is the ``epoch`` argument plus the number of times the dataset has been iterated
 to the end before (Ray Data's execution index), so each pass of a training loop over
@@ -29,8 +32,8 @@ import torch
 
 from dino_platform.data.manifest import Manifest, read_manifest, shard_locations, verify_shards
 from dino_platform.data.transforms import (
-    EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample, sample_rng, sample_train_plan,
-    transform_configs,
+    IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample,
+    normalize_into, sample_rng, sample_train_plan, transform_configs,
 )
 
 __all__ = ["build_train_dataset", "build_eval_dataset", "collate", "read_manifest", "verify_shards",
@@ -78,7 +81,6 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
     box_offsets, boxes = _flat_lists(batch.column("boxes"), width=4)
     label_offsets, labels = _flat_lists(batch.column("category_ids"))
     _, crowd = _flat_lists(batch.column("iscrowd"))
-    cfg = train_cfg or eval_cfg
     columns: Dict[str, list] = {k: [] for k in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
     for row in range(batch.num_rows):
         width, height, image_id = int(widths[row]), int(heights[row]), int(image_ids[row])
@@ -88,7 +90,7 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
         else:
             plan = eval_plan(width, height, eval_cfg)
         sample = make_sample(encoded[row], width, height, boxes[box_offsets[row] * 4:box_offsets[row + 1] * 4],
-                             labels[lo:hi], crowd[lo:hi], image_id, plan, cfg.mean, cfg.std)
+                             labels[lo:hi], crowd[lo:hi], image_id, plan)
         for key, value in sample.items():
             columns[key].append(value)
     return {
@@ -153,15 +155,17 @@ def _rows_of(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> Li
     return list(batch)
 
 
-def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to_multiple: int = 1
+def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to_multiple: int = 1,
+            mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
             ) -> Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]:
-    """Pad a batch of samples into the model's inputs.
+    """Normalise and pad a batch of samples into the model's inputs.
 
     ``batch``: a numpy batch from ``iter_batches(batch_format="numpy")`` or a list of row dicts.
-    Returns ``images float32 [B, 3, H, W]`` (zero padding right/bottom to the largest picture,
-    rounded up to ``pad_to_multiple``), ``mask bool [B, H, W]`` (True = padding) and one target dict
-    per image: ``labels int64 [n]``, ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]`` of the
-    unpadded picture, ``image_id int64 []``, ``orig_size int64 [2]``, ``size int64 [2]``.
+    uint8 images are standardised with ``mean``/``std``; float images are taken as already
+    standardised. Returns ``images float32 [B, 3, H, W]`` (zero padding right/bottom to the largest
+    picture, rounded up to ``pad_to_multiple``), ``mask bool [B, H, W]`` (True = padding) and one
+    target dict per image: ``labels int64 [n]``, ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``
+    of the unpadded picture, ``image_id int64 []``, ``orig_size int64 [2]``, ``size int64 [2]``.
     """
     rows = _rows_of(batch)
     if not rows:
@@ -176,7 +180,11 @@ def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to
     mask = np.ones((len(rows), height, width), dtype=bool)
     targets = []
     for i, (row, (_, h, w)) in enumerate(zip(rows, shapes)):
-        images[i, :, :h, :w] = row["image"]
+        pixels = np.asarray(row["image"])
+        if pixels.dtype == np.uint8:
+            normalize_into(images[i, :, :h, :w], pixels, mean, std)
+        else:
+            images[i, :, :h, :w] = pixels
         mask[i, :h, :w] = False
         targets.append({
             "labels": torch.tensor(np.asarray(row["labels"], dtype=np.int64).reshape(-1)),

@@ -48,6 +48,7 @@ class TrainTransformConfig:
     crop_max: int = 600
     flip_prob: float = 0.5
     crop_branch_prob: float = 0.5
+    # the normalisation the model expects: applied by ``streaming.collate`` (pass these to it)
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
 
@@ -230,13 +231,24 @@ def render(encoded: bytes, width: int, height: int, plan: GeometricPlan) -> Imag
     return picture.transpose(Image.FLIP_LEFT_RIGHT) if plan.flip else picture
 
 
+def to_chw(picture: Image.Image) -> np.ndarray:
+    """RGB picture -> ``uint8 [3, h, w]``."""
+    return np.ascontiguousarray(np.asarray(picture).transpose(2, 0, 1))
+
+
+def normalize_into(out: np.ndarray, chw: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Write ``uint8 [3, h, w]`` pixels into ``out`` (float32, same shape) standardised with
+    ``mean``/``std`` (statistics of 0..1 values); returns ``out``."""
+    std = np.asarray(std, dtype=np.float32)
+    np.multiply(chw, (1.0 / (255.0 * std))[:, None, None], out=out, casting="unsafe")
+    out -= (np.asarray(mean, dtype=np.float32) / std)[:, None, None]
+    return out
+
+
 def normalize(picture: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """RGB picture -> ``float32 [3, h, w]`` standardised with ``mean``/``std`` (of 0..1 values)."""
-    chw = np.asarray(picture).transpose(2, 0, 1).astype(np.float32)
-    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))[:, None, None]
-    chw *= scale
-    chw -= (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32))[:, None, None]
-    return chw
+    chw = to_chw(picture)
+    return normalize_into(np.empty(chw.shape, np.float32), chw, mean, std)
 
 
 def coco_boxes_to_corners(boxes_xywh: np.ndarray, iscrowd: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -263,18 +275,19 @@ def corners_to_normalized_cxcywh(corners: np.ndarray, width: int, height: int) -
 
 
 def make_sample(encoded: bytes, width: int, height: int, boxes_xywh: np.ndarray, category_ids: np.ndarray,
-                iscrowd: np.ndarray, image_id: int, plan: GeometricPlan, mean, std) -> Dict[str, np.ndarray]:
-    """One model-ready sample.
+                iscrowd: np.ndarray, image_id: int, plan: GeometricPlan) -> Dict[str, np.ndarray]:
+    """One transformed sample.
 
-    Returns ``image float32 [3, h, w]``, ``labels int64 [n]``, ``boxes float32 [n, 4] (cx, cy, w, h)
-    in [0, 1]``, ``image_id int64``, ``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``.
+    Returns ``image uint8 [3, h, w]`` (RGB; ``collate`` normalises it), ``labels int64 [n]``,
+    ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``, ``image_id int64``,
+    ``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``.
     """
     corners, keep = coco_boxes_to_corners(boxes_xywh, iscrowd, width, height)
     labels = np.asarray(category_ids, dtype=np.int64).reshape(-1)[keep]
     corners, kept = transform_boxes(corners, width, height, plan)
     out_w, out_h = plan.out_size
     return {
-        "image": normalize(render(encoded, width, height, plan), mean, std),
+        "image": to_chw(render(encoded, width, height, plan)),
         "labels": labels[kept],
         "boxes": corners_to_normalized_cxcywh(corners, out_w, out_h),
         "image_id": np.int64(image_id),
