@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 import uuid
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -74,8 +74,9 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[Callable[[], None]]:
-    """A local Ray instance (2 CPUs, no dashboard) shared by the session; shut down at the end."""
+def ray_local() -> Iterator[Any]:
+    """The ray module, initialised with a local instance (2 CPUs, no dashboard) shared by the
+    session; shut down at the end."""
     import ray
 
     if not ray.is_initialized():
