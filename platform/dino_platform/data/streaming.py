@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from dino_platform.data.manifest import Manifest, read_manifest, shard_locations, verify_shards
+from dino_platform.errors import DataError
 from dino_platform.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample,
     normalize_into, sample_rng, sample_train_plan, transform_configs,
@@ -108,6 +109,8 @@ def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: i
 
     manifest = verify_shards(shards_uri)
     locations = shard_locations(shards_uri, manifest)
+    if not locations:
+        raise DataError(f"{shards_uri}: the manifest lists no shards; re-run `dino ingest`")
     shuffle = None
     if shuffle_seed is not None:
         shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
