@@ -117,11 +117,14 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             model_state = None
             if evaluator is not None and (finished or (end_of_epoch and _every(cfg.eval.every_n_epochs, state.epoch))):
                 model_state = consolidated_state_dict(engine)
-                evaluator.run(model_state, state.step, state.epoch)
+                # eval/AP etc. go into Ray Train's report too (a Tune sweep schedules on them)
+                metrics = {**(metrics or {}), **evaluator.run(model_state, state.step, state.epoch)}
             if finished or _checkpoint_due(cfg, state, end_of_epoch):
                 model_state = model_state if model_state is not None else consolidated_state_dict(engine)
                 _save(engine, state, model_state if rank == 0 else None, cfg, metrics or {})
                 last_checkpoint_step = state.step
+            elif model_state is not None:  # evaluated without a checkpoint: report the scores alone
+                ray.train.report({**(metrics or {}), "step": state.step, "epoch": state.epoch})
             progress.mark()
             if finished:
                 break
@@ -257,7 +260,8 @@ class _Evaluator:
         self.tracker, self.device = tracker, device
         self.model = None
 
-    def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> None:
+    def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> Dict[str, float]:
+        """Evaluate on every rank together; rank 0 returns the summary COCO stats (``eval/AP`` ...), others {}."""
         from dino_platform.data.transforms import transform_configs
         from dino_platform.evaluation.runner import evaluate_shard
 
@@ -273,8 +277,9 @@ class _Evaluator:
                                 draw_threshold=self.cfg.eval.logged_score_threshold,
                                 normalization=(eval_transform.mean, eval_transform.std))
         if result is None:
-            return  # not rank 0
+            return {}  # not rank 0
         log.info("eval at step %d: AP %.4f AP50 %.4f (%d images)", step, result.coco.stats["AP"],
                  result.coco.stats["AP50"], result.coco.num_images)
         if self.tracker is not None:
             result.log_to(self.tracker, step)
+        return {f"eval/{k}": float(v) for k, v in result.coco.stats.items()}

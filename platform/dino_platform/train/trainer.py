@@ -91,11 +91,12 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
 
 
-def run_training(cfg: TrainConfig) -> TrainingOutcome:
+def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None) -> TrainingOutcome:
     """Train (or resume) the job described by ``cfg`` on the current Ray cluster and return its outcome.
 
     Starts a local Ray instance when none is running. Checkpoints go to
     ``<run.storage_path>/<run.name>`` (local or S3, resolved by ``dino_platform.storage``).
+    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial trains.
     """
     from dino_platform.data.manifest import read_ground_truth
     from dino_platform.data.streaming import build_eval_dataset, build_train_dataset, dataset_size, read_manifest
@@ -137,6 +138,7 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
             storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=OrderedShards(storage.child(cfg.run.name)),
