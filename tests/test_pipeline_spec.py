@@ -113,6 +113,16 @@ def test_unknown_preset_is_named(tmp_path, capsys):
     assert "--preset smok: no such preset (did you mean smoke?); available: smoke" in capsys.readouterr().err
 
 
+def test_a_stage_declared_twice_is_an_error_not_silently_dropped(tmp_path):
+    from dino_platform.pipeline.spec import load_spec
+
+    text = SPEC.read_text().replace("  evaluate:\n", "  finetune:\n    kind: train\n    train_data: coco_train\n"
+                                                   "  evaluate:\n", 1)
+    (tmp_path / "twice.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"twice\.yaml: not valid YAML \(duplicate key 'finetune'"):
+        load_spec(tmp_path / "twice.yaml", preset="smoke")
+
+
 def test_shipped_specs_are_valid(monkeypatch):
     from dino_platform.pipeline.spec import load_spec
 

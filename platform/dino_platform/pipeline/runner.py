@@ -88,8 +88,8 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
     try:
         for name, stage in spec.stages.items():
             _run_stage(ctx, name, stage)
-    except BaseException:
-        state.end_run("failed")
+    except BaseException as exc:
+        state.end_run("interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed")
         raise
     state.end_run("done")
     return PipelineResult(spec=spec, state_uri=state.uri, tracking_uri=ctx.tracking_uri, outputs=ctx.outputs,
@@ -106,9 +106,14 @@ def _run_stage(ctx: StageContext, name: str, stage) -> None:
         ctx.state.note(name, "skipped", fingerprint=fp)
         ctx.outputs[name], ctx.fingerprints[name] = record["outputs"], fp
         return
-    reason = ("first run" if not record else "interrupted or failed before" if record.get("fingerprint") == fp and
-              record.get("status") != "done" else "its outputs are gone" if record.get("fingerprint") == fp
-              else "config or inputs changed")
+    if not record:
+        reason = "first run"
+    elif record.get("fingerprint") != fp:
+        reason = "config or inputs changed"
+    elif record.get("status") != "done":
+        reason = f"{record.get('status')} before"  # running (killed), interrupted or failed
+    else:
+        reason = "its outputs are gone"
     log.info("stage %s (%s): running (%s; fingerprint %s)", name, stage.kind, reason, fp[:12])
     ctx.state.start_stage(name, fp)
     ctx.fingerprints[name] = fp
@@ -116,8 +121,10 @@ def _run_stage(ctx: StageContext, name: str, stage) -> None:
     try:
         outputs, details = executor.run(ctx, name, stage, fp)
     except BaseException as exc:
-        ctx.state.fail_stage(name, f"{type(exc).__name__}: {exc}")
-        ctx.state.note(name, "failed", error=f"{type(exc).__name__}: {exc}"[:500], seconds=time.time() - started)
+        # `ray job stop` and Ctrl-C arrive as SystemExit / KeyboardInterrupt: interrupted, not failed
+        status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+        ctx.state.fail_stage(name, f"{type(exc).__name__}: {exc}", status=status)
+        ctx.state.note(name, status, error=f"{type(exc).__name__}: {exc}"[:500], seconds=time.time() - started)
         raise
     ctx.state.finish_stage(name, outputs)
     action = details.pop("action", "ran")

@@ -300,7 +300,7 @@ def load_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = 
         if not path.is_file():
             raise ConfigError(f"{path}: pipeline spec not found")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         origin = str(path)
@@ -318,6 +318,20 @@ def load_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = 
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     return spec
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one silently,
+    which would drop a whole stage or dataset)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_preset(raw: Dict[str, Any], preset: Optional[str]) -> Dict[str, Any]:

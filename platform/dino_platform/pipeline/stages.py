@@ -129,7 +129,6 @@ def _train_run(ctx: StageContext, name: str, stage: TrainStage, fp: str):
         init_from, lineage = weights_source(ctx, stage.init.source())
     run_name = f"{name}-{fp[:10]}"  # a changed config or input trains afresh; the same one resumes
     cfg = spec.train_config(name, run_name=run_name, init_from=init_from)
-    cfg.tracking.tracking_uri = ctx.tracking_uri
     run_dir = resolve(spec.train_storage).child(run_name)
     resumed = latest_checkpoint(run_dir)
     if resumed is not None:

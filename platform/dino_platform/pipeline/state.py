@@ -56,7 +56,7 @@ class PipelineState:
         self.save()
 
     def note(self, stage: str, action: str, **details: Any) -> None:
-        """What this run did with ``stage``: skipped / ran / resumed / failed (+ details)."""
+        """What this run did with ``stage``: skipped / ran / resumed / failed / interrupted (+ details)."""
         self.run["actions"][stage] = {"action": action, **details}
         self.save()
 
@@ -72,9 +72,10 @@ class PipelineState:
         record.update(status="done", outputs=outputs, finished_at=time.time())
         self.save()
 
-    def fail_stage(self, name: str, error: str) -> None:
+    def fail_stage(self, name: str, error: str, status: str = "failed") -> None:
+        """``status``: failed (an error) or interrupted (stopped); either way the next run redoes the stage."""
         record = self.data["stages"][name]
-        record.update(status="failed", error=error[:2000], finished_at=time.time())
+        record.update(status=status, error=error[:2000], finished_at=time.time())
         self.save()
 
     def save(self) -> None:

@@ -11,13 +11,12 @@ import re
 from typing import Any, Dict, Optional, Tuple
 
 from dino_platform.errors import ConfigError
-from dino_platform.pipeline.spec import (STAGE_OUTPUTS, DatasetSpec, EvaluateStage, IngestStage, ModelSpec,
-                                         PipelineSpec, PredictStage, RegisterStage, ResourcesSpec, SourceRef,
-                                         TrainStage, class_maps, deep_merge, did_you_mean, NAME_PATTERN)
+from dino_platform.pipeline.spec import (NAME_PATTERN, STAGE_OUTPUTS, DatasetSpec, EvaluateStage, IngestStage,
+                                         ModelSpec, PipelineSpec, PredictStage, RegisterStage, ResourcesSpec,
+                                         SourceRef, TrainStage, class_maps, deep_merge, did_you_mean)
 from dino_platform.train.config import TrainConfig, load_config
 
 _MODEL_URI = re.compile(r"^models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)$")
-
 
 
 def validate_spec(spec: PipelineSpec) -> None:
@@ -202,7 +201,7 @@ def train_config(spec: PipelineSpec, stage_name: str, run_name: str, init_from: 
                  "eval_uri": spec.shards_uri(stage.eval_data) if stage.eval_data else None,
                  "transform": dict(stage.transform)},
         "run": given(name=run_name, storage_path=spec.train_storage, seed=stage.seed, max_failures=r.max_failures),
-        "tracking": {"experiment": spec.experiment},
+        "tracking": {"experiment": spec.experiment, "tracking_uri": spec.tracking_uri()},
     }
     raw = deep_merge(raw, stage.train_config)
     try:
