@@ -1,8 +1,9 @@
 """Time the MSDeformAttn implementations at DINO R50 4-scale shapes.
 
 Batch 2 at 800x1333 gives levels (100, 167), (50, 84), (25, 42), (13, 21): S = 22,223 keys.
-The encoder queries every key (Lq = S); the decoder has 900 + 200 (denoising) queries.
-8 heads x 32 channels, 4 levels x 4 points.
+The encoder queries every key (Lq = S, reference point = the key's own pixel); the decoder has
+900 + 200 (denoising) queries placed anywhere. 8 heads x 32 channels, 4 levels x 4 points,
+sampling offsets of a few pixels (normal, sigma 2 px of each level).
 
     python benchmarks/bench_msda.py --device cpu
     python benchmarks/bench_msda.py --device cuda --dtype bfloat16
@@ -62,10 +63,19 @@ def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int = 0) -> T
     keys = int(areas.sum())
     num_levels = len(case.levels)
     value = torch.randn(case.batch, keys, case.heads, case.channels, generator=gen)
-    # Reference points plus small offsets, as the model makes them: mostly inside the maps.
-    centres = torch.rand(case.batch, case.queries, 1, 1, 1, 2, generator=gen)
-    offsets = 0.05 * torch.randn(case.batch, case.queries, case.heads, num_levels, case.points, 2, generator=gen)
-    locations = centres + offsets
+    if case.queries == keys:
+        # Encoder: each query's reference point is its own pixel centre, as in DINO's encoder.
+        centres = torch.cat([
+            torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1)
+            .reshape(-1, 2) for h, w in case.levels])
+        centres = centres.expand(case.batch, -1, -1)
+    else:
+        # Decoder: queries (boxes) anywhere in the image.
+        centres = torch.rand(case.batch, case.queries, 2, generator=gen)
+    # Offsets of a few pixels of each level, like a trained model's sampling offsets.
+    pixel = 1.0 / spatial_shapes.flip(-1).float()  # [L, 2] (1/W, 1/H)
+    offsets = 2.0 * torch.randn(case.batch, case.queries, case.heads, num_levels, case.points, 2, generator=gen)
+    locations = centres[:, :, None, None, None, :] + offsets * pixel[:, None, :]
     weights = torch.rand(case.batch, case.queries, case.heads, num_levels * case.points, generator=gen).softmax(-1)
     weights = weights.view(case.batch, case.queries, case.heads, num_levels, case.points)
     coord_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,13 +1,15 @@
 // CPU kernels for multi-scale deformable attention (float32 and float64).
 //
 // Forward: parallel over (batch, query); each sampling point's bilinear footprint (four corner rows
-// and weights) is computed once and applied to all D channels in one vectorisable loop.
+// and weights) is computed once, its rows prefetched, and applied to all D channels in one
+// vectorisable loop.
 // Backward: parallel over (batch, head), so every thread owns the slice grad_value[n, :, m, :] it
 // scatters into: no atomics and a deterministic result.
 #include "ms_deform_attn.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -87,41 +89,96 @@ Levels read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_sta
   return levels;
 }
 
+// Prefetching every corner row of a head's points before using any of them lets the loads,
+// which are scattered over the value tensor, overlap instead of stalling one point at a time.
+#if defined(__GNUC__) || defined(__clang__)
+#define DINO_PREFETCH(ptr) __builtin_prefetch((ptr))
+#else
+#define DINO_PREFETCH(ptr) ((void)0)
+#endif
+
+// A point's corners resolved to row pointers: rows outside the map point at a zero row (reads)
+// or a scratch row (gradient writes) and carry weight zero.
+template <typename scalar_t>
+struct CornerRows {
+  int64_t point;             // index into sampling_locations / attention_weights
+  const scalar_t* value[4];
+  scalar_t* grad[4];         // backward only
+  scalar_t weight[4];        // bilinear weight (backward) or bilinear x attention weight (forward)
+  scalar_t fx, fy, attention, width, height;
+};
+
+// Fills rows[] with the points of one (batch, query, head) that touch the map; returns how many.
+template <typename scalar_t>
+int64_t resolve_points(
+    const Levels& levels, const scalar_t* locations, const scalar_t* weights, int64_t point_base,
+    int64_t num_levels, int64_t num_points, const scalar_t* head_value, scalar_t* head_grad, int64_t row_stride,
+    int64_t channels, const scalar_t* zeros, scalar_t* scratch, bool fold_attention, CornerRows<scalar_t>* rows) {
+  int64_t used = 0;
+  for (int64_t l = 0; l < num_levels; ++l) {
+    for (int64_t p = 0; p < num_points; ++p) {
+      const int64_t point = point_base + l * num_points + p;
+      Footprint<scalar_t> fp;
+      if (!bilinear_footprint(locations[2 * point], locations[2 * point + 1], levels.height[l], levels.width[l],
+                              levels.start[l], fp)) {
+        continue;
+      }
+      CornerRows<scalar_t>& r = rows[used++];
+      r.point = point;
+      r.attention = weights[point];
+      r.fx = fp.fx;
+      r.fy = fp.fy;
+      r.width = static_cast<scalar_t>(levels.width[l]);
+      r.height = static_cast<scalar_t>(levels.height[l]);
+      for (int k = 0; k < 4; ++k) {
+        r.weight[k] = fold_attention ? r.attention * fp.weight[k] : fp.weight[k];
+        if (fp.index[k] >= 0) {
+          r.value[k] = head_value + fp.index[k] * row_stride;
+          DINO_PREFETCH(r.value[k]);
+          DINO_PREFETCH(r.value[k] + channels - 1);
+          // (Prefetching the gradient rows for writing as well measured no faster.)
+          r.grad[k] = head_grad != nullptr ? head_grad + fp.index[k] * row_stride : nullptr;
+        } else {
+          r.value[k] = zeros;
+          r.grad[k] = scratch;
+        }
+      }
+    }
+  }
+  return used;
+}
+
 template <typename scalar_t>
 void forward_kernel(
     const scalar_t* value, const Levels& levels, const scalar_t* locations, const scalar_t* weights,
     scalar_t* output, int64_t batch, int64_t num_keys, int64_t num_heads, int64_t channels,
     int64_t num_queries, int64_t num_levels, int64_t num_points) {
   const int64_t row_stride = num_heads * channels;  // elements between neighbouring keys
+  const int64_t points_per_head = num_levels * num_points;
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, num_heads * num_levels * num_points));
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, num_heads * points_per_head));
   at::parallel_for(0, batch * num_queries, grain, [&](int64_t begin, int64_t end) {
+    std::vector<CornerRows<scalar_t>> rows(points_per_head);
     for (int64_t nq = begin; nq < end; ++nq) {
       const int64_t n = nq / num_queries;
       for (int64_t m = 0; m < num_heads; ++m) {
         const scalar_t* head_value = value + n * num_keys * row_stride + m * channels;
-        const int64_t point_base = (nq * num_heads + m) * num_levels * num_points;
+        const int64_t used = resolve_points(levels, locations, weights, (nq * num_heads + m) * points_per_head,
+                                            num_levels, num_points, head_value, static_cast<scalar_t*>(nullptr),
+                                            row_stride, channels, zeros.data(), static_cast<scalar_t*>(nullptr),
+                                            /*fold_attention=*/true, rows.data());
         scalar_t* __restrict__ out = output + (nq * num_heads + m) * channels;
         std::fill(out, out + channels, scalar_t(0));
-        for (int64_t l = 0; l < num_levels; ++l) {
-          for (int64_t p = 0; p < num_points; ++p) {
-            const int64_t point = point_base + l * num_points + p;
-            Footprint<scalar_t> fp;
-            if (!bilinear_footprint(locations[2 * point], locations[2 * point + 1], levels.height[l],
-                                    levels.width[l], levels.start[l], fp)) {
-              continue;
-            }
-            const scalar_t a = weights[point];
-            const scalar_t w0 = a * fp.weight[0], w1 = a * fp.weight[1];
-            const scalar_t w2 = a * fp.weight[2], w3 = a * fp.weight[3];
-            const scalar_t* __restrict__ r0 = fp.index[0] >= 0 ? head_value + fp.index[0] * row_stride : zeros.data();
-            const scalar_t* __restrict__ r1 = fp.index[1] >= 0 ? head_value + fp.index[1] * row_stride : zeros.data();
-            const scalar_t* __restrict__ r2 = fp.index[2] >= 0 ? head_value + fp.index[2] * row_stride : zeros.data();
-            const scalar_t* __restrict__ r3 = fp.index[3] >= 0 ? head_value + fp.index[3] * row_stride : zeros.data();
+        for (int64_t i = 0; i < used; ++i) {
+          const CornerRows<scalar_t>& r = rows[i];
+          const scalar_t w0 = r.weight[0], w1 = r.weight[1], w2 = r.weight[2], w3 = r.weight[3];
+          const scalar_t* __restrict__ v0 = r.value[0];
+          const scalar_t* __restrict__ v1 = r.value[1];
+          const scalar_t* __restrict__ v2 = r.value[2];
+          const scalar_t* __restrict__ v3 = r.value[3];
 #pragma omp simd
-            for (int64_t c = 0; c < channels; ++c) {
-              out[c] += w0 * r0[c] + w1 * r1[c] + w2 * r2[c] + w3 * r3[c];
-            }
+          for (int64_t c = 0; c < channels; ++c) {
+            out[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
           }
         }
       }
@@ -136,10 +193,12 @@ void backward_kernel(
     int64_t batch, int64_t num_keys, int64_t num_heads, int64_t channels, int64_t num_queries,
     int64_t num_levels, int64_t num_points) {
   const int64_t row_stride = num_heads * channels;
+  const int64_t points_per_head = num_levels * num_points;
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
   at::parallel_for(0, batch * num_heads, 1, [&](int64_t begin, int64_t end) {
     // Corners outside the map scatter into this scratch row, which is never read.
     std::vector<scalar_t> scratch(channels, scalar_t(0));
+    std::vector<CornerRows<scalar_t>> rows(points_per_head);
     for (int64_t nm = begin; nm < end; ++nm) {
       const int64_t n = nm / num_heads;
       const int64_t m = nm % num_heads;
@@ -147,51 +206,42 @@ void backward_kernel(
       scalar_t* head_grad_value = grad_value + n * num_keys * row_stride + m * channels;
       for (int64_t q = 0; q < num_queries; ++q) {
         const int64_t nqm = (n * num_queries + q) * num_heads + m;
+        const int64_t used = resolve_points(levels, locations, weights, nqm * points_per_head, num_levels,
+                                            num_points, head_value, head_grad_value, row_stride, channels,
+                                            zeros.data(), scratch.data(), /*fold_attention=*/false, rows.data());
         const scalar_t* __restrict__ go = grad_output + nqm * channels;
-        const int64_t point_base = nqm * num_levels * num_points;
-        for (int64_t l = 0; l < num_levels; ++l) {
-          const scalar_t width = static_cast<scalar_t>(levels.width[l]);
-          const scalar_t height = static_cast<scalar_t>(levels.height[l]);
-          for (int64_t p = 0; p < num_points; ++p) {
-            const int64_t point = point_base + l * num_points + p;
-            Footprint<scalar_t> fp;
-            if (!bilinear_footprint(locations[2 * point], locations[2 * point + 1], levels.height[l],
-                                    levels.width[l], levels.start[l], fp)) {
-              grad_weights[point] = scalar_t(0);
-              grad_locations[2 * point] = scalar_t(0);
-              grad_locations[2 * point + 1] = scalar_t(0);
-              continue;
-            }
-            const scalar_t a = weights[point];
-            const scalar_t w0 = fp.weight[0], w1 = fp.weight[1], w2 = fp.weight[2], w3 = fp.weight[3];
-            const scalar_t aw0 = a * w0, aw1 = a * w1, aw2 = a * w2, aw3 = a * w3;
-            const scalar_t fx = fp.fx, fy = fp.fy, gx = scalar_t(1) - fx, gy = scalar_t(1) - fy;
-            const scalar_t* __restrict__ r0 = fp.index[0] >= 0 ? head_value + fp.index[0] * row_stride : zeros.data();
-            const scalar_t* __restrict__ r1 = fp.index[1] >= 0 ? head_value + fp.index[1] * row_stride : zeros.data();
-            const scalar_t* __restrict__ r2 = fp.index[2] >= 0 ? head_value + fp.index[2] * row_stride : zeros.data();
-            const scalar_t* __restrict__ r3 = fp.index[3] >= 0 ? head_value + fp.index[3] * row_stride : zeros.data();
-            scalar_t* g0 = fp.index[0] >= 0 ? head_grad_value + fp.index[0] * row_stride : scratch.data();
-            scalar_t* g1 = fp.index[1] >= 0 ? head_grad_value + fp.index[1] * row_stride : scratch.data();
-            scalar_t* g2 = fp.index[2] >= 0 ? head_grad_value + fp.index[2] * row_stride : scratch.data();
-            scalar_t* g3 = fp.index[3] >= 0 ? head_grad_value + fp.index[3] * row_stride : scratch.data();
-            scalar_t d_weight = 0, d_x = 0, d_y = 0;
-            // The four corners are distinct rows (or the scratch row), so lanes never overlap.
+        for (int64_t i = 0; i < used; ++i) {
+          const CornerRows<scalar_t>& r = rows[i];
+          const scalar_t a = r.attention;
+          const scalar_t w0 = r.weight[0], w1 = r.weight[1], w2 = r.weight[2], w3 = r.weight[3];
+          const scalar_t aw0 = a * w0, aw1 = a * w1, aw2 = a * w2, aw3 = a * w3;
+          const scalar_t fx = r.fx, fy = r.fy, gx = scalar_t(1) - fx, gy = scalar_t(1) - fy;
+          const scalar_t* __restrict__ v0 = r.value[0];
+          const scalar_t* __restrict__ v1 = r.value[1];
+          const scalar_t* __restrict__ v2 = r.value[2];
+          const scalar_t* __restrict__ v3 = r.value[3];
+          scalar_t* g0 = r.grad[0];
+          scalar_t* g1 = r.grad[1];
+          scalar_t* g2 = r.grad[2];
+          scalar_t* g3 = r.grad[3];
+          scalar_t d_weight = 0, d_x = 0, d_y = 0;
+          // The four corners are distinct rows (or the shared scratch row, whose content is
+          // never read), so vector lanes never overlap.
 #pragma omp simd reduction(+ : d_weight, d_x, d_y)
-            for (int64_t c = 0; c < channels; ++c) {
-              const scalar_t g = go[c];
-              const scalar_t v0 = r0[c], v1 = r1[c], v2 = r2[c], v3 = r3[c];
-              d_weight += g * (w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3);
-              d_x += g * ((v1 - v0) * gy + (v3 - v2) * fy);
-              d_y += g * ((v2 - v0) * gx + (v3 - v1) * fx);
-              g0[c] += aw0 * g;
-              g1[c] += aw1 * g;
-              g2[c] += aw2 * g;
-              g3[c] += aw3 * g;
-            }
-            grad_weights[point] = d_weight;
-            grad_locations[2 * point] = a * width * d_x;
-            grad_locations[2 * point + 1] = a * height * d_y;
+          for (int64_t c = 0; c < channels; ++c) {
+            const scalar_t g = go[c];
+            const scalar_t x0 = v0[c], x1 = v1[c], x2 = v2[c], x3 = v3[c];
+            d_weight += g * (w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3);
+            d_x += g * ((x1 - x0) * gy + (x3 - x2) * fy);
+            d_y += g * ((x2 - x0) * gx + (x3 - x1) * fx);
+            g0[c] += aw0 * g;
+            g1[c] += aw1 * g;
+            g2[c] += aw2 * g;
+            g3[c] += aw3 * g;
           }
+          grad_weights[r.point] = d_weight;
+          grad_locations[2 * r.point] = a * r.width * d_x;
+          grad_locations[2 * r.point + 1] = a * r.height * d_y;
         }
       }
     }
@@ -225,8 +275,9 @@ std::vector<at::Tensor> backward_cpu(
   const int64_t num_points = sampling_locations.size(4);
   const Levels levels = read_levels(spatial_shapes, level_start_index, num_keys);
   auto grad_value = at::zeros_like(value);
-  auto grad_locations = at::empty_like(sampling_locations);
-  auto grad_weights = at::empty_like(attention_weights);
+  // Zero-filled: points that miss every map are skipped by the kernel.
+  auto grad_locations = at::zeros_like(sampling_locations);
+  auto grad_weights = at::zeros_like(attention_weights);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(
         value.data_ptr<scalar_t>(), levels, sampling_locations.data_ptr<scalar_t>(),
