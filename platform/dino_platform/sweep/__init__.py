@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the training job (``spec``: the YAML declaration; ``tuner``: running it)."""

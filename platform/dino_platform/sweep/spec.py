@@ -1,0 +1,312 @@
+"""A sweep's declaration: base training config, search space, scheduler, budget, registry gate.
+
+    name: sweep_coco_ft
+    output_root: ./runs/sweeps              # Tune's experiment lives at <output_root>/<name>
+    tracking: {uri: null, experiment: sweep_coco_ft}
+    train: {...}                            # a TrainConfig (dino train's YAML) without run/tracking
+    search_space:                           # dotted TrainConfig fields -> one distribution each
+      optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
+      model.overrides.dn_number: {choice: [0, 50, 100]}
+      model.overrides.num_queries: {randint: [50, 300]}      # both ends included
+    scheduler: {kind: asha, metric: eval/AP, mode: max, grace_period: 1, reduction_factor: 2}
+    budget: {num_samples: 16, max_concurrent: 4, trial_cpus: 0.1, seed: 0}
+    register: {model_name: dino-coco, alias: champion, eval_data: <shards uri>}
+
+Errors name the field (``search_space.optim.lr: loguniform needs 0 < low < high``).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+
+from dino_platform.errors import ConfigError
+from dino_platform.train.config import TrainConfig, _apply_override, load_config
+
+DOMAIN_KINDS = ("loguniform", "uniform", "choice", "randint")
+# fields the sweep sets itself for every trial
+RESERVED = ("run.name", "run.storage_path", "tracking.tracking_uri", "tracking.experiment", "tracking.enabled")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One search dimension: ``loguniform``/``uniform`` [low, high], ``randint`` [low, high] (inclusive), ``choice``."""
+
+    kind: str
+    values: tuple
+
+    def to_tune(self):
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.kind == "uniform":
+            return tune.uniform(*self.values)
+        if self.kind == "randint":
+            return tune.randint(self.values[0], self.values[1] + 1)  # Tune's upper bound is exclusive
+        return tune.choice(list(self.values))
+
+    def extremes(self) -> List[Any]:
+        """Values that together exercise the field's type and range checks."""
+        return list(self.values) if self.kind == "choice" else [self.values[0], self.values[1]]
+
+
+@dataclass
+class SchedulerSpec:
+    kind: Literal["asha", "fifo"] = "asha"
+    metric: str = "eval/AP"
+    mode: Literal["max", "min"] = "max"
+    # counted in epochs (the ``epoch`` every training report carries); max_t defaults to optim.epochs
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_t: Optional[int] = None
+
+
+@dataclass
+class BudgetSpec:
+    num_samples: int = 8
+    max_concurrent: int = 2
+    # the trial's own process (it only drives a TorchTrainer); workers ask for train.scaling's resources
+    trial_cpus: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class RegisterSpec:
+    enabled: bool = True
+    model_name: str = "dino-coco"
+    alias: str = "champion"
+    # shards the best checkpoint is evaluated on; None: the training config's data.eval_uri
+    eval_data: Optional[str] = None
+    eval_workers: int = 1
+    eval_cpus_per_worker: float = 0.5
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    output_root: str
+    train: Dict[str, Any]
+    search_space: Dict[str, Domain]
+    tracking_uri: Optional[str] = None
+    experiment: str = "sweep"
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    register: RegisterSpec = field(default_factory=RegisterSpec)
+    # smoke runs: {train: {images, seed, size}, val: {...}}: synthetic COCO-like images (dino synth),
+    # ingested into train.data.train_uri / eval_uri when those hold no shards yet
+    synth: Optional[Dict[str, Any]] = None
+    ray: Dict[str, Any] = field(default_factory=dict)
+    source: str = "spec"
+
+    @property
+    def sweep_dir(self) -> str:
+        return f"{self.output_root.rstrip('/')}/{self.name}"
+
+    def base_config(self) -> TrainConfig:
+        return load_config(copy.deepcopy(self.train))
+
+    @property
+    def max_epochs(self) -> int:
+        return self.scheduler.max_t or self.base_config().optim.epochs
+
+
+_TOP = {"name", "description", "output_root", "tracking", "train", "search_space", "scheduler", "budget",
+        "register", "synth", "ray", "presets"}
+
+
+def load_sweep_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = None,
+                    overrides: Optional[List[str]] = None) -> SweepSpec:
+    """Read the YAML, apply a preset (deep merge) and ``a.b=value`` overrides, validate everything."""
+    if isinstance(source, dict):
+        raw, origin = copy.deepcopy(source), "spec"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: sweep spec not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        origin = str(path)
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError("expected a mapping at the top level")
+        presets = raw.pop("presets", None) or {}
+        if preset is not None:
+            if preset not in presets:
+                raise ConfigError(f"preset {preset!r} is not defined; available: {', '.join(sorted(presets)) or 'none'}")
+            raw = _merge(raw, presets[preset])
+        for item in overrides or []:
+            _apply_override(raw, item)
+        spec = _build(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    spec.source = origin
+    return spec
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "search_space":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)  # a preset's search_space replaces the whole space
+    return out
+
+
+def _build(raw: Dict[str, Any]) -> SweepSpec:
+    unknown = sorted(set(raw) - _TOP)
+    if unknown:
+        raise ConfigError(f"unknown field {unknown[0]}; allowed: {', '.join(sorted(_TOP - {'presets'}))}")
+    for key in ("name", "output_root", "train", "search_space"):
+        if not raw.get(key):
+            raise ConfigError(f"{key}: required")
+    if not isinstance(raw["train"], dict):
+        raise ConfigError("train: expected a mapping (a dino train config)")
+    tracking = raw.get("tracking") or {}
+    if set(tracking) - {"uri", "experiment"}:
+        raise ConfigError(f"tracking.{sorted(set(tracking) - {'uri', 'experiment'})[0]}: unknown; allowed: uri, experiment")
+    spec = SweepSpec(
+        name=_text(raw["name"], "name"), output_root=_text(raw["output_root"], "output_root"),
+        train=copy.deepcopy(raw["train"]), search_space=parse_search_space(raw["search_space"]),
+        tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment") or raw["name"],
+        scheduler=_section(SchedulerSpec, raw.get("scheduler"), "scheduler"),
+        budget=_section(BudgetSpec, raw.get("budget"), "budget"),
+        register=_section(RegisterSpec, raw.get("register"), "register"),
+        synth=raw.get("synth"), ray=dict(raw.get("ray") or {}),
+    )
+    _validate(spec)
+    return spec
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Any, prefix: str) -> Any:
+    from dino_platform.train.config import parse_section
+
+    return parse_section(cls, raw or {}, prefix)
+
+
+def parse_search_space(raw: Any) -> Dict[str, Domain]:
+    """``{"optim.lr": {"loguniform": [1e-5, 1e-3]}}`` -> ``{"optim.lr": Domain(...)}``; errors name the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search_space: expected a mapping of dotted training fields to distributions, got {raw!r}")
+    space: Dict[str, Domain] = {}
+    for key, body in raw.items():
+        name = f"search_space.{key}"
+        _check_field_path(str(key), name)
+        if not isinstance(body, dict) or len(body) != 1 or next(iter(body)) not in DOMAIN_KINDS:
+            raise ConfigError(f"{name}: expected one of {{{': [...]}, {'.join(DOMAIN_KINDS)}: [...]}}, got {body!r}")
+        kind, values = next(iter(body.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{name}: {kind} needs a non-empty list, got {values!r}")
+        if kind != "choice":
+            values = [_number(v, name) for v in values]
+            if len(values) != 2:
+                raise ConfigError(f"{name}: {kind} needs [low, high], got {values!r}")
+            low, high = values
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{name}: randint needs integer bounds, got {values!r}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{name}: loguniform needs 0 < low < high, got {values!r}")
+            if not low < high:
+                raise ConfigError(f"{name}: {kind} needs low < high, got {values!r}")
+        space[str(key)] = Domain(kind, tuple(values))
+    if not space:
+        raise ConfigError("search_space: at least one field to search is required")
+    return space
+
+
+def _number(value: Any, name: str) -> Union[int, float]:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    return value
+
+
+def _check_field_path(key: str, name: str) -> None:
+    """``key`` must be a leaf of TrainConfig, or ``model.overrides.<DinoConfig field>``."""
+    if key in RESERVED:
+        raise ConfigError(f"{name}: set by the sweep for every trial; it cannot be searched")
+    parts = key.split(".")
+    if parts[:2] == ["model", "overrides"] and len(parts) == 3:
+        from dino_core.presets import DinoConfig
+
+        allowed = [f.name for f in dataclasses.fields(DinoConfig)]
+        if parts[2] not in allowed:
+            raise ConfigError(f"{name}: {parts[2]!r} is not a dino_core model option; allowed: {', '.join(allowed)}")
+        return
+    cls: Any = TrainConfig
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{name}: {'.'.join(parts[:depth])} is not a section")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the training config"
+            raise ConfigError(f"{name}: no field {part!r} in {where}; allowed: {', '.join(fields)}")
+        cls = typing.get_type_hints(cls)[part]
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{name}: a section, not a field; search one of its fields, e.g. {key}.{dataclasses.fields(cls)[0].name}")
+
+
+def apply_values(train: Dict[str, Any], values: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of the raw training config with each dotted field set to its sampled value."""
+    raw = copy.deepcopy(train)
+    for key, value in values.items():
+        node = raw
+        for part in key.split(".")[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[key.split(".")[-1]] = value
+    return raw
+
+
+def _validate(spec: SweepSpec) -> None:
+    b, s = spec.budget, spec.scheduler
+    for name, value in (("budget.num_samples", b.num_samples), ("budget.max_concurrent", b.max_concurrent),
+                        ("scheduler.grace_period", s.grace_period)):
+        if value < 1:
+            raise ConfigError(f"{name}: {value} must be >= 1")
+    if b.trial_cpus < 0:
+        raise ConfigError(f"budget.trial_cpus: {b.trial_cpus} must be >= 0")
+    if s.reduction_factor < 2:
+        raise ConfigError(f"scheduler.reduction_factor: {s.reduction_factor} must be >= 2")
+    for key in RESERVED:
+        section, leaf = key.split(".")
+        if leaf in (spec.train.get(section) or {}) and key != "run.storage_path":
+            raise ConfigError(f"train.{key}: set by the sweep for every trial; remove it")
+    try:
+        base = spec.base_config()
+    except ConfigError as exc:
+        raise ConfigError(f"train: {exc}") from None
+    # every searched value must give a valid training config (types, ranges, model options)
+    for key, domain in spec.search_space.items():
+        for value in domain.extremes():
+            try:
+                cfg = load_config(apply_values(spec.train, {key: value}))
+                if key.startswith("model.overrides."):
+                    from dino_core.presets import get_config
+
+                    get_config(cfg.model.preset, **cfg.model.overrides)
+            except (ConfigError, ValueError, TypeError) as exc:
+                raise ConfigError(f"search_space.{key}: value {value!r} gives an invalid training config ({exc})") from None
+    if s.metric.startswith("eval/") and not (base.data.eval_uri or spec.synth):
+        raise ConfigError(f"scheduler.metric: {s.metric} needs evaluation during training; set train.data.eval_uri")
+    if s.max_t is not None and s.max_t < s.grace_period:
+        raise ConfigError(f"scheduler.max_t: {s.max_t} must be >= grace_period {s.grace_period}")

@@ -1,0 +1,340 @@
+"""Running a sweep: a Ray Tune ``Tuner`` whose trials each train a ``TorchTrainer`` (Ray Train V2).
+
+Ray 2.60's Train V2 no longer accepts a trainer as a Tune trainable; a trial is a function that
+builds and ``fit()``s the ``TorchTrainer`` itself (``train.trainer.run_training``), with Tune's
+``TuneReportCallback`` forwarding rank 0's reports (loss, ``eval/AP`` ..., ``epoch``, and the
+checkpoint path) to Tune, where ASHA decides on them. The trial's workers ask the cluster for
+``train.scaling``'s resources; the trial process itself holds only ``budget.trial_cpus``.
+
+MLflow: the sweep has one parent run; each trial's training run is created beforehand with
+``mlflow.parentRunId`` (so it nests) and the training job continues it (found by its run key).
+
+Re-running the same sweep finds ``<output_root>/<name>`` and resumes it with ``Tuner.restore``:
+finished trials stay finished, unfinished ones restart from their last training checkpoint.
+The best trial's latest evaluated checkpoint is then evaluated on ``register.eval_data`` and
+registered; the alias (``champion``) moves only when its AP beats the holder's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from dino_platform.errors import DataError
+from dino_platform.storage import resolve
+from dino_platform.sweep.spec import SweepSpec, apply_values
+from dino_platform.tracking import RUN_KEY_TAG
+
+log = logging.getLogger("dino.sweep")
+
+SWEEP_KEY_TAG = "dino.sweep_key"
+TRIAL_TAG = "dino.sweep_trial"
+CHECKPOINT_KEY = "checkpoint_path"  # added to reported metrics by TuneReportCallback
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    config: Dict[str, Any]
+    epochs: int  # epochs completed (the last reported ``epoch``)
+    best_metric: Optional[float]  # best scheduler metric over its evaluations
+    checkpoint: Optional[str]  # latest checkpoint that carried the scheduler metric
+    checkpoint_metric: Optional[float]
+    status: str
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: str
+    parent_run_id: str
+    tracking_uri: str
+    trials: List[TrialSummary]
+    best: Optional[TrialSummary]
+    evaluation: Optional[Dict[str, float]]
+    registration: Optional[Dict[str, Any]]
+    restored: bool
+
+    def summary(self) -> str:
+        lines = [f"sweep {self.sweep_dir}: {len(self.trials)} trials{' (restored)' if self.restored else ''}; "
+                 f"MLflow parent run {self.parent_run_id}"]
+        for t in self.trials:
+            lines.append(f"  {t.trial_id}: {t.status}, {t.epochs} epochs, best {t.best_metric}, {t.config}")
+        if self.best is not None:
+            lines.append(f"best trial {self.best.trial_id}: checkpoint {self.best.checkpoint}")
+        if self.registration is not None:
+            lines.append(f"registry: {self.registration['decision']}")
+        return "\n".join(lines)
+
+
+def run_sweep(spec: SweepSpec) -> SweepOutcome:
+    """Run (or resume) the sweep, then evaluate and register its best checkpoint."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    # progress reports between evaluations carry no eval/AP: only the scheduler needs it (ASHA skips those)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, **spec.ray)
+    _prepare_synthetic_data(spec)
+    tracking_uri = _tracking_uri(spec)
+    parent_run_id = _parent_run(spec, tracking_uri)
+    storage = resolve(spec.output_root)
+    # absolute locations: a Tune trial runs in its own working directory
+    train = apply_values(spec.train, {key: resolve(uri).uri for key, uri in (
+        ("data.train_uri", (spec.train.get("data") or {}).get("train_uri")),
+        ("data.eval_uri", (spec.train.get("data") or {}).get("eval_uri")),
+        ("model.init_from", (spec.train.get("model") or {}).get("init_from"))) if uri})
+    trainable = tune.with_resources(
+        partial(train_trial, train=train, trials_root=resolve(f"{spec.sweep_dir}/trials").uri, tracking_uri=tracking_uri,
+                experiment=spec.experiment, parent_run_id=parent_run_id),
+        {"cpu": spec.budget.trial_cpus})
+    sweep_location = storage.child(spec.name)
+    restore_path = sweep_location.uri if "://" in sweep_location.uri else str(Path(sweep_location.path).resolve())
+    restored = tune.Tuner.can_restore(restore_path, storage_filesystem=storage.fs)
+    if restored:
+        log.info("sweep %s: resuming the experiment found at %s", spec.name, restore_path)
+        tuner = tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True,
+                                   storage_filesystem=storage.fs)
+    else:
+        s = spec.scheduler
+        if s.kind == "asha":
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs, grace_period=s.grace_period,
+                                      reduction_factor=s.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: domain.to_tune() for key, domain in spec.search_space.items()},
+            tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler,
+                                        num_samples=spec.budget.num_samples,
+                                        max_concurrent_trials=spec.budget.max_concurrent,
+                                        search_alg=BasicVariantGenerator(random_state=spec.budget.seed)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage.path, storage_filesystem=storage.fs),
+        )
+    results = tuner.fit()
+    trials = [_summarise(result, spec) for result in results]
+    best = _best(trials, spec.scheduler.mode)
+    outcome = SweepOutcome(sweep_dir=spec.sweep_dir, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
+                           trials=trials, best=best, evaluation=None, registration=None, restored=restored)
+    if best is None:
+        _close_parent(tracking_uri, parent_run_id, "FAILED")
+        raise DataError(f"sweep {spec.name}: no trial produced a checkpoint with {spec.scheduler.metric}; "
+                        f"see the trial logs under {spec.sweep_dir}")
+    if spec.register.enabled:
+        outcome.evaluation, outcome.registration = evaluate_and_register(spec, best, tracking_uri, parent_run_id)
+    _close_parent(tracking_uri, parent_run_id, "FINISHED", trials, best)
+    log.info("%s", outcome.summary())
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# one trial (runs in a Tune trial process)
+
+
+def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str, tracking_uri: str,
+                experiment: str, parent_run_id: str) -> None:
+    """Train one sampled configuration; reports reach Tune through ``TuneReportCallback``."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from dino_platform.train.config import flat_params, load_config
+    from dino_platform.train.trainer import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    raw = apply_values(train, values)
+    raw["run"] = {**(raw.get("run") or {}), "name": f"trial_{trial_id}", "storage_path": trials_root}
+    raw["tracking"] = {**(raw.get("tracking") or {}), "tracking_uri": tracking_uri, "experiment": experiment,
+                       "enabled": True}
+    cfg = load_config(raw)
+    run_key = resolve(trials_root).child(cfg.run.name).uri  # the key run_training's tracking looks up
+    _nested_trial_run(tracking_uri, experiment, run_key, cfg.run.name, parent_run_id, trial_id, values,
+                      flat_params(cfg), cfg.to_yaml())
+    run_training(cfg, callbacks=[TuneReportCallback()])
+
+
+def _nested_trial_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, parent_run_id: str,
+                      trial_id: str, values: Dict[str, Any], params: Dict[str, str], config_yaml: str) -> str:
+    """Create the trial's MLflow run under the sweep's run (once); the training job then continues it."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    escaped = run_key.replace("'", "\\'")
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
+    if existing:
+        return existing[0].info.run_id
+    tags = {RUN_KEY_TAG: run_key, "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id,
+            **{f"sweep.{k}": str(v) for k, v in values.items()}}
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# results, gate
+
+
+def _summarise(result, spec: SweepSpec) -> TrialSummary:
+    metric = spec.scheduler.metric
+    frame = result.metrics_dataframe
+    rows = frame.to_dict("records") if frame is not None else []
+    evaluated = [r for r in rows if _finite(r.get(metric))]
+    with_checkpoint = [r for r in evaluated if r.get(CHECKPOINT_KEY)]
+    last = with_checkpoint[-1] if with_checkpoint else None
+    sign = 1 if spec.scheduler.mode == "max" else -1
+    best_metric = max((sign * r[metric] for r in evaluated), default=None)
+    trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
+    config = {k: v for k, v in (result.config or {}).items()}
+    return TrialSummary(
+        trial_id=trial_id, config=config,
+        epochs=int(max((r.get("epoch") or 0 for r in rows), default=0)),
+        best_metric=None if best_metric is None else sign * best_metric,
+        checkpoint=last[CHECKPOINT_KEY] if last else None,
+        checkpoint_metric=float(last[metric]) if last else None,
+        status="ERROR" if result.error else "TERMINATED")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _best(trials: List[TrialSummary], mode: str) -> Optional[TrialSummary]:
+    """The trial whose latest kept checkpoint scored best (the checkpoint that will be registered)."""
+    candidates = [t for t in trials if t.checkpoint and t.checkpoint_metric is not None]
+    if not candidates:
+        return None
+    pick = max if mode == "max" else min
+    return pick(candidates, key=lambda t: t.checkpoint_metric)
+
+
+def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str, parent_run_id: str):
+    """The pipelines' gate: COCO evaluation (its own MLflow run) -> registry version -> alias if better."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from dino_platform.data.manifest import read_manifest
+    from dino_platform.evaluation.runner import run_evaluation
+    from dino_platform.registry.models import git_commit, register_evaluated
+    from dino_platform.train.checkpoint import read_train_config
+
+    base = spec.base_config()
+    data_uri = spec.register.eval_data or base.data.eval_uri
+    if not data_uri:
+        raise DataError("register.eval_data: no evaluation data (set it or train.data.eval_uri)")
+    recorded = read_train_config(best.checkpoint) or {}
+    model = {k: recorded["model"][k] for k in ("preset", "num_classes", "overrides")}
+    transform = (recorded.get("data") or {}).get("transform") or {}
+    result = run_evaluation(best.checkpoint, data_uri, num_workers=spec.register.eval_workers,
+                            batch_size=base.eval.batch_size, max_detections=base.eval.max_detections,
+                            model=model, transform=transform,
+                            cpus_per_worker=spec.register.eval_cpus_per_worker)
+    stats = result["stats"]
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(spec.experiment).experiment_id
+    eval_run = client.create_run(experiment_id, run_name=f"evaluate-best-{best.trial_id}", tags={
+        "mlflow.parentRunId": parent_run_id, "checkpoint": best.checkpoint, "data": data_uri,
+        "dino.sweep_stage": "evaluate", TRIAL_TAG: best.trial_id})
+    run_id = eval_run.info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
+    client.log_dict(run_id, result, "coco_eval.json")
+    client.set_terminated(run_id)
+    categories = read_manifest(data_uri).categories
+    tags = {"sweep": spec.name, "sweep_run": parent_run_id, "sweep_trial": best.trial_id, "git_commit": git_commit(),
+            **{f"sweep.{k}": str(v) for k, v in best.config.items()}}
+    registration = register_evaluated(tracking_uri, spec.register.model_name, spec.register.alias, run_id,
+                                      best.checkpoint, model, transform, categories, stats, tags)
+    return stats, {"name": registration.name, "version": registration.version, "alias": registration.alias,
+                   "promoted": registration.promoted, "champion_version": registration.champion_version,
+                   "decision": registration.decision, "eval_run_id": run_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking and data
+
+
+def _tracking_uri(spec: SweepSpec) -> str:
+    from dino_platform.tracking import resolve_tracking_uri
+
+    local = Path(spec.sweep_dir) if "://" not in spec.sweep_dir else Path("runs") / spec.name
+    return resolve_tracking_uri(spec.tracking_uri, local)
+
+
+def _parent_run(spec: SweepSpec, tracking_uri: str) -> str:
+    """The sweep's MLflow run (found again by its key when the sweep resumes)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(spec.experiment)
+    if found is None:
+        location = None
+        if tracking_uri.startswith("sqlite:") and "://" not in spec.sweep_dir:
+            location = (Path(spec.sweep_dir) / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(spec.experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    key = resolve(spec.sweep_dir).uri.replace("'", "\\'")
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'", max_results=1)
+    if existing:
+        client.update_run(existing[0].info.run_id, status="RUNNING")
+        return existing[0].info.run_id
+    run = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_KEY_TAG: resolve(spec.sweep_dir).uri})
+    run_id = run.info.run_id
+    client.log_dict(run_id, {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
+                             "scheduler": spec.scheduler.__dict__, "budget": spec.budget.__dict__,
+                             "train": spec.train}, "sweep.json")
+    for name, value in (("scheduler", spec.scheduler.kind), ("metric", spec.scheduler.metric),
+                        ("num_samples", spec.budget.num_samples), ("max_concurrent", spec.budget.max_concurrent)):
+        client.log_param(run_id, name, str(value))
+    return run_id
+
+
+def _close_parent(tracking_uri: str, run_id: str, status: str, trials: Optional[List[TrialSummary]] = None,
+                  best: Optional[TrialSummary] = None) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if trials is not None:
+        client.log_dict(run_id, {"trials": [t.__dict__ for t in trials]}, "trials.json")
+        client.set_tag(run_id, "num_trials", str(len(trials)))
+    if best is not None:
+        client.set_tag(run_id, "best_trial", best.trial_id)
+        client.set_tag(run_id, "best_checkpoint", best.checkpoint)
+        client.log_metric(run_id, "best_metric", float(best.checkpoint_metric))
+    client.set_terminated(run_id, status=status)
+
+
+def _prepare_synthetic_data(spec: SweepSpec) -> None:
+    """Smoke presets: write synthetic COCO-like images and ingest them where train.data points."""
+    if not spec.synth:
+        return
+    from dino_platform.data.ingest import IngestConfig, ingest
+    from dino_platform.data.synth import SynthConfig, generate
+
+    data = spec.train.get("data") or {}
+    targets = {"train": data.get("train_uri"), "val": data.get("eval_uri")}
+    for split, options in spec.synth.items():
+        if split not in targets or not targets[split]:
+            raise DataError(f"synth.{split}: expected train or val, each with train.data.train_uri/eval_uri set")
+        out = resolve(targets[split])
+        if out.child("manifest.json").exists():
+            continue
+        raw = f"{spec.sweep_dir}/data/raw/{split}"
+        generate(SynthConfig(kind="coco", images=int(options.get("images", 8)), seed=int(options.get("seed", 0)),
+                             size=tuple(options.get("size", (128, 96)))), raw)
+        ingest(IngestConfig(format="coco", annotations_uri=f"{raw}/annotations.json", images_uri=f"{raw}/images",
+                            out_uri=targets[split], shard_size=int(options.get("shard_size", 8)), parallel=False))
+        log.info("synthetic %s data: %s", split, json.dumps({"images": options.get("images"), "out": out.uri}))
