@@ -241,9 +241,11 @@ def test_cuda_half_precision_close_to_fp32_reference(cuda_kernel, dtype, tol, ch
 def test_cuda_gradcheck_float64(cuda_kernel):
     value, shapes, starts, locations, weights = make_inputs([(5, 7), (3, 2)], batch=2, heads=2, channels=4, queries=4,
                                                             points=2, device="cuda", seed=5)
+    # grad_value is accumulated with atomics, so two backward passes may differ in the last bits.
     assert torch.autograd.gradcheck(
         lambda v, loc, w: cuda_kernel(v, shapes, starts, loc, w),
-        (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_()), eps=1e-6, atol=1e-6)
+        (value.requires_grad_(), locations.requires_grad_(), weights.requires_grad_()), eps=1e-6, atol=1e-6,
+        nondet_tol=1e-12)
 
 
 @gpu
