@@ -179,6 +179,7 @@ def main() -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=max(2, int(args.workers * args.cpus_per_worker)), include_dashboard=False)
+    load_before = os.getloadavg()[0]
     rows = []
     try:
         for mode in args.modes:
@@ -189,16 +190,17 @@ def main() -> None:
             print(json.dumps(result))
     finally:
         ray.shutdown()
-    table = _markdown(rows, args)
+    table = _markdown(rows, args, (load_before, os.getloadavg()[0]))
     print(table)
     if args.record:
         _append(table)
 
 
-def _markdown(rows, args) -> str:
+def _markdown(rows, args, load) -> str:
     device = "GPU" if args.gpu else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     lines = [f"\n### bench_zero.py — {datetime.date.today()} — {device}, {args.workers} workers, {args.preset}, "
-             f"batch {args.batch}/worker, {args.size}x{args.size}, {args.steps} timed steps after {args.warmup} warm-up\n",
+             f"batch {args.batch}/worker, {args.size}x{args.size}, {args.steps} timed steps after {args.warmup} warm-up; "
+             f"host load average {load[0]:.1f} at start, {load[1]:.1f} at end\n",
              "| mode | steps/s | images/s | optimizer state MB/rank | gradients MB/rank | peak RSS MB/rank | job wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -204,9 +204,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint(reference, shards, tmp_
     # only this test session's workers: descendants of the raylet ray_local started
     raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
 
+    def registered(name: str) -> bool:  # Ray Train resumes only from checkpoints every rank reported
+        snapshot = storage / "faulty" / "checkpoint_manager_snapshot.json"
+        return snapshot.exists() and name in snapshot.read_text()
+
     def kill_after_first_checkpoint():
         deadline = time.time() + 600
-        while time.time() < deadline and not (storage / "faulty" / "checkpoint_step0000002" / "train_state.json").exists():
+        while time.time() < deadline and not registered("checkpoint_step0000002"):
             time.sleep(0.2)
         workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
         if workers:
