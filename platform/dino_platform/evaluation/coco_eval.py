@@ -57,7 +57,8 @@ class CocoResult:
         return {
             "stats": self.stats,
             "per_class": [
-                {"category_id": cid, "name": self.category_names.get(cid, str(cid)), "AP": ap}
+                # AP is null for classes without ground truth (pycocotools' -1; strict JSON has no NaN)
+                {"category_id": cid, "name": self.category_names.get(cid, str(cid)), "AP": ap if ap == ap else None}
                 for cid, ap in sorted(self.per_class_ap.items())
             ],
             "num_images": self.num_images,

@@ -86,7 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
     stats = result["stats"]
     print("  ".join(f"{k} {stats[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     for row in result["per_class"]:
-        print(f"  class {row['category_id']:>4} {row['name']:<24} AP {row['AP']:.4f}")
+        if row["AP"] is not None:  # classes without ground truth in this data have no AP
+            print(f"  class {row['category_id']:>4} {row['name']:<24} AP {row['AP']:.4f}")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle)
