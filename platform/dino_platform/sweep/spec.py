@@ -53,7 +53,11 @@ class Domain:
 
     def extremes(self) -> List[Any]:
         """Values that together exercise the field's type and range checks."""
-        return list(self.values) if self.kind == "choice" else [self.values[0], self.values[1]]
+        if self.kind == "choice":
+            return list(self.values)
+        if self.kind == "randint":
+            return [self.values[0], self.values[1]]
+        return [float(self.values[0]), float(self.values[1])]  # Tune samples floats: an integer field rejects them
 
 
 @dataclass
@@ -277,6 +281,10 @@ def apply_values(train: Dict[str, Any], values: Dict[str, Any]) -> Dict[str, Any
     return raw
 
 
+def _inner(exc: Exception) -> str:
+    return str(exc).removeprefix("config: ")  # load_config's origin for a dict; the sweep names its own
+
+
 def _validate(spec: SweepSpec) -> None:
     b, s = spec.budget, spec.scheduler
     for name, value in (("budget.num_samples", b.num_samples), ("budget.max_concurrent", b.max_concurrent),
@@ -294,7 +302,7 @@ def _validate(spec: SweepSpec) -> None:
     try:
         base = spec.base_config()
     except ConfigError as exc:
-        raise ConfigError(f"train: {exc}") from None
+        raise ConfigError(f"train: {_inner(exc)}") from None
     # every searched value must give a valid training config (types, ranges, model options)
     for key, domain in spec.search_space.items():
         for value in domain.extremes():
@@ -305,7 +313,7 @@ def _validate(spec: SweepSpec) -> None:
 
                     get_config(cfg.model.preset, **cfg.model.overrides)
             except (ConfigError, ValueError, TypeError) as exc:
-                raise ConfigError(f"search_space.{key}: value {value!r} gives an invalid training config ({exc})") from None
+                raise ConfigError(f"search_space.{key}: value {value!r} gives an invalid training config ({_inner(exc)})") from None
     if s.metric.startswith("eval/") and not (base.data.eval_uri or spec.synth):
         raise ConfigError(f"scheduler.metric: {s.metric} needs evaluation during training; set train.data.eval_uri")
     if s.max_t is not None and s.max_t < s.grace_period:

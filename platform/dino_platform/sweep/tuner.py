@@ -35,6 +35,7 @@ log = logging.getLogger("dino.sweep")
 SWEEP_KEY_TAG = "dino.sweep_key"
 TRIAL_TAG = "dino.sweep_trial"
 CHECKPOINT_KEY = "checkpoint_path"  # added to reported metrics by TuneReportCallback
+RESULT_FILE = "sweep_result.json"  # <sweep dir>/: the last run's trials, best trial, evaluation, registry decision
 
 
 @dataclass
@@ -58,6 +59,11 @@ class SweepOutcome:
     evaluation: Optional[Dict[str, float]]
     registration: Optional[Dict[str, Any]]
     restored: bool
+
+    def to_dict(self) -> Dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
 
     def summary(self) -> str:
         lines = [f"sweep {self.sweep_dir}: {len(self.trials)} trials{' (restored)' if self.restored else ''}; "
@@ -115,7 +121,8 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
             tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler,
                                         num_samples=spec.budget.num_samples,
                                         max_concurrent_trials=spec.budget.max_concurrent,
-                                        search_alg=BasicVariantGenerator(random_state=spec.budget.seed)),
+                                        search_alg=BasicVariantGenerator(random_state=spec.budget.seed,
+                                                                                    max_concurrent=spec.budget.max_concurrent)),
             run_config=tune.RunConfig(name=spec.name, storage_path=storage.path, storage_filesystem=storage.fs),
         )
     results = tuner.fit()
@@ -130,6 +137,7 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     if spec.register.enabled:
         outcome.evaluation, outcome.registration = evaluate_and_register(spec, best, tracking_uri, parent_run_id)
     _close_parent(tracking_uri, parent_run_id, "FINISHED", trials, best)
+    resolve(spec.sweep_dir).child(RESULT_FILE).write_bytes(json.dumps(outcome.to_dict(), indent=1).encode())
     log.info("%s", outcome.summary())
     return outcome
 
