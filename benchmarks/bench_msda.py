@@ -12,7 +12,8 @@ sampling offsets of a few pixels (normal, sigma 2 px of each level).
 
 Every implementation is checked against the reference on the same inputs before it is timed
 (the "max |diff|" column). Repeats are interleaved across implementations so that load from
-other processes hits them alike; the median is reported.
+other processes hits them alike; medians are reported. On CPU the process CPU time is reported
+too: on a shared, loaded machine, ``--threads 1`` and the CPU-time columns are the fair comparison.
 """
 from __future__ import annotations
 
@@ -118,18 +119,21 @@ def run_once(fn: MsdaFn, inputs: Sequence[torch.Tensor], backward: bool, grad_ou
 def time_interleaved(
     impls: Dict[str, MsdaFn], inputs: Dict[str, Tuple[torch.Tensor, ...]], device: str, backward: bool,
     grad_output: torch.Tensor, repeats: int, warmup: int,
-) -> Dict[str, float]:
-    """Median seconds per call for each implementation."""
-    samples: Dict[str, List[float]] = {name: [] for name in impls}
+) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """Median wall seconds and median process CPU seconds per call, per implementation."""
+    wall: Dict[str, List[float]] = {name: [] for name in impls}
+    cpu: Dict[str, List[float]] = {name: [] for name in impls}
     for round_index in range(warmup + repeats):
         for name, fn in impls.items():
             synchronize(device)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             run_once(fn, inputs[name], backward, grad_output)
             synchronize(device)
             if round_index >= warmup:
-                samples[name].append(time.perf_counter() - started)
-    return {name: statistics.median(times) for name, times in samples.items()}
+                wall[name].append(time.perf_counter() - started)
+                cpu[name].append(time.process_time() - started_cpu)
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
 
 
 def describe_device(device: str) -> str:
@@ -176,7 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = {name.strip() for name in args.cases.split(",")}
     print(f"MSDeformAttn benchmark on {describe_device(device)}, {args.dtype}, torch {torch.__version__}, "
           f"{date.today().isoformat()}; median of {repeats}")
-    header = f"{'case':<9} {'implementation':<28} {'forward ms':>11} {'fwd+bwd ms':>11} {'fwd x':>7} {'fwd+bwd x':>10} {'max |diff|':>11}"
+    on_cpu = device_type == "cpu"
+    header = (f"{'case / implementation':<36} {'fwd ms':>9} {'f+b ms':>9} {'fwd x':>6} {'f+b x':>6}"
+              + (f" {'fwd cpu-ms':>10} {'f+b cpu-ms':>10} {'fwd x':>6} {'f+b x':>6}" if on_cpu else "")
+              + f" {'max |diff|':>10}")
     print(header)
     print("-" * len(header))
     for case in dino_cases(args.quick):
@@ -189,14 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             expected = ms_deform_attn_reference(*inputs["pytorch"]).float()
             diffs = {name: (fn(*inputs[name]).float() - expected).abs().max().item() for name, fn in impls.items()}
         grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-        forward = time_interleaved(impls, inputs, device, False, grad_output, repeats, args.warmup)
-        both = time_interleaved(impls, inputs, device, True, grad_output, repeats, args.warmup)
-        label = f"{case.name} Lq={case.queries}"
-        print(f"{label}")
+        forward, forward_cpu = time_interleaved(impls, inputs, device, False, grad_output, repeats, args.warmup)
+        both, both_cpu = time_interleaved(impls, inputs, device, True, grad_output, repeats, args.warmup)
+        print(f"{case.name} (batch {case.batch}, Lq={case.queries}, S={sum(h * w for h, w in case.levels)})")
         for name in impls:
-            print(f"{'':<9} {name:<28} {forward[name] * 1e3:>11.2f} {both[name] * 1e3:>11.2f} "
-                  f"{forward['pytorch'] / forward[name]:>7.2f} {both['pytorch'] / both[name]:>10.2f} {diffs[name]:>11.2e}")
-    print("x = speed-up over the pytorch reference (grid_sample) on the same inputs")
+            line = (f"  {name:<34} {forward[name] * 1e3:>9.1f} {both[name] * 1e3:>9.1f} "
+                    f"{forward['pytorch'] / forward[name]:>6.2f} {both['pytorch'] / both[name]:>6.2f}")
+            if on_cpu:
+                line += (f" {forward_cpu[name] * 1e3:>10.1f} {both_cpu[name] * 1e3:>10.1f} "
+                         f"{forward_cpu['pytorch'] / forward_cpu[name]:>6.2f} {both_cpu['pytorch'] / both_cpu[name]:>6.2f}")
+            print(line + f" {diffs[name]:>10.2e}")
+    print("x = speed-up over the pytorch reference (grid_sample) on the same inputs; f+b = forward + backward")
+    if device_type == "cpu":
+        print("cpu-ms = process CPU time (all threads); on a shared machine compare those, with --threads 1")
     return 0
 
 
