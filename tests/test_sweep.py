@@ -134,7 +134,7 @@ def test_smoke_sweep_asha_nested_runs_and_champion_gate(tmp_path):
     assert all(t["status"] == "TERMINATED" for t in trials)
     assert first["best"]["checkpoint"] and Path(first["best"]["checkpoint"]).is_dir()
     scored = [t["checkpoint_metric"] for t in trials if t["checkpoint_metric"] is not None]
-    assert first["best"]["checkpoint_metric"] == max(scored)
+    assert first["best"]["checkpoint_metric"] == min(scored)  # the smoke preset schedules on loss (min)
 
     # MLflow: 4 training runs and the best checkpoint's evaluation nested under the sweep's run
     uri = first["tracking_uri"]
@@ -154,7 +154,10 @@ def test_smoke_sweep_asha_nested_runs_and_champion_gate(tmp_path):
     assert reg["promoted"] and reg["champion_version"] == reg["version"]
     name = reg["name"]
     assert client.get_model_version_by_alias(name, "champion").version == reg["version"]
-    assert abs(first["evaluation"]["AP"] - first["best"]["checkpoint_metric"]) < 1e-6  # same checkpoint, same data
+    best_run = [r for r in trial_runs if r.data.tags["dino.sweep_trial"] == first["best"]["trial_id"]]
+    assert len(best_run) == 1
+    # the gate's evaluation of the best checkpoint agrees with that trial's own last evaluation (same weights, data)
+    assert abs(first["evaluation"]["AP"] - best_run[0].data.metrics["eval/AP"]) < 1e-6
 
     # the same command again: Tune restores the finished sweep (no trial re-runs), the gate re-evaluates
     # the same best checkpoint; an equal AP does not beat the champion, so the alias stays

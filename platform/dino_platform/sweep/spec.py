@@ -291,8 +291,8 @@ def _validate(spec: SweepSpec) -> None:
                         ("scheduler.grace_period", s.grace_period)):
         if value < 1:
             raise ConfigError(f"{name}: {value} must be >= 1")
-    if b.trial_cpus < 0:
-        raise ConfigError(f"budget.trial_cpus: {b.trial_cpus} must be >= 0")
+    if b.trial_cpus <= 0:
+        raise ConfigError(f"budget.trial_cpus: {b.trial_cpus} must be > 0 (Tune needs a resource per trial; e.g. 0.05)")
     if s.reduction_factor < 2:
         raise ConfigError(f"scheduler.reduction_factor: {s.reduction_factor} must be >= 2")
     for key in RESERVED:
