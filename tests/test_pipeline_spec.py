@@ -127,7 +127,7 @@ def test_shipped_specs_are_valid(monkeypatch):
     from dino_platform.pipeline.spec import load_spec
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the real specs write to S3
-    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+    for path in [REPO / "pipelines" / f"{n}.yaml" for n in ("o365_pretrain_coco_ft", "coco_finetune", "coco_eval")]:
         for preset in (None, "smoke"):
             spec = load_spec(path, preset=preset)
             assert spec.stages, path

@@ -84,7 +84,7 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
     state = PipelineState(spec.state_uri, spec.name)
     ctx = StageContext(spec=spec, state=state, tracking_uri=spec.tracking_uri(), git_commit=git_commit())
     _ensure_experiment(ctx)
-    state.begin_run(preset=spec.preset, spec=spec.source, git_commit=ctx.git_commit)
+    state.begin_run(preset=spec.preset, spec=spec.source, git_commit=ctx.git_commit, resolved_spec=spec.raw)
     try:
         for name, stage in spec.stages.items():
             _run_stage(ctx, name, stage)
@@ -148,7 +148,8 @@ def _ensure_experiment(ctx: StageContext) -> None:
 
 
 def _warn_if_output_is_temporary(spec: PipelineSpec) -> None:
-    relative = spec.output_is_local and not os.path.isabs(spec.output_root.replace("file://", ""))
+    given = str(spec.raw.get("output_root", ""))
+    relative = "://" not in given and not os.path.isabs(os.path.expanduser(given))
     if relative and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         log.warning("output_root %s is relative: inside `ray job submit` that is the job's temporary copy of "
                     "the working directory; pass --set output_root=/absolute/path (or s3://...) to keep results",

@@ -405,8 +405,11 @@ def _build_spec(raw: Dict[str, Any]) -> PipelineSpec:
     for name, value in stages_raw.items():
         _check_name("stages", name)
         stages[name] = _build_stage(name, value)
+    output_root = raw["output_root"]
+    if "://" not in output_root:  # local: absolute from here on (Ray workers have other working dirs)
+        output_root = os.path.abspath(os.path.expanduser(output_root))
     return PipelineSpec(
-        name=raw["name"], output_root=raw["output_root"], datasets=datasets, stages=stages,
+        name=raw["name"], output_root=output_root, datasets=datasets, stages=stages,
         ray=parse_section(RaySpec, raw.get("ray") or {}, "ray"),
         tracking=parse_section(TrackingSpec, raw.get("tracking") or {}, "tracking"),
         description=str(raw.get("description") or ""), raw=raw,

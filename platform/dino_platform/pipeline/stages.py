@@ -1,6 +1,7 @@
 """The data and training stages: ingest (only where shards are missing) and train (resumable)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -22,13 +23,7 @@ log = logging.getLogger("dino.pipeline")
 def _ingest_fingerprint(ctx: StageContext, name: str, stage: IngestStage) -> str:
     spec = ctx.spec
     return fingerprint("ingest", stage_config_dict(stage),
-                       {d: [stage_config_dict_ds(spec, d), spec.shards_uri(d)] for d in stage.datasets})
-
-
-def stage_config_dict_ds(spec: PipelineSpec, dataset: str) -> Dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(spec.datasets[dataset])
+                       {d: [dataclasses.asdict(spec.datasets[d]), spec.shards_uri(d)] for d in stage.datasets})
 
 
 def _ingest_run(ctx: StageContext, name: str, stage: IngestStage, fp: str):
