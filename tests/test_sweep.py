@@ -145,7 +145,10 @@ def test_smoke_sweep_asha_nested_runs_and_champion_gate(tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     trial_runs = [r for r in children if "dino.sweep_trial" in r.data.tags and r.info.run_name.startswith("trial_")]
     assert len(trial_runs) == 4
-    assert all("loss" in r.data.metrics and "eval/AP" in r.data.metrics for r in trial_runs)
+    assert all("loss" in r.data.metrics for r in trial_runs)
+    # a trial ASHA stops at its first rung may stop on the loss report before its first evaluation
+    evaluated = {t["trial_id"] for t in trials if t["checkpoint"]}
+    assert all("eval/AP" in r.data.metrics for r in trial_runs if r.data.tags["dino.sweep_trial"] in evaluated)
     assert {r.data.params["optim.lr"] for r in trial_runs} == {str(t["config"]["optim.lr"]) for t in trials}
     assert client.get_run(parent).info.status == "FINISHED"
 
