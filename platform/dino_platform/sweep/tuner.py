@@ -111,8 +111,10 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     else:
         s = spec.scheduler
         if s.kind == "asha":
+            # stop_last_trials=False: a trial reaching max_t ends by itself; stopping it on the progress report
+            # of its last epoch would cut it off before its final evaluation and checkpoint
             scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs, grace_period=s.grace_period,
-                                      reduction_factor=s.reduction_factor)
+                                      reduction_factor=s.reduction_factor, stop_last_trials=False)
         else:
             scheduler = FIFOScheduler()
         tuner = tune.Tuner(
