@@ -129,6 +129,13 @@ def _state(output_root: Path) -> dict:
     return json.loads((output_root / "pipeline_state.json").read_text())
 
 
+def _resumable_finetune(output_root: Path) -> bool:
+    from dino_platform.pipeline.stages import latest_checkpoint
+    from dino_platform.storage import resolve
+
+    return any(latest_checkpoint(resolve(str(d))) is not None for d in (output_root / "train").glob("finetune-*"))
+
+
 def _checkpoints(output_root: Path) -> list:
     return sorted(str(p.relative_to(output_root)) for p in (output_root / "train").glob("*/checkpoint_step*"))
 
@@ -143,11 +150,13 @@ def test_submitted_pipeline_resumes_registers_and_skips(ray_head, tmp_path):
     commit = git_commit(str(REPO))
     timings = {}
 
-    # 1. submit; stop the job once fine-tuning has written its first checkpoint
+    # 1. submit; stop the job once fine-tuning has a checkpoint Ray Train resumes from. The checkpoint
+    # directory is uploaded before Ray Train records it in checkpoint_manager_snapshot.json; a stop in
+    # between leaves nothing to resume (a fast CI host hit that window), so wait for the snapshot.
     started = time.time()
     first = _submit(ray_head, output_root, commit)
     deadline = time.time() + 900
-    while not list((output_root / "train").glob("finetune-*/checkpoint_step*/model.pt")):
+    while not _resumable_finetune(output_root):
         from ray.job_submission import JobSubmissionClient
 
         status = JobSubmissionClient(ray_head).get_job_status(first)
