@@ -9,6 +9,9 @@
       model.overrides.dn_number: {choice: [0, 50, 100]}
       model.overrides.num_queries: {randint: [50, 300]}      # both ends included
     scheduler: {kind: asha, metric: eval/AP, mode: max, grace_period: 1, reduction_factor: 2}
+    # or PBT: every perturbation_interval epochs the bottom quantile_fraction of trials continue a
+    # top trial's checkpoint with its hyper-parameters perturbed (x1.2 / x0.8, or resampled)
+    scheduler: {kind: pbt, metric: eval/AP, mode: max, perturbation_interval: 2, mutate: [optim.lr]}
     budget: {num_samples: 16, max_concurrent: 4, trial_cpus: 0.1, seed: 0}
     register: {model_name: dino-coco, alias: champion, eval_data: <shards uri>}
 
@@ -31,6 +34,12 @@ from dino_platform.train.config import TrainConfig, _apply_override, load_config
 DOMAIN_KINDS = ("loguniform", "uniform", "choice", "randint")
 # fields the sweep sets itself for every trial
 RESERVED = ("run.name", "run.storage_path", "tracking.tracking_uri", "tracking.experiment", "tracking.enabled")
+# what PBT may change while a trial continues another's checkpoint: optimizer settings and the
+# model options that change neither the weights' shapes nor the optimizer's partitioning
+PBT_MUTABLE_OPTIM = ("lr", "lr_backbone", "weight_decay", "clip_max_norm", "lr_drop_factor")
+PBT_MUTABLE_MODEL = ("dn_number", "dn_label_noise_ratio", "dn_box_noise_scale", "set_cost_class", "set_cost_bbox",
+                     "set_cost_giou", "cls_loss_coef", "bbox_loss_coef", "giou_loss_coef", "interm_loss_coef",
+                     "focal_alpha")
 
 
 @dataclass(frozen=True)
@@ -62,13 +71,18 @@ class Domain:
 
 @dataclass
 class SchedulerSpec:
-    kind: Literal["asha", "fifo"] = "asha"
+    kind: Literal["asha", "pbt", "fifo"] = "asha"
     metric: str = "eval/AP"
     mode: Literal["max", "min"] = "max"
     # counted in epochs (the ``epoch`` every training report carries); max_t defaults to optim.epochs
-    grace_period: int = 1
-    reduction_factor: int = 2
-    max_t: Optional[int] = None
+    grace_period: int = 1  # ASHA: first rung; PBT: no perturbation before this epoch (burn-in)
+    reduction_factor: int = 2  # ASHA
+    max_t: Optional[int] = None  # ASHA
+    # PBT
+    perturbation_interval: int = 1
+    quantile_fraction: float = 0.25
+    resample_probability: float = 0.25
+    mutate: Optional[List[str]] = None  # search_space keys PBT perturbs; None: every mutable one
 
 
 @dataclass
@@ -118,6 +132,13 @@ class SweepSpec:
     @property
     def max_epochs(self) -> int:
         return self.scheduler.max_t or self.base_config().optim.epochs
+
+    def pbt_mutations(self) -> Dict[str, Any]:
+        """PBT's ``hyperparam_mutations``: each mutated key's distribution (a list for ``choice``)."""
+        keys = self.scheduler.mutate if self.scheduler.mutate is not None else [
+            k for k in self.search_space if pbt_mutable(k)]
+        return {k: list(self.search_space[k].values) if self.search_space[k].kind == "choice"
+                else self.search_space[k].to_tune() for k in keys}
 
 
 _TOP = {"name", "description", "output_root", "tracking", "train", "search_space", "scheduler", "budget",
@@ -268,6 +289,12 @@ def _check_field_path(key: str, name: str) -> None:
         raise ConfigError(f"{name}: a section, not a field; search one of its fields, e.g. {key}.{dataclasses.fields(cls)[0].name}")
 
 
+def pbt_mutable(key: str) -> bool:
+    section, _, leaf = key.rpartition(".")
+    return (section == "optim" and leaf in PBT_MUTABLE_OPTIM) or (
+        section == "model.overrides" and leaf in PBT_MUTABLE_MODEL)
+
+
 def apply_values(train: Dict[str, Any], values: Dict[str, Any]) -> Dict[str, Any]:
     """A copy of the raw training config with each dotted field set to its sampled value."""
     raw = copy.deepcopy(train)
@@ -318,3 +345,28 @@ def _validate(spec: SweepSpec) -> None:
         raise ConfigError(f"scheduler.metric: {s.metric} needs evaluation during training; set train.data.eval_uri")
     if s.max_t is not None and s.max_t < s.grace_period:
         raise ConfigError(f"scheduler.max_t: {s.max_t} must be >= grace_period {s.grace_period}")
+    if s.kind == "pbt":
+        _validate_pbt(spec)
+
+
+def _validate_pbt(spec: SweepSpec) -> None:
+    s = spec.scheduler
+    if s.perturbation_interval < 1:
+        raise ConfigError(f"scheduler.perturbation_interval: {s.perturbation_interval} must be >= 1 (epochs)")
+    if not 0 < s.quantile_fraction <= 0.5:
+        raise ConfigError(f"scheduler.quantile_fraction: {s.quantile_fraction} must be in (0, 0.5]")
+    if not 0 <= s.resample_probability <= 1:
+        raise ConfigError(f"scheduler.resample_probability: {s.resample_probability} must be in [0, 1]")
+    for key in s.mutate if s.mutate is not None else []:
+        if key not in spec.search_space:
+            raise ConfigError(f"scheduler.mutate: {key} is not in search_space; PBT perturbs searched fields only")
+        if not pbt_mutable(key):
+            raise ConfigError(
+                f"scheduler.mutate: {key} cannot change while a trial continues another's checkpoint (it changes "
+                f"the weights' shapes, the data or the workers); PBT can mutate optim.{{{', '.join(PBT_MUTABLE_OPTIM)}}} "
+                f"and model.overrides.{{{', '.join(PBT_MUTABLE_MODEL)}}}")
+    if not spec.pbt_mutations():
+        raise ConfigError("scheduler.mutate: PBT needs at least one mutable field in search_space (e.g. optim.lr)")
+    if spec.budget.max_concurrent < 2:
+        raise ConfigError(f"budget.max_concurrent: {spec.budget.max_concurrent}; PBT needs a population of at "
+                          f"least 2 trials running together")

@@ -1,10 +1,13 @@
 """Running a sweep: a Ray Tune ``Tuner`` whose trials each train a ``TorchTrainer`` (Ray Train V2).
 
 Ray 2.60's Train V2 no longer accepts a trainer as a Tune trainable; a trial is a function that
-builds and ``fit()``s the ``TorchTrainer`` itself (``train.trainer.run_training``), with Tune's
-``TuneReportCallback`` forwarding rank 0's reports (loss, ``eval/AP`` ..., ``epoch``, and the
-checkpoint path) to Tune, where ASHA decides on them. The trial's workers ask the cluster for
-``train.scaling``'s resources; the trial process itself holds only ``budget.trial_cpus``.
+builds and ``fit()``s the ``TorchTrainer`` itself (``train.trainer.run_training``), and
+``sweep.reporting`` re-reports rank 0's reports (loss, ``eval/AP`` ..., ``epoch``) to Tune, with a
+pointer checkpoint (the training checkpoint's URI) on those that saved one. ASHA stops trials on
+them; PBT clones the best trials' latest checkpoint into the worst with perturbed hyper-parameters
+(the exploiting trial starts a new training run from that checkpoint: ``trial_run``). The trial's
+workers ask the cluster for ``train.scaling``'s resources; the trial process itself holds only
+``budget.trial_cpus``.
 
 MLflow: the sweep has one parent run; each trial's training run is created beforehand with
 ``mlflow.parentRunId`` (so it nests) and the training job continues it (found by its run key).
@@ -27,6 +30,7 @@ from typing import Any, Dict, List, Optional
 
 from dino_platform.errors import DataError
 from dino_platform.storage import resolve
+from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
 from dino_platform.tracking import RUN_KEY_TAG
 
@@ -34,7 +38,7 @@ log = logging.getLogger("dino.sweep")
 
 SWEEP_KEY_TAG = "dino.sweep_key"
 TRIAL_TAG = "dino.sweep_trial"
-CHECKPOINT_KEY = "checkpoint_path"  # added to reported metrics by TuneReportCallback
+CLONED_FROM_TAG = "dino.cloned_from_trial"  # PBT: the trial whose checkpoint this training run continued
 RESULT_FILE = "sweep_result.json"  # <sweep dir>/: the last run's trials, best trial, evaluation, registry decision
 
 
@@ -81,13 +85,16 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     """Run (or resume) the sweep, then evaluate and register its best checkpoint."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.search import BasicVariantGenerator
 
     # progress reports between evaluations carry no eval/AP: only the scheduler needs it (ASHA skips those)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, **spec.ray)
+        # The dashboard stays on: when ASHA stops a trial, its Train controller dies with it and Ray Train's
+        # PlacementGroupCleaner frees the workers' placement group only after the State API (served by the
+        # dashboard) confirms the controller is gone. Without it every stopped trial's CPUs stay reserved.
+        ray.init(include_dashboard=True, **spec.ray)
     _prepare_synthetic_data(spec)
     tracking_uri = _tracking_uri(spec)
     parent_run_id = _parent_run(spec, tracking_uri)
@@ -115,6 +122,13 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
             # of its last epoch would cut it off before its final evaluation and checkpoint
             scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs, grace_period=s.grace_period,
                                       reduction_factor=s.reduction_factor, stop_last_trials=False)
+        elif s.kind == "pbt":
+            # require_attrs=False: progress reports between evaluations carry no eval/AP; PBT acts on
+            # the epoch-end reports, which carry the metric and the checkpoint it clones
+            scheduler = PopulationBasedTraining(
+                time_attr="epoch", perturbation_interval=s.perturbation_interval, burn_in_period=s.grace_period,
+                hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=s.quantile_fraction,
+                resample_probability=s.resample_probability, require_attrs=False)
         else:
             scheduler = FIFOScheduler()
         tuner = tune.Tuner(
@@ -125,7 +139,9 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
                                         max_concurrent_trials=spec.budget.max_concurrent,
                                         search_alg=BasicVariantGenerator(random_state=spec.budget.seed,
                                                                                     max_concurrent=spec.budget.max_concurrent)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage.path, storage_filesystem=storage.fs),
+            # Tune's checkpoints are pointers (a few bytes each) to the training checkpoints
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage.path, storage_filesystem=storage.fs,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     results = tuner.fit()
     trials = [_summarise(result, spec) for result in results]
@@ -150,27 +166,45 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
 
 def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str, tracking_uri: str,
                 experiment: str, parent_run_id: str) -> None:
-    """Train one sampled configuration; reports reach Tune through ``TuneReportCallback``."""
+    """Train one sampled configuration (or continue one, see ``trial_run``); reports reach Tune as they come."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from dino_platform.train.config import flat_params, load_config
     from dino_platform.train.trainer import run_training
 
     trial_id = tune.get_context().get_trial_id()
+    pointer = read_pointer(tune.get_checkpoint())
+    run_name, start_from = trial_run(trial_id, pointer)
     raw = apply_values(train, values)
-    raw["run"] = {**(raw.get("run") or {}), "name": f"trial_{trial_id}", "storage_path": trials_root}
+    raw["run"] = {**(raw.get("run") or {}), "name": run_name, "storage_path": trials_root}
     raw["tracking"] = {**(raw.get("tracking") or {}), "tracking_uri": tracking_uri, "experiment": experiment,
                        "enabled": True}
     cfg = load_config(raw)
     run_key = resolve(trials_root).child(cfg.run.name).uri  # the key run_training's tracking looks up
+    lineage = {} if start_from is None else {CLONED_FROM_TAG: pointer["trial_id"], "dino.started_from": start_from}
+    if start_from is not None:
+        log.info("trial %s: continuing trial %s's checkpoint %s with %s", trial_id, pointer["trial_id"], start_from, values)
     _nested_trial_run(tracking_uri, experiment, run_key, cfg.run.name, parent_run_id, trial_id, values,
-                      flat_params(cfg), cfg.to_yaml())
-    run_training(cfg, callbacks=[TuneReportCallback()])
+                      flat_params(cfg), cfg.to_yaml(), lineage)
+    fit_and_report(lambda callbacks: run_training(cfg, callbacks=callbacks, start_from=start_from),
+                   trial_id, run_name, trials_root)
+
+
+def trial_run(trial_id: str, pointer: Optional[Dict[str, Any]]):
+    """(training run name, checkpoint URI to start from) for a trial that (re)starts with ``pointer``.
+
+    No pointer: a fresh trial, ``trial_<id>``. Its own pointer (Tune restarted it after an error or
+    a ``Tuner.restore``): the run that wrote it, which Ray Train resumes from its own storage.
+    Another trial's pointer (PBT exploit): a new run, named after its origin, that starts from it.
+    """
+    if pointer is None or pointer["trial_id"] == trial_id:
+        return (pointer or {}).get("run_name") or f"trial_{trial_id}", None
+    return f"trial_{trial_id}_from_{pointer['trial_id']}_step{int(pointer['step']):07d}", pointer["uri"]
 
 
 def _nested_trial_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, parent_run_id: str,
-                      trial_id: str, values: Dict[str, Any], params: Dict[str, str], config_yaml: str) -> str:
+                      trial_id: str, values: Dict[str, Any], params: Dict[str, str], config_yaml: str,
+                      lineage: Dict[str, str]) -> str:
     """Create the trial's MLflow run under the sweep's run (once); the training job then continues it."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
@@ -181,7 +215,7 @@ def _nested_trial_run(tracking_uri: str, experiment: str, run_key: str, run_name
     existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
     if existing:
         return existing[0].info.run_id
-    tags = {RUN_KEY_TAG: run_key, "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id,
+    tags = {RUN_KEY_TAG: run_key, "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **lineage,
             **{f"sweep.{k}": str(v) for k, v in values.items()}}
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     items = [Param(k, v[:6000]) for k, v in sorted(params.items())]

@@ -160,3 +160,25 @@ def read_train_config(uri: str) -> Optional[Dict[str, Any]]:
     if not config_file.exists():
         return None
     return json.loads(config_file.read_bytes())
+
+
+@dataclass
+class StartPoint:
+    """A training checkpoint a new run continues from (``run_training(start_from=...)``)."""
+
+    location: Any  # storage Location of the checkpoint directory (carries its filesystem to workers)
+    step: int
+    epoch: int
+
+
+def read_train_state(uri: str) -> StartPoint:
+    """Where the training checkpoint directory ``uri`` stood; errors name the URI and what is missing."""
+    from dino_platform.storage import resolve
+
+    location = resolve(uri)
+    state_file = location.child(STATE_FILE)
+    if not state_file.exists():
+        raise StorageError(f"{uri}: not a dino training checkpoint (no {STATE_FILE}); a run can only continue "
+                           f"from a checkpoint_step* directory that `dino train` wrote")
+    state = TrainState(**json.loads(state_file.read_bytes()))
+    return StartPoint(location=location, step=state.step, epoch=state.epoch)

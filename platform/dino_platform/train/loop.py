@@ -60,16 +60,27 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
     model, criterion, postprocessor = build_model(cfg.model)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.model.init_from:
+    own_checkpoint = checkpoint is not None
+    if checkpoint is None and cfg.model.init_from and loop_config.get("start_location") is None:
         init_weights(model, cfg.model, loop_config["init_location"])
     model.to(device)
     criterion.to(device)
     engine, base_lrs = build_engine(model, cfg)
 
     state = TrainState(seed=cfg.run.seed, world_size=world_size)
+    if checkpoint is None and loop_config.get("start_location") is not None:
+        # a new run continuing another run's checkpoint (e.g. a PBT trial cloning a better one)
+        start = loop_config["start_location"]
+        checkpoint = ray.train.Checkpoint(path=start.path, filesystem=start.fs)
+        if rank == 0:
+            log.info("starting from %s", start.uri)
     if checkpoint is not None:
+        # the optimizer state restores each group's weight decay; this run's config decides it
+        decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
         with checkpoint.as_directory() as directory:
             state = restore_checkpoint(engine, Path(directory), world_size)
+        for group, value in zip(engine.optimizer.param_groups, decay):
+            group["weight_decay"] = value
         if rank == 0:
             log.info("resumed at step %d (epoch %d, %d micro-batches in)", state.step, state.epoch, state.batches_in_epoch)
         if tracker is not None:
@@ -85,7 +96,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
     progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
-    last_checkpoint_step = state.step if checkpoint is not None else -1
+    last_checkpoint_step = state.step if own_checkpoint else -1
 
     while state.step < total_steps:
         set_epoch_lr(engine.optimizer, base_lrs, cfg.optim, state.epoch)

@@ -43,15 +43,20 @@ class OrderedShards(ray.train.DataConfig):
     Resuming: the training pipeline draws each pass's augmentation and file order from the number
     of passes made so far, which a fresh split (a restarted worker group, a resumed job) would
     count from 0. ``run_location`` lets ``configure`` read the epoch of the checkpoint Ray Train
-    resumes from (its checkpoint_manager_snapshot.json) and start the count there.
+    resumes from (its checkpoint_manager_snapshot.json) and start the count there;
+    ``start_epoch`` is the count when the run has no checkpoint of its own yet (a run started from
+    another run's checkpoint, e.g. a PBT trial that cloned a better one).
     """
 
-    def __init__(self, run_location=None):
+    def __init__(self, run_location=None, start_epoch: int = 0):
         super().__init__()
         self.run_location = run_location
+        self.start_epoch = start_epoch
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        passes_done = _resume_epoch(self.run_location) if self.run_location is not None else 0
+        passes_done = _resume_epoch(self.run_location) if self.run_location is not None else None
+        if passes_done is None:
+            passes_done = self.start_epoch
         output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
@@ -66,13 +71,13 @@ class OrderedShards(ray.train.DataConfig):
         return output
 
 
-def _resume_epoch(run_location) -> int:
-    """Epoch of the latest registered checkpoint of the run at ``run_location`` (0 if none)."""
+def _resume_epoch(run_location) -> Optional[int]:
+    """Epoch of the latest registered checkpoint of the run at ``run_location`` (None if none)."""
     import json
 
     snapshot = run_location.child("checkpoint_manager_snapshot.json")
     if not snapshot.exists():
-        return 0
+        return None
     latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
     return int((latest.get("metrics") or {}).get("epoch", 0))
 
@@ -91,16 +96,20 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
 
 
-def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None) -> TrainingOutcome:
+def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
+                 start_from: Optional[str] = None) -> TrainingOutcome:
     """Train (or resume) the job described by ``cfg`` on the current Ray cluster and return its outcome.
 
     Starts a local Ray instance when none is running. Checkpoints go to
     ``<run.storage_path>/<run.name>`` (local or S3, resolved by ``dino_platform.storage``).
-    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` when a sweep trial trains.
+    ``callbacks``: Ray Train callbacks, e.g. a sweep trial's reporter to Tune.
+    ``start_from``: a training checkpoint (URI of a ``checkpoint_step*`` directory, possibly of
+    another run) whose whole state (weights, optimizer, step, epoch) a *new* run continues from,
+    with ``cfg``'s hyper-parameters; once the run has checkpoints of its own, those win.
     """
     from dino_platform.data.manifest import read_ground_truth
     from dino_platform.data.streaming import build_eval_dataset, build_train_dataset, dataset_size, read_manifest
-    from dino_platform.train.checkpoint import weights_location
+    from dino_platform.train.checkpoint import read_train_state, weights_location
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
@@ -115,6 +124,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None) -> Tra
 
     storage = resolve(cfg.run.storage_path)
     run_dir = storage.child(cfg.run.name).uri
+    start = read_train_state(start_from) if start_from else None
     tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -125,6 +135,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None) -> Tra
             # resolved here: workers may not share the driver's storage settings (AWS_* variables)
             "ground_truth": read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
             "init_location": weights_location(cfg.model.init_from) if cfg.model.init_from else None,
+            "start_location": start.location if start is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -141,7 +152,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None) -> Tra
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=OrderedShards(storage.child(cfg.run.name)),
+        dataset_config=OrderedShards(storage.child(cfg.run.name), start_epoch=start.epoch if start else 0),
     )
     log.info("run %s: %d workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
              cfg.run.name, cfg.scaling.num_workers, cfg.scaling.batch_size_per_worker, cfg.scaling.accumulation_steps,

@@ -1,0 +1,108 @@
+"""From a trial's training job to Tune: every Ray Train report, with a Tune checkpoint when it has one.
+
+Ray's own ``TuneReportCallback`` forwards metrics only. Population Based Training needs a Tune
+checkpoint on the results it acts on (it clones the best trials' latest checkpoint into the worst),
+so a trial here runs ``TorchTrainer.fit()`` in a thread and, in the trial's own thread, re-reports
+every training report to Tune. A report that carried a Ray Train checkpoint is re-reported with a
+*pointer* checkpoint: a directory holding ``train_checkpoint.json`` (the training checkpoint's URI,
+the trial and run that wrote it, its step and epoch), so Tune never copies model weights.
+
+    pointer = read_pointer(tune.get_checkpoint())   # None for a fresh trial
+"""
+from __future__ import annotations
+
+import json
+import queue as queue_module
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ray.train.v2.api.callback import UserCallback
+
+CHECKPOINT_KEY = "checkpoint_path"  # the training checkpoint's path, in the reported metrics
+POINTER_FILE = "train_checkpoint.json"
+_DONE = "__dino_training_done__"
+
+
+class ForwardReports(UserCallback):
+    """Runs in the Train controller: puts rank 0's metrics (+ checkpoint path) on the trial's queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics: List[Dict[str, Any]], checkpoint) -> None:
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item[CHECKPOINT_KEY] = checkpoint.path
+        self.queue.put(item)
+
+
+def fit_and_report(fit: Callable[[List[Any]], Any], trial_id: str, run_name: str, storage_root: str,
+                   poll_s: float = 1.0) -> Any:
+    """Call ``fit(callbacks)`` in a thread; re-report each of its reports to Tune from this thread.
+
+    Returns what ``fit`` returned; re-raises what it raised (after every report it made reached Tune).
+    ``storage_root`` is the URI the checkpoint paths are relative to (their filesystem's root path).
+    """
+    from ray import tune
+    from ray.util.queue import Queue
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    outcome: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fit([ForwardReports(reports)])
+        except BaseException as exc:  # handed to the trial's thread below
+            outcome["error"] = exc
+        finally:
+            reports.put(_DONE)
+
+    thread = threading.Thread(target=target, name=f"fit-{run_name}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = reports.get(timeout=poll_s)
+            except queue_module.Empty:
+                continue
+            if item == _DONE:
+                break
+            _report(tune, item, trial_id, run_name, storage_root)
+        thread.join()
+    finally:
+        reports.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _report(tune, metrics: Dict[str, Any], trial_id: str, run_name: str, storage_root: str) -> None:
+    path = metrics.get(CHECKPOINT_KEY)
+    if path is None:
+        tune.report(metrics)
+        return
+    uri = _uri(storage_root, path)
+    metrics = {**metrics, CHECKPOINT_KEY: uri}
+    pointer = {"uri": uri, "trial_id": trial_id, "run_name": run_name,
+               "step": metrics.get("step"), "epoch": metrics.get("epoch")}
+    with tempfile.TemporaryDirectory(prefix="dino-pointer-") as directory:
+        (Path(directory) / POINTER_FILE).write_text(json.dumps(pointer, indent=1))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _uri(storage_root: str, path: str) -> str:
+    """A checkpoint path as Ray reports it (filesystem-relative) -> the URI the platform resolves."""
+    if storage_root.startswith("s3://"):
+        return f"s3://{path.lstrip('/')}"
+    return path
+
+
+def read_pointer(checkpoint) -> Optional[Dict[str, Any]]:
+    """The pointer a Tune checkpoint of this module holds, or None (no checkpoint, or not ours)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        file = Path(directory) / POINTER_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
