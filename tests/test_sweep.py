@@ -249,17 +249,17 @@ def test_start_from_must_be_a_training_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_sweep_with_pbt_clones_a_checkpoint_into_a_new_run(tmp_path):
-    """PBT on the smoke preset: 2 trials at a time, perturbation every epoch after the first. A trial
-    in the bottom half continues the top trial's checkpoint as a new training run (nested in MLflow,
-    tagged with its origin) from the step that checkpoint was written at."""
+    """Synchronous PBT on the smoke preset, a population of 2, perturbation at epochs 1 and 2: each
+    time the worse trial continues the better one's checkpoint as a new training run (nested in
+    MLflow, tagged with its origin) from the step that checkpoint was written at."""
     from mlflow import MlflowClient
 
     started = time.monotonic()
-    _run_smoke(tmp_path, "scheduler.kind=pbt", "budget.max_concurrent=2", "scheduler.quantile_fraction=0.5",
-               "register.model_name=dino-coco-sweep-pbt")
+    _run_smoke(tmp_path, "scheduler.kind=pbt", "scheduler.synch=true", "scheduler.quantile_fraction=0.5",
+               "budget.num_samples=2", "budget.max_concurrent=2", "register.model_name=dino-coco-sweep-pbt")
     wall = time.monotonic() - started
     result = json.loads((tmp_path / "sweep_coco_ft" / "sweep_result.json").read_text())
-    assert len(result["trials"]) == 4 and all(t["status"] == "TERMINATED" for t in result["trials"])
+    assert len(result["trials"]) == 2 and all(t["status"] == "TERMINATED" for t in result["trials"])
     client = MlflowClient(result["tracking_uri"])
     experiment = client.get_experiment_by_name("sweep_coco_ft_smoke")
     runs = client.search_runs([experiment.experiment_id], max_results=200)

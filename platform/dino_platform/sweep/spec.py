@@ -83,6 +83,10 @@ class SchedulerSpec:
     quantile_fraction: float = 0.25
     resample_probability: float = 0.25
     mutate: Optional[List[str]] = None  # search_space keys PBT perturbs; None: every mutable one
+    # synch: trials that reach a perturbation point pause until every live trial is there, then the whole
+    # population is ranked at once (slower: paused trials restart; with few trials and epochs, async PBT
+    # often ranks a trial alone, and a top trial that was never ranked has no checkpoint to clone)
+    synch: bool = False
 
 
 @dataclass

@@ -128,7 +128,7 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
             scheduler = PopulationBasedTraining(
                 time_attr="epoch", perturbation_interval=s.perturbation_interval, burn_in_period=s.grace_period,
                 hyperparam_mutations=spec.pbt_mutations(), quantile_fraction=s.quantile_fraction,
-                resample_probability=s.resample_probability, require_attrs=False)
+                resample_probability=s.resample_probability, synch=s.synch, require_attrs=False)
         else:
             scheduler = FIFOScheduler()
         tuner = tune.Tuner(
