@@ -105,15 +105,22 @@ def test_apply_values_sets_nested_fields_without_touching_the_base():
 # the smoke sweep
 
 
-def _run_smoke(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": ""}
+SMOKE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+             "MLFLOW_TRACKING_URI": ""}
+
+
+def _smoke_command(root: Path, *overrides: str) -> list:
     cmd = [sys.executable, str(ROOT / "pipelines" / "sweep_coco_ft.py"), "--preset", "smoke",
            "--set", f"output_root={root}", "--set", f"train.data.train_uri={root}/data/train",
            "--set", f"train.data.eval_uri={root}/data/val"]
     for item in overrides:
         cmd += ["--set", item]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return cmd
+
+
+def _run_smoke(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(_smoke_command(root, *overrides), cwd=ROOT, env={**os.environ, **SMOKE_ENV},
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done
 
@@ -279,3 +286,56 @@ def test_smoke_sweep_with_pbt_clones_a_checkpoint_into_a_new_run(tmp_path):
         assert client.get_metric_history(run.info.run_id, "resumed_from_step")[0].value == origin_step
     assert result["registration"]["promoted"]
     print(f"pbt smoke sweep: {wall:.0f} s; {len(clones)} cloned runs; epochs {[t['epochs'] for t in result['trials']]}")
+
+
+@pytest.mark.slow
+def test_interrupted_smoke_sweep_resumes_without_registering(tmp_path):
+    """SIGINT while the second trial trains: Tune saves the experiment, the command exits 130 with
+    nothing evaluated or registered; the same command restores it, the finished trial is not re-run
+    and the interrupted trial's training continues from its last checkpoint (one MLflow run each)."""
+    import signal
+
+    from mlflow import MlflowClient
+
+    from dino_platform.pipeline.stages import latest_checkpoint
+    from dino_platform.storage import resolve
+
+    # FIFO: no early stop can end the second trial before the interrupt lands
+    budget = ("budget.num_samples=2", "scheduler.kind=fifo", "train.optim.epochs=2",
+              "register.model_name=dino-coco-sweep-resume")
+    trials_dir = tmp_path / "sweep_coco_ft" / "trials"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(_smoke_command(tmp_path, *budget), cwd=ROOT, env={**os.environ, **SMOKE_ENV},
+                             stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 900
+
+    def second_trial_checkpoint():
+        runs = list(trials_dir.glob("trial_*_00001"))
+        return latest_checkpoint(resolve(str(runs[0]))) if runs else None
+
+    while second_trial_checkpoint() is None:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+        assert time.time() < deadline, "the second trial wrote no checkpoint in 900 s"
+        time.sleep(0.5)
+    interrupted_at = second_trial_checkpoint()[1]
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-4000:]
+    assert "nothing was evaluated or registered" in (tmp_path / "first.log").read_text()
+    assert not (tmp_path / "sweep_coco_ft" / "sweep_result.json").exists()
+    first_trial_checkpoints = sorted(p.name for p in trials_dir.glob("trial_*_00000/checkpoint_step*"))
+
+    done = _run_smoke(tmp_path, *budget)
+    result = json.loads((tmp_path / "sweep_coco_ft" / "sweep_result.json").read_text())
+    assert result["restored"] and len(result["trials"]) == 2
+    assert all(t["status"] == "TERMINATED" for t in result["trials"])
+    assert sorted(p.name for p in trials_dir.glob("trial_*_00000/checkpoint_step*")) == first_trial_checkpoints
+    client = MlflowClient(result["tracking_uri"])
+    experiment = client.get_experiment_by_name("sweep_coco_ft_smoke")
+    runs = [r for r in client.search_runs([experiment.experiment_id], max_results=100)
+            if r.data.tags.get("mlflow.parentRunId") == result["parent_run_id"] and r.info.run_name.startswith("trial_")]
+    assert len(runs) == 2
+    second = [r for r in runs if r.data.tags["dino.sweep_trial"].endswith("_00001")]
+    resumed = client.get_metric_history(second[0].info.run_id, "resumed_from_step")
+    assert resumed and resumed[0].value >= interrupted_at, (interrupted_at, resumed)
+    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    assert result["registration"]["promoted"] and "(restored)" in done.stdout

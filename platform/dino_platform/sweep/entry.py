@@ -32,6 +32,7 @@ def main(argv: Optional[List[str]] = None, default_spec: Optional[Path] = None) 
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dino_platform.errors import UserError
     from dino_platform.sweep.spec import load_sweep_spec
+    from dino_platform.sweep.tuner import SweepInterrupted, run_sweep
 
     try:
         spec = load_sweep_spec(args.spec, preset=args.preset, overrides=args.overrides)
@@ -41,11 +42,12 @@ def main(argv: Optional[List[str]] = None, default_spec: Optional[Path] = None) 
             for key, domain in spec.search_space.items():
                 print(f"  {key}: {domain.kind} {list(domain.values)}")
             return 0
-        from dino_platform.sweep.tuner import run_sweep
-
         outcome = run_sweep(spec)
     except UserError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as exc:
+        print(f"sweep: {exc}", file=sys.stderr)
+        return 130
     print(outcome.summary(), flush=True)
     return 0

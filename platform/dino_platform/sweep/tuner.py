@@ -42,6 +42,10 @@ CLONED_FROM_TAG = "dino.cloned_from_trial"  # PBT: the trial whose checkpoint th
 RESULT_FILE = "sweep_result.json"  # <sweep dir>/: the last run's trials, best trial, evaluation, registry decision
 
 
+class SweepInterrupted(Exception):
+    """The sweep stopped before its trials finished (its state is saved; re-running resumes it)."""
+
+
 @dataclass
 class TrialSummary:
     trial_id: str
@@ -141,6 +145,15 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     results = tuner.fit()
+    # Tune returns normally on SIGINT/SIGUSR1, and stopping the running trials on its way out marks them
+    # TERMINATED in memory; the experiment state it saved just before that still says which ones ran
+    saved = tune.ExperimentAnalysis(restore_path, storage_filesystem=storage.fs)
+    unfinished = [t.trial_id for t in saved.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        _close_parent(tracking_uri, parent_run_id, "KILLED")
+        raise SweepInterrupted(f"sweep {spec.name}: interrupted with trial(s) {', '.join(unfinished)} unfinished; "
+                               f"nothing was evaluated or registered. Run the same command again to resume it "
+                               f"from {restore_path}")
     trials = [_summarise(result, spec) for result in results]
     best = _best(trials, spec.scheduler.mode)
     outcome = SweepOutcome(sweep_dir=spec.sweep_dir, parent_run_id=parent_run_id, tracking_uri=tracking_uri,
