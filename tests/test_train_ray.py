@@ -212,7 +212,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(reference, shards, tmp_
         deadline = time.time() + 600
         while time.time() < deadline and not registered("checkpoint_step0000002"):
             time.sleep(0.2)
-        workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+        workers = [p for p in raylet.children(recursive=True) if "RayTrainWorker" in _command_line(p)]
         if workers:
             victim = max(workers, key=lambda p: p.pid)
             victim.send_signal(signal.SIGKILL)
@@ -226,6 +226,16 @@ def test_killed_worker_restarts_from_the_last_checkpoint(reference, shards, tmp_
     assert outcome.metrics["step"] == 4
     assert (2, 2.0) in _history(outcome.tracking, "resumed_from_step")  # restarted from step 2, not 0
     _assert_same_weights(_final_weights(outcome.checkpoint), _final_weights(reference.checkpoint))
+
+
+def _command_line(process) -> str:
+    """A process's command line, or "" for one that exited meanwhile (zombies raise in psutil)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def test_evaluation_does_not_depend_on_workers_or_batch_size(reference, shards):

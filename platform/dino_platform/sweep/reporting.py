@@ -1,11 +1,12 @@
-"""From a trial's training job to Tune: every Ray Train report, with a Tune checkpoint when it has one.
+"""From a trial's training job to Tune: every Ray Train report, with a pointer to the newest checkpoint.
 
 Ray's own ``TuneReportCallback`` forwards metrics only. Population Based Training needs a Tune
 checkpoint on the results it acts on (it clones the best trials' latest checkpoint into the worst),
 so a trial here runs ``TorchTrainer.fit()`` in a thread and, in the trial's own thread, re-reports
-every training report to Tune. A report that carried a Ray Train checkpoint is re-reported with a
-*pointer* checkpoint: a directory holding ``train_checkpoint.json`` (the training checkpoint's URI,
-the trial and run that wrote it, its step and epoch), so Tune never copies model weights.
+every training report to Tune. Once the run has saved a checkpoint, each report goes with a
+*pointer* checkpoint: a directory holding ``train_checkpoint.json`` (the newest training
+checkpoint's URI, the trial and run that wrote it, its step and epoch), so Tune never copies model
+weights. ``checkpoint_path`` appears in the metrics only of the report that saved it.
 
     pointer = read_pointer(tune.get_checkpoint())   # None for a fresh trial
 """
@@ -61,6 +62,7 @@ def fit_and_report(fit: Callable[[List[Any]], Any], trial_id: str, run_name: str
 
     thread = threading.Thread(target=target, name=f"fit-{run_name}", daemon=True)
     thread.start()
+    latest: Optional[Dict[str, Any]] = None  # pointer to the newest training checkpoint
     try:
         while True:
             try:
@@ -69,7 +71,7 @@ def fit_and_report(fit: Callable[[List[Any]], Any], trial_id: str, run_name: str
                 continue
             if item == _DONE:
                 break
-            _report(tune, item, trial_id, run_name, storage_root)
+            latest = _report(tune, item, latest, trial_id, run_name, storage_root)
         thread.join()
     finally:
         reports.shutdown()
@@ -78,18 +80,27 @@ def fit_and_report(fit: Callable[[List[Any]], Any], trial_id: str, run_name: str
     return outcome.get("value")
 
 
-def _report(tune, metrics: Dict[str, Any], trial_id: str, run_name: str, storage_root: str) -> None:
+def _report(tune, metrics: Dict[str, Any], latest: Optional[Dict[str, Any]], trial_id: str, run_name: str,
+            storage_root: str) -> Optional[Dict[str, Any]]:
+    """Report ``metrics`` to Tune with a pointer to the newest training checkpoint; return that pointer.
+
+    Every report after the first checkpoint carries the pointer, not only the report that saved it:
+    when PBT asks a running trial for its checkpoint, Tune hands over the trial's *last* result, which
+    by then is often a progress report made after the checkpoint.
+    """
     path = metrics.get(CHECKPOINT_KEY)
-    if path is None:
+    if path is not None:
+        uri = _uri(storage_root, path)
+        metrics = {**metrics, CHECKPOINT_KEY: uri}
+        latest = {"uri": uri, "trial_id": trial_id, "run_name": run_name,
+                  "step": metrics.get("step"), "epoch": metrics.get("epoch")}
+    if latest is None:
         tune.report(metrics)
-        return
-    uri = _uri(storage_root, path)
-    metrics = {**metrics, CHECKPOINT_KEY: uri}
-    pointer = {"uri": uri, "trial_id": trial_id, "run_name": run_name,
-               "step": metrics.get("step"), "epoch": metrics.get("epoch")}
+        return None
     with tempfile.TemporaryDirectory(prefix="dino-pointer-") as directory:
-        (Path(directory) / POINTER_FILE).write_text(json.dumps(pointer, indent=1))
+        (Path(directory) / POINTER_FILE).write_text(json.dumps(latest, indent=1))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    return latest
 
 
 def _uri(storage_root: str, path: str) -> str:
