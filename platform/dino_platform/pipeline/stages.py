@@ -150,11 +150,10 @@ def _train_run(ctx: StageContext, name: str, stage: TrainStage, fp: str):
 
 def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
     """(checkpoint dir name, step) Ray Train will resume ``run_dir`` from, or None for a fresh run."""
-    snapshot = run_dir.child("checkpoint_manager_snapshot.json")
-    if not snapshot.exists():
-        return None
-    latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
-    if not latest.get("checkpoint_dir_name"):
+    from dino_platform.train.checkpoint import latest_registered_checkpoint
+
+    latest = latest_registered_checkpoint(run_dir)
+    if latest is None:
         return None
     return latest["checkpoint_dir_name"], int((latest.get("metrics") or {}).get("step", 0))
 

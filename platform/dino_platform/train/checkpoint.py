@@ -182,3 +182,16 @@ def read_train_state(uri: str) -> StartPoint:
                            f"from a checkpoint_step* directory that `dino train` wrote")
     state = TrainState(**json.loads(state_file.read_bytes()))
     return StartPoint(location=location, step=state.step, epoch=state.epoch)
+
+
+def latest_registered_checkpoint(run_location) -> Optional[Dict[str, Any]]:
+    """Ray Train's record of the checkpoint it resumes the run at ``run_location`` from, or None.
+
+    ``{"checkpoint_dir_name": "checkpoint_step0000004", "metrics": {"step": 4, "epoch": 1, ...}}``,
+    read from the run's ``checkpoint_manager_snapshot.json`` (written once every rank has reported).
+    """
+    snapshot = run_location.child("checkpoint_manager_snapshot.json")
+    if not snapshot.exists():
+        return None
+    latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
+    return latest if latest.get("checkpoint_dir_name") else None

@@ -73,13 +73,10 @@ class OrderedShards(ray.train.DataConfig):
 
 def _resume_epoch(run_location) -> Optional[int]:
     """Epoch of the latest registered checkpoint of the run at ``run_location`` (None if none)."""
-    import json
+    from dino_platform.train.checkpoint import latest_registered_checkpoint
 
-    snapshot = run_location.child("checkpoint_manager_snapshot.json")
-    if not snapshot.exists():
-        return None
-    latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("epoch", 0))
+    latest = latest_registered_checkpoint(run_location)
+    return None if latest is None else int((latest.get("metrics") or {}).get("epoch", 0))
 
 
 def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
