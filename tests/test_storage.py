@@ -43,7 +43,8 @@ def test_local_paths_and_file_uris(tmp_path, monkeypatch):
 def test_s3_roundtrip_through_moto(s3_bucket):
     _roundtrip(f"{s3_bucket}/prefix")
     location = resolve(f"{s3_bucket}/prefix")
-    assert isinstance(location.fs, pafs.S3FileSystem)
+    assert isinstance(location.fs, pafs.PyFileSystem)  # over the native S3FileSystem, see below
+    assert isinstance(location.fs.handler.fs, pafs.S3FileSystem)
     assert location.path == f"{s3_bucket[5:]}/prefix"
 
 

@@ -5,8 +5,17 @@ A location is a URI: a local path or ``file:///abs/path`` (the embedded default)
 reads ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE`` and the shared config/credentials files,
 ``AWS_MAX_ATTEMPTS``), so MinIO, Ceph or a test endpoint work by setting the endpoint. All I/O then
-goes through a ``pyarrow.fs.FileSystem``, the same object Ray Data reads Parquet with; transient
-S3 errors are retried by the AWS SDK's standard retry strategy inside pyarrow.
+goes through a ``pyarrow.fs.FileSystem``, the same object Ray Data reads Parquet with and Ray Train
+writes checkpoints with; transient S3 errors (throttling, 5xx, dropped connections) are retried up
+to ``max_attempts`` times by the AWS SDK's standard retry strategy inside pyarrow, and by botocore's
+standard retry mode for the boto3 client of :meth:`S3Settings.client`.
+
+What travels to Ray tasks, Ray Data read tasks and Ray Train workers is the :class:`S3Settings`,
+not a pyarrow ``S3FileSystem``: that one pickles without its retry strategy (``fs.__reduce__()``
+keeps the timeouts, not ``retry_strategy``), so a worker would fall back to pyarrow's 3 attempts.
+The filesystem of an S3 location is a ``pyarrow.fs.PyFileSystem`` over a handler that pickles as
+its settings and rebuilds the native ``S3FileSystem`` (retries and timeouts included) in the
+process that unpickles it.
 
 Usage::
 
@@ -57,10 +66,42 @@ class S3Settings:
     secret_key: Optional[str] = field(default=None, repr=False)
     session_token: Optional[str] = field(default=None, repr=False)
 
-    def filesystem(self) -> pafs.S3FileSystem:
+    def filesystem(self) -> pafs.FileSystem:
+        """The filesystem for these settings; it pickles as the settings (see the module docstring)."""
+        return pafs.PyFileSystem(S3SettingsHandler(self))
+
+    def native_filesystem(self) -> pafs.S3FileSystem:
+        """pyarrow's ``S3FileSystem`` for these settings, one per process (do not ship it to Ray)."""
+        return _native_s3_filesystem(self)
+
+    def client(self):
+        """A boto3 S3 client that retries and times out like :meth:`filesystem` does."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+                        connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S)
+        credentials = {}
+        if self.access_key:
+            credentials = dict(aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                               aws_session_token=self.session_token)
+        else:
+            from botocore import UNSIGNED
+            config = config.merge(Config(signature_version=UNSIGNED))
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                              config=config, **credentials)
+
+    def describe_endpoint(self) -> str:
+        return self.endpoint_url or f"AWS S3 (region {self.region or 'auto'})"
+
+    def _native_kwargs(self) -> dict:
         kwargs = dict(
             region=self.region,
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+            # NOTE: not AwsStandardS3RetryStrategy: inside pyarrow its retry quota is drawn on and
+            # never refilled (pyarrow does not pass successes back to it), so after ~100 retries in
+            # a process every throttled request fails at once. The default strategy has no quota;
+            # its argument counts retries, AWS_MAX_ATTEMPTS counts attempts.
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=max(0, self.max_attempts - 1)),
             connect_timeout=CONNECT_TIMEOUT_S,
             request_timeout=REQUEST_TIMEOUT_S,
         )
@@ -73,7 +114,7 @@ class S3Settings:
                           session_token=self.session_token)
         else:
             kwargs.update(anonymous=True)
-        return pafs.S3FileSystem(**kwargs)
+        return kwargs
 
     def redact(self, text: str) -> str:
         """``text`` with any credential value replaced by ``***``."""
@@ -81,6 +122,88 @@ class S3Settings:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+@functools.lru_cache(maxsize=16)
+def _native_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**settings._native_kwargs())
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client(settings: S3Settings):
+    # botocore's DEBUG records carry the signed request headers (the access key id): unless the
+    # user chose a level for it, a DEBUG run of the platform does not log them.
+    botocore_log = logging.getLogger("botocore")
+    if botocore_log.level == logging.NOTSET:
+        botocore_log.setLevel(logging.INFO)
+    return settings.client()  # boto3 clients are thread-safe; one per process and settings
+
+
+class S3SettingsHandler(pafs.FileSystemHandler):
+    """The S3 operations of :func:`S3Settings.native_filesystem`, behind a ``PyFileSystem``.
+
+    Pickles as its :class:`S3Settings`; unpickling rebuilds the native filesystem with the retry
+    strategy and timeouts. Streams and files come from the native filesystem, so the bytes never
+    pass through Python.
+    """
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+        self.fs = settings.native_filesystem()
+
+    def __reduce__(self):
+        return (S3SettingsHandler, (self.settings,))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, S3SettingsHandler) and other.settings == self.settings
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "dino-s3"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
 
 
 def _aws_environment_key() -> Tuple[Tuple[str, str], ...]:
@@ -123,14 +246,19 @@ def _resolve_s3_settings(_env_key: Tuple[Tuple[str, str], ...]) -> S3Settings:
 class Location:
     """A resolved storage location: the URI a user gave, plus the filesystem and path to reach it.
 
-    Picklable (Ray tasks and Ray Data receive it as is). ``path`` is what ``fs`` understands:
-    ``bucket/key`` for S3, an absolute path for local files.
+    Picklable (Ray tasks and Ray Data receive it as is): it pickles as its URI, path and
+    settings, and the process that unpickles it rebuilds ``fs`` from the settings (retries and
+    timeouts included). ``path`` is what ``fs`` understands: ``bucket/key`` for S3, an absolute
+    path for local files.
     """
 
     uri: str
     fs: pafs.FileSystem = field(repr=False, compare=False)
     path: str
     settings: Optional[S3Settings] = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self):
+        return (_rebuild_location, (self.uri, self.path, self.settings))
 
     @property
     def is_s3(self) -> bool:
@@ -149,9 +277,30 @@ class Location:
 
     # --- reading ---------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
+        if self.is_s3:
+            return self._read_s3_object()
         with self._errors("read"):
             with self.fs.open_input_file(self.path) as stream:
                 return stream.read()
+
+    def _read_s3_object(self) -> bytes:
+        # NOTE: whole objects are read with boto3, not pyarrow. pyarrow's ranged GET writes the
+        # response into a buffer of the object's size, so an error reply longer than a small
+        # object (a 250-byte SlowDown for a 100-byte JSON marker) breaks the stream and the SDK
+        # gives up without retrying. botocore retries it like any other throttled request.
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = self.path.partition("/")
+        try:
+            response = _s3_client(self.settings).get_object(Bucket=bucket, Key=key)
+            return response["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageNotFoundError(f"{self.uri}: does not exist") from None
+            raise StorageError(self._explain("read", OSError(f"{code}: {exc}"))) from None
+        except (BotoCoreError, OSError) as exc:
+            raise StorageError(self._explain("read", OSError(f"{type(exc).__name__}: {exc}"))) from None
 
     def exists(self) -> bool:
         with self._errors("check"):
@@ -256,10 +405,15 @@ class Location:
         if not self.is_s3:
             return f"cannot {action} {self.uri}: {detail}"
         settings = self.settings
-        endpoint = settings.endpoint_url or f"AWS S3 (region {settings.region or 'auto'})"
-        if "NETWORK_CONNECTION" in detail or "Could not connect" in detail or "curlCode" in detail:
-            hint = (f"cannot reach the S3 endpoint {endpoint}; check that it is running and that "
-                    "AWS_ENDPOINT_URL names it")
+        endpoint = settings.describe_endpoint()
+        if any(text in detail for text in ("NETWORK_CONNECTION", "Could not connect", "curlCode",
+                                           "EndpointConnectionError", "ConnectionClosedError")):
+            hint = (f"cannot reach the S3 endpoint {endpoint} after {settings.max_attempts} attempts; "
+                    "check that it is running and that AWS_ENDPOINT_URL names it")
+        elif any(code in detail for code in ("SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError",
+                                             "SERVICE_UNAVAILABLE", "ServiceUnavailable", "HTTP response code: 5")):
+            hint = (f"the S3 endpoint {endpoint} kept failing (throttling or server errors) for "
+                    f"{settings.max_attempts} attempts; retry later or raise AWS_MAX_ATTEMPTS")
         elif "NO_SUCH_BUCKET" in detail or "NoSuchBucket" in detail:
             hint = "the bucket does not exist; create it or fix the URI"
         elif "ACCESS_DENIED" in detail or "AccessDenied" in detail or "403" in detail or \
@@ -269,6 +423,42 @@ class Location:
         else:
             hint = f"endpoint {endpoint}; check AWS_ENDPOINT_URL, AWS_REGION and the credentials"
         return settings.redact(f"cannot {action} {self.uri}: {hint} ({detail})")
+
+
+DINO_HOME_DEFAULT = "~/.dino"
+
+
+def in_submitted_ray_job() -> bool:
+    """True in the driver of a job started by ``ray job submit`` (its working directory is Ray's
+    temporary copy of the uploaded one: ``.../runtime_resources/working_dir_files/_ray_pkg_<hash>``)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")) or \
+        f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}" in os.getcwd() + os.sep
+
+
+def dino_home() -> str:
+    """``$DINO_HOME``, default ``~/.dino``: where relative output roots of submitted jobs go."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("DINO_HOME") or DINO_HOME_DEFAULT))
+
+
+def output_root(uri: str) -> str:
+    """The URI an output root ``uri`` names, made absolute where it is a local path.
+
+    A relative local path is relative to the working directory, except in a submitted Ray job:
+    there the working directory is a cache Ray may evict, and its name changes with every edit of
+    the uploaded files, so a relative root goes under :func:`dino_home` instead and the next
+    submit finds the earlier run.
+    """
+    if "://" in uri:
+        return uri
+    expanded = os.path.expanduser(uri)
+    if not os.path.isabs(expanded) and in_submitted_ray_job():
+        return os.path.normpath(os.path.join(dino_home(), expanded))
+    return os.path.abspath(expanded)
+
+
+def _rebuild_location(uri: str, path: str, settings: Optional[S3Settings]) -> Location:
+    fs = settings.filesystem() if settings is not None else pafs.LocalFileSystem()
+    return Location(uri, fs, path, settings)
 
 
 def resolve(uri: str) -> Location:
