@@ -1,7 +1,9 @@
 """The headline command, for real: a Ray head started with ``ray start --head`` on loopback, the smoke
-pipeline submitted with ``ray job submit --working-dir .``, stopped during fine-tuning, resubmitted
-(continues from the fine-tune's last checkpoint, then evaluates, registers and predicts), and
-resubmitted once more (trains nothing). The registered version and its tags are read back from MLflow.
+pipeline submitted with ``ray job submit --working-dir .`` and its relative output root, stopped
+during fine-tuning, a file of the working dir edited, resubmitted (continues from the fine-tune's
+last checkpoint, then evaluates, registers and predicts), and resubmitted once more (trains
+nothing). The outputs live under ``$DINO_HOME``, not in Ray's per-upload copy of the working dir.
+The registered version and its tags are read back from MLflow.
 
 The head is this test's own: fresh ports, its own --temp-dir, stopped by signalling its
 ``ray start --block`` process (``ray stop`` would stop every Ray instance on the machine).
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -66,7 +69,7 @@ def ray_head(tmp_path_factory):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_job_api(address, head)
-        yield address
+        yield types.SimpleNamespace(address=address, temp_dir=Path(temp_dir))
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
         try:
@@ -92,18 +95,23 @@ def _wait_for_job_api(address: str, head: subprocess.Popen) -> None:
     raise TimeoutError(f"the Ray job API at {address} did not come up in 240 s")
 
 
-def _submit(address: str, output_root: Path, commit: str) -> str:
-    """``ray job submit --working-dir .`` of the smoke pipeline; returns the submission id."""
+def _submit(address: str, working_dir: Path, output_root: str, dino_home: Path, commit: str) -> str:
+    """``ray job submit --working-dir .`` of the smoke pipeline from ``working_dir``; returns the submission id."""
     runtime_env = yaml.safe_load((REPO / "clusters" / "job_runtime_env.yaml").read_text())
     runtime_env["excludes"] = [*runtime_env["excludes"], "/.git/", "/runs/", "/tests/fixtures/"]
     runtime_env["env_vars"] = {"DINO_GIT_COMMIT": commit, "RAY_USAGE_STATS_ENABLED": "0",
-                               "MLFLOW_DISABLE_TELEMETRY": "true"}
+                               "MLFLOW_DISABLE_TELEMETRY": "true", "DINO_HOME": str(dino_home)}
     submission = f"pipeline-{uuid.uuid4().hex[:8]}"
     subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
                     "--no-wait", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
                     *ENTRY, "--set", f"output_root={output_root}"],
-                   cwd=REPO, env=_env(), check=True, capture_output=True, text=True, timeout=300)
+                   cwd=working_dir, env=_env(), check=True, capture_output=True, text=True, timeout=300)
     return submission
+
+
+def _working_dir_copies(ray_temp_dir: Path) -> list:
+    """Ray's per-upload copies of the working dir (named by a hash of the uploaded files)."""
+    return sorted(ray_temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
 
 
 def _wait(address: str, submission: str, timeout: float = 900) -> str:
@@ -146,7 +154,18 @@ def test_submitted_pipeline_resumes_registers_and_skips(ray_head, tmp_path):
     from dino_platform.data.manifest import read_manifest
     from dino_platform.registry.models import git_commit
 
-    output_root = tmp_path / "smoke"
+    # The user's checkout (pipelines/ is all the runtime env uploads) and a relative output root:
+    # it must land under $DINO_HOME, where the next submit finds it, whatever the upload's hash.
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "pipelines", checkout / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    dino_home = tmp_path / "dino_home"
+    relative_root = f"runs/e2e-{uuid.uuid4().hex[:6]}"
+    output_root = dino_home / relative_root
+    address = ray_head.address
+
+    def submit() -> str:
+        return _submit(address, checkout, relative_root, dino_home, commit)
+
     commit = git_commit(str(REPO))
     timings = {}
 
@@ -154,19 +173,19 @@ def test_submitted_pipeline_resumes_registers_and_skips(ray_head, tmp_path):
     # directory is uploaded before Ray Train records it in checkpoint_manager_snapshot.json; a stop in
     # between leaves nothing to resume (a fast CI host hit that window), so wait for the snapshot.
     started = time.time()
-    first = _submit(ray_head, output_root, commit)
+    first = submit()
     deadline = time.time() + 900
     while not _resumable_finetune(output_root):
         from ray.job_submission import JobSubmissionClient
 
-        status = JobSubmissionClient(ray_head).get_job_status(first)
+        status = JobSubmissionClient(address).get_job_status(first)
         assert str(status.value) in ("PENDING", "RUNNING"), f"job ended ({status}) before fine-tuning:\n" \
-                                                            f"{_logs(ray_head, first)[-6000:]}"
+                                                            f"{_logs(address, first)[-6000:]}"
         assert time.time() < deadline, "fine-tuning wrote no checkpoint in 900 s"
         time.sleep(0.5)
-    subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head, first],
+    subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", address, first],
                    env=_env(), check=True, capture_output=True, timeout=120)
-    assert _wait(ray_head, first, timeout=180) == "STOPPED"
+    assert _wait(address, first, timeout=180) == "STOPPED"
     timings["until stopped in fine-tuning"] = time.time() - started
     state = _state(output_root)
     assert state["stages"]["pretrain"]["status"] == "done"
@@ -174,18 +193,26 @@ def test_submitted_pipeline_resumes_registers_and_skips(ray_head, tmp_path):
     assert state["stages"]["finetune"]["status"] in ("interrupted", "running"), \
         f"the stop came after fine-tuning had finished: {state['stages']['finetune']}"
 
-    # 2. resubmit: pretraining is skipped, fine-tuning continues from its last checkpoint, the rest runs
+    # 2. edit a file of the working dir (a new upload, a new copy), resubmit: pretraining is skipped,
+    # fine-tuning continues from its last checkpoint, the rest runs
+    entry = checkout / "pipelines" / "o365_pretrain_coco_ft.py"
+    entry.write_text(entry.read_text() + "\n# edited between two submits\n")
     started = time.time()
-    second = _submit(ray_head, output_root, commit)
-    assert _wait(ray_head, second) == "SUCCEEDED", _logs(ray_head, second)[-8000:]
+    second = submit()
+    assert _wait(address, second) == "SUCCEEDED", _logs(address, second)[-8000:]
     timings["resumed run"] = time.time() - started
     run = _state(output_root)["runs"][-1]
     actions = {name: a["action"] for name, a in run["actions"].items()}
     assert actions == {"ingest": "skipped", "pretrain": "skipped", "finetune": "resumed", "evaluate": "ran",
                        "register": "ran", "predict": "ran"}, run
     assert run["actions"]["finetune"]["resumed_from_step"] > 0
-    logs = _logs(ray_head, second)
+    logs = _logs(address, second)
     assert "resumed at step" in logs and "stage pretrain: skipped" in logs
+    assert f"results go to {output_root}" in logs
+    assert "Failed to query Ray Train Controller" not in logs
+    copies = _working_dir_copies(ray_head.temp_dir)
+    assert len(copies) >= 2, copies  # the edit gave the second submit a copy of its own
+    assert not [c for c in copies if (c / "runs").exists()], "outputs landed in Ray's working-dir copy"
 
     # the registered version, its tags and the alias, read back from the job's MLflow store
     state = _state(output_root)
@@ -216,12 +243,12 @@ def test_submitted_pipeline_resumes_registers_and_skips(ray_head, tmp_path):
     # 3. resubmit the finished pipeline: nothing is trained, evaluated or registered again
     before = _checkpoints(output_root)
     started = time.time()
-    third = _submit(ray_head, output_root, commit)
-    assert _wait(ray_head, third) == "SUCCEEDED", _logs(ray_head, third)[-8000:]
+    third = submit()
+    assert _wait(address, third) == "SUCCEEDED", _logs(address, third)[-8000:]
     timings["re-run of the finished pipeline"] = time.time() - started
     run = _state(output_root)["runs"][-1]
     assert {a["action"] for a in run["actions"].values()} == {"skipped"}, run
     assert _checkpoints(output_root) == before
-    assert "run finetune" not in _logs(ray_head, third)  # the trainer's start line never appears
+    assert "run finetune" not in _logs(address, third)  # the trainer's start line never appears
     assert len(client.search_model_versions("name = 'dino-coco'")) == 1
     print("e2e timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))

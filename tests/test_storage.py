@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import socket
 
@@ -82,3 +83,18 @@ def test_bad_uris():
         resolve("gs://bucket/x")
     with pytest.raises(StorageError, match="needs a bucket"):
         resolve("s3:///x")
+
+
+def test_relative_output_root_of_a_submitted_job_goes_under_dino_home(tmp_path, monkeypatch):
+    from dino_platform.storage import output_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert output_root("runs/x") == str(tmp_path / "runs" / "x")  # a plain run: the working dir
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` sets for the driver
+    monkeypatch.setenv("DINO_HOME", str(tmp_path / "home"))
+    assert output_root("./runs/x") == str(tmp_path / "home" / "runs" / "x")
+    assert output_root(str(tmp_path / "abs")) == str(tmp_path / "abs")
+    assert output_root("s3://bucket/p") == "s3://bucket/p"
+    monkeypatch.delenv("DINO_HOME")
+    assert output_root("runs/x") == os.path.expanduser("~/.dino/runs/x")

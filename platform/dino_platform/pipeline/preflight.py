@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.spec import EvaluateStage, IngestStage, PipelineSpec, PredictStage, TrainStage
+from dino_platform.ray_session import init_local_ray, state_api_runtime_env
 
 log = logging.getLogger("dino.pipeline")
 
@@ -32,9 +33,10 @@ def connect_ray(spec: PipelineSpec) -> str:
         return "the Ray instance this process already uses"
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=state_api_runtime_env(address))
         return f"Ray cluster at {address}"
-    ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    # the dashboard on, its State API named: Ray Train's PlacementGroupCleaner needs it (ray_session)
+    init_local_ray(num_cpus=spec.ray.num_cpus, log_to_driver=True)
     return f"a local Ray instance ({spec.ray.num_cpus or 'all'} CPUs)"
 
 

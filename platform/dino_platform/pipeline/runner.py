@@ -77,7 +77,7 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
 
     started = time.time()
     where = connect_ray(spec)
-    _warn_if_output_is_temporary(spec)
+    _note_where_output_goes(spec)
     capacity = preflight(spec)  # everything that can fail before work starts
     log.info("pipeline %s on %s (%s); output root %s", spec.name, where,
              ", ".join(f"{k} {v:g}" for k, v in sorted(capacity.items()) if k in ("CPU", "GPU")), spec.output_root)
@@ -147,10 +147,13 @@ def _ensure_experiment(ctx: StageContext) -> None:
         client.create_experiment(ctx.spec.experiment, artifact_location=location)
 
 
-def _warn_if_output_is_temporary(spec: PipelineSpec) -> None:
+def _note_where_output_goes(spec: PipelineSpec) -> None:
+    from dino_platform.storage import in_submitted_ray_job
+
     given = str(spec.raw.get("output_root", ""))
     relative = "://" not in given and not os.path.isabs(os.path.expanduser(given))
-    if relative and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        log.warning("output_root %s is relative: inside `ray job submit` that is the job's temporary copy of "
-                    "the working directory; pass --set output_root=/absolute/path (or s3://...) to keep results",
-                    spec.output_root)
+    if relative and in_submitted_ray_job():
+        log.info("output_root %s is relative and this is a submitted Ray job: results go to %s ($DINO_HOME, "
+                 "default ~/.dino), not into Ray's temporary copy of the working dir; on a multi-node "
+                 "cluster pass --set output_root=s3://... so every node writes to the same place",
+                 given, spec.output_root)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 
 from dino_platform.errors import ConfigError
+from dino_platform.storage import output_root as storage_output_root
 from dino_platform.train.config import TrainConfig, parse_section
 
 STAGE_KINDS = ("ingest", "train", "evaluate", "register", "predict")
@@ -405,9 +406,9 @@ def _build_spec(raw: Dict[str, Any]) -> PipelineSpec:
     for name, value in stages_raw.items():
         _check_name("stages", name)
         stages[name] = _build_stage(name, value)
-    output_root = raw["output_root"]
-    if "://" not in output_root:  # local: absolute from here on (Ray workers have other working dirs)
-        output_root = os.path.abspath(os.path.expanduser(output_root))
+    # local: absolute from here on (Ray workers have other working dirs); relative in a submitted
+    # job: under $DINO_HOME, not in Ray's temporary copy of the working dir
+    output_root = storage_output_root(raw["output_root"])
     return PipelineSpec(
         name=raw["name"], output_root=output_root, datasets=datasets, stages=stages,
         ray=parse_section(RaySpec, raw.get("ray") or {}, "ray"),

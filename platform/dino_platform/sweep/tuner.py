@@ -171,26 +171,11 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
 
 
 def _start_ray(options: Dict[str, Any]) -> None:
-    """Connect to (or start) Ray with what a sweep's stopped trials need to give their CPUs back.
+    """Connect to (or start) Ray with what a sweep's stopped trials need to give their CPUs back
+    (see :mod:`dino_platform.ray_session`: the dashboard on, and a local instance's State API named)."""
+    from dino_platform.ray_session import init_ray
 
-    When ASHA or PBT stops a trial, its Train controller dies with it, and Ray Train's
-    PlacementGroupCleaner frees the workers' placement group only once the State API (served by the
-    dashboard) says the controller is gone. So the dashboard stays on, and a local instance started
-    here tells its processes where its State API is (``RAY_API_SERVER_ADDRESS``, inherited by every
-    worker): with a second Ray instance on the host the cleaner's own lookup fails ("Found multiple
-    active Ray instances") and, measured on 2 cores, the stopped trials' CPUs stayed reserved.
-    """
-    import socket
-
-    import ray
-
-    options = dict(options)
-    if options.get("address") == "local" and "dashboard_port" not in options:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            options["dashboard_port"] = probe.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
-    ray.init(include_dashboard=True, **options)
+    init_ray(options)
 
 
 # ---------------------------------------------------------------------------------------------
