@@ -111,7 +111,8 @@ def _submit(address: str, working_dir: Path, output_root: str, dino_home: Path, 
 
 def _working_dir_copies(ray_temp_dir: Path) -> list:
     """Ray's per-upload copies of the working dir (named by a hash of the uploaded files)."""
-    return sorted(ray_temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+    found = ray_temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+    return sorted({p.resolve() for p in found if p.is_dir()})  # session_latest links to the session
 
 
 def _wait(address: str, submission: str, timeout: float = 900) -> str:
