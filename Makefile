@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv ext test test-fast demo bench bench-msda cuda-compile-check clean
+.PHONY: venv ext test test-fast demo demo-compare bench bench-msda cuda-compile-check clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ test-fast: venv ext
 
 demo: venv
 	$(PY) pipelines/o365_pretrain_coco_ft.py --preset smoke
+
+# the same fine-tune from the backbone's initialisation instead of the Objects365 class-map
+# transfer; after `make demo` only finetune..predict re-run, and the registry keeps the better model
+demo-compare: venv
+	$(PY) pipelines/o365_pretrain_coco_ft.py --preset smoke --set stages.finetune.init=null
 
 bench: venv
 	$(PY) benchmarks/bench_model.py

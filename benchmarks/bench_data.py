@@ -7,6 +7,13 @@ shards on S3 through Ray Data vs JPEG files on local disk) and who schedules the
     .venv/bin/python benchmarks/bench_data.py                       # 256 COCO-sized images, official scales
     .venv/bin/python benchmarks/bench_data.py --scale 0.4 --images 512
     .venv/bin/python benchmarks/bench_data.py --record              # also append a row to RESULTS.md
+    .venv/bin/python benchmarks/bench_data.py --soak 100000 --record # augmentation soak: zero errors?
+
+``--soak N`` renders N training samples (``make_sample``: a real JPEG decode, the plan, the
+pixels) at the official scales (``--scale``, default 1.0: short side 480..800, max 1333) over
+pictures of random COCO-like sizes (200-1000 px a side, plus thin and tiny ones), each image's
+plan drawn from ``(seed, epoch, image_id)`` as in training, on ``--cpus`` processes, and counts
+the samples that raise (there must be none) and the plans the old float geometry crashed on.
 
 The S3 endpoint is moto's server on loopback unless AWS_ENDPOINT_URL is already set (then the
 run uses that endpoint and the bucket named by --bucket, which must exist).
@@ -175,6 +182,88 @@ def bench_row_formats(root: Path, cfg, rows: int = 16, repeats: int = 4) -> dict
     return {name: round(min(values), 1) for name, values in timings.items()}
 
 
+def _soak_pictures(count: int, seed: int):
+    """(image_id, width, height, jpeg bytes, boxes xywh) of ``count`` synthetic pictures of random
+    COCO-like sizes, with a few degenerate shapes (thin, tiny) among them."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    pictures = []
+    extremes = [(1, 1), (1, 300), (300, 1), (7, 5), (2000, 40), (40, 2000)]
+    for index in range(count):
+        width, height = extremes[index] if index < len(extremes) else (int(v) for v in rng.integers(200, 1001, 2))
+        picture = Image.fromarray(rng.integers(0, 256, (max(1, height // 16), max(1, width // 16), 3), np.uint8)
+                                  ).resize((width, height), Image.BILINEAR)
+        boxes = []
+        for _ in range(3):
+            bw, bh = max(1, int(width * rng.uniform(0.1, 0.5))), max(1, int(height * rng.uniform(0.1, 0.5)))
+            bx, by = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
+            ImageDraw.Draw(picture).rectangle([bx, by, bx + bw - 1, by + bh - 1], outline=(255, 255, 255), width=2)
+            boxes.append([bx, by, bw, bh])
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=90)
+        pictures.append((1000 + index, width, height, buffer.getvalue(), np.array(boxes, np.float64)))
+    return pictures
+
+
+def _soak_chunk(args):
+    """Render samples ``start..stop`` (sample k: picture k % P, epoch k // P); returns counts."""
+    pictures, scale, seed, start, stop = args
+    from dino_platform.data.transforms import TrainTransformConfig, make_sample, sample_rng, sample_train_plan
+
+    cfg = TrainTransformConfig.scaled(scale) if scale != 1.0 else TrainTransformConfig()
+    counts = {"samples": 0, "errors": 0, "crop": 0, "flip": 0, "old_geometry_crash": 0, "size_mismatch": 0}
+    first_error = None
+    for k in range(start, stop):
+        image_id, width, height, data, boxes = pictures[k % len(pictures)]
+        epoch = k // len(pictures)
+        plan = None
+        try:
+            plan = sample_train_plan(width, height, cfg, sample_rng(seed, epoch, image_id))
+            sample = make_sample(data, width, height, boxes, np.ones(len(boxes), np.int64), np.zeros(len(boxes), np.int64),
+                                 image_id, plan)
+            counts["size_mismatch"] += tuple(sample["image"].shape[2:0:-1]) != plan.out_size
+        except Exception as exc:  # counted and reported: the soak's point
+            counts["errors"] += 1
+            first_error = first_error or f"image {image_id} ({width}x{height}) epoch {epoch} plan {plan}: {exc!r}"
+            continue
+        counts["samples"] += 1
+        counts["crop"] += plan.crop is not None
+        counts["flip"] += plan.flip
+        if plan.crop is not None and plan.flip:  # the old mapping: far edge past width -> negative offset
+            left, _, crop_width, _ = plan.crop
+            counts["old_geometry_crash"] += width - (left + crop_width) * (width / plan.crop_resize[0]) < 0
+    counts["first_error"] = first_error
+    return counts
+
+
+def soak(samples: int, scale: float, cpus: int, seed: int = 0, pictures: int = 500) -> dict:
+    import multiprocessing
+
+    pool_pictures = _soak_pictures(pictures, seed)
+    chunk = 2000
+    jobs = [(pool_pictures, scale, seed, start, min(samples, start + chunk)) for start in range(0, samples, chunk)]
+    import resource
+
+    def cpu_seconds():  # this process and its reaped children (the pool's workers, once closed)
+        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+
+    cpu_before, started = cpu_seconds(), time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(cpus)
+    parts = pool.map(_soak_chunk, jobs, chunksize=1)
+    pool.close()
+    pool.join()
+    wall = time.perf_counter() - started
+    total = {key: sum(p[key] for p in parts) for key in parts[0] if key != "first_error"}
+    total["first_error"] = next((p["first_error"] for p in parts if p["first_error"]), None)
+    total.update(scale=scale, pictures=pictures, cpus=cpus, wall_s=round(wall, 1),
+                 cpu_s=round(cpu_seconds() - cpu_before, 1), load_average_1min=round(os.getloadavg()[0], 1))
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
@@ -186,7 +275,21 @@ def main() -> int:
     parser.add_argument("--map-batch-size", type=int, default=16, help="rows per Ray Data decode task")
     parser.add_argument("--bucket", default="bench-data")
     parser.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
+    parser.add_argument("--soak", type=int, metavar="N", help="render N augmented samples, count errors (see above)")
     args = parser.parse_args()
+    if args.soak:
+        result = soak(args.soak, args.scale, args.cpus)
+        print(json.dumps(result, indent=1))
+        if args.record:
+            line = (f"| data soak: {result['samples'] + result['errors']} training samples rendered (real JPEG decode, "
+                    f"scale {args.scale}, {result['pictures']} pictures 200-1000 px + thin/tiny ones) | "
+                    f"{platform.machine()} {os.cpu_count()} cores, {args.cpus} processes (load "
+                    f"{result['load_average_1min']}) | {datetime.date.today()} | {result['errors']} errors, "
+                    f"{result['size_mismatch']} size mismatches; {result['old_geometry_crash']} plans the old "
+                    f"geometry crashed on; {result['cpu_s']} CPU-s ({result['wall_s']} s wall) |\n")
+            with Path(__file__).with_name("RESULTS.md").open("a") as handle:
+                handle.write(line)
+        return 0 if result["errors"] == 0 and result["size_mismatch"] == 0 else 1
 
     import ray
 

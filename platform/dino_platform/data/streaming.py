@@ -24,6 +24,8 @@ with the same seed.
 """
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,7 +33,7 @@ import pyarrow as pa
 import torch
 
 from dino_platform.data.manifest import Manifest, read_manifest, shard_locations, verify_shards
-from dino_platform.errors import DataError
+from dino_platform.errors import ConfigError, DataError
 from dino_platform.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample,
     normalize_into, sample_rng, sample_train_plan, transform_configs,
@@ -40,8 +42,12 @@ from dino_platform.data.transforms import (
 __all__ = ["build_train_dataset", "build_eval_dataset", "collate", "read_manifest", "verify_shards",
            "dataset_size", "Manifest"]
 
-READ_COLUMNS = ["image_id", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
+READ_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
+SAMPLE_ERROR_POLICIES = ("fail", "skip")
+SAMPLE_ERRORS_DIR = "sample_errors"  # under the run directory: one JSON record per skipped sample
 MAP_BATCH_SIZE = 16  # rows per decode task: big enough to amortise task overhead, small for memory
+
+log = logging.getLogger("dino.data")
 
 TrainTransform = Union[TrainTransformConfig, Mapping[str, Any], None]
 EvalTransform = Union[EvalTransformConfig, Mapping[str, Any], None]
@@ -73,25 +79,63 @@ def _flat_lists(column: pa.ChunkedArray, width: int = 0) -> Tuple[np.ndarray, np
     return offsets, values.to_numpy(zero_copy_only=False)
 
 
+def _sample_failure(exc: BaseException, image_id: int, file_name: str, width: int, height: int,
+                    train_cfg: Optional[TrainTransformConfig], seed: int, epoch: int, plan) -> str:
+    """One line that names the sample and reproduces it with one call."""
+    if train_cfg is not None:
+        where = (f"training sample: image id {image_id}, file {file_name!r} ({width}x{height}), "
+                 f"epoch {epoch}, seed {seed}, plan {plan}; reproduce with "
+                 f"transforms.sample_train_plan({width}, {height}, cfg, transforms.sample_rng({seed}, {epoch}, {image_id}))")
+    else:
+        where = (f"evaluation sample: image id {image_id}, file {file_name!r} ({width}x{height}), plan {plan}; "
+                 f"reproduce with transforms.eval_plan({width}, {height}, cfg)")
+    return f"{where} then transforms.make_sample(...): {type(exc).__name__}: {exc}"
+
+
+def _placeholder(image_id: int, width: int, height: int) -> Dict[str, np.ndarray]:
+    return {"image": np.zeros((3, 1, 1), np.uint8), "labels": np.zeros(0, np.int64),
+            "boxes": np.zeros((0, 4), np.float32), "image_id": np.int64(image_id),
+            "orig_size": np.array([height, width], np.int64), "size": np.array([1, 1], np.int64)}
+
+
 def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
-                     eval_cfg: Optional[EvalTransformConfig], seed: int, epoch: int) -> Dict[str, Any]:
+                     eval_cfg: Optional[EvalTransformConfig], seed: int, epoch: int,
+                     on_sample_error: str = "fail", error_log=None) -> Dict[str, Any]:
     epoch += _execution_index() if train_cfg is not None else 0
     image_ids = batch.column("image_id").to_numpy()
     widths, heights = batch.column("width").to_numpy(), batch.column("height").to_numpy()
+    file_names = (batch.column("file_name").to_pylist() if "file_name" in batch.column_names
+                  else [""] * batch.num_rows)
     encoded = batch.column("image").to_pylist()
     box_offsets, boxes = _flat_lists(batch.column("boxes"), width=4)
     label_offsets, labels = _flat_lists(batch.column("category_ids"))
     _, crowd = _flat_lists(batch.column("iscrowd"))
     columns: Dict[str, list] = {k: [] for k in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
+    errors: List[str] = []
     for row in range(batch.num_rows):
         width, height, image_id = int(widths[row]), int(heights[row]), int(image_ids[row])
         lo, hi = label_offsets[row], label_offsets[row + 1]
-        if train_cfg is not None:
-            plan = sample_train_plan(width, height, train_cfg, sample_rng(seed, epoch, image_id))
-        else:
-            plan = eval_plan(width, height, eval_cfg)
-        sample = make_sample(encoded[row], width, height, boxes[box_offsets[row] * 4:box_offsets[row + 1] * 4],
-                             labels[lo:hi], crowd[lo:hi], image_id, plan)
+        plan, error = None, ""
+        try:
+            if train_cfg is not None:
+                plan = sample_train_plan(width, height, train_cfg, sample_rng(seed, epoch, image_id))
+            else:
+                plan = eval_plan(width, height, eval_cfg)
+            sample = make_sample(encoded[row], width, height, boxes[box_offsets[row] * 4:box_offsets[row + 1] * 4],
+                                 labels[lo:hi], crowd[lo:hi], image_id, plan)
+        except Exception as exc:  # any failure of one sample: named, then failed or skipped by policy
+            error = _sample_failure(exc, image_id, file_names[row], width, height, train_cfg, seed, epoch, plan)
+            if on_sample_error != "skip":
+                raise DataError(f"{error} (set data.on_sample_error: skip to leave such samples out)") from exc
+            log.warning("skipped %s", error)
+            if error_log is not None:
+                record = {"image_id": image_id, "file": file_names[row], "epoch": epoch if train_cfg else None,
+                          "seed": seed if train_cfg else None, "plan": repr(plan), "error": error}
+                stage = "train" if train_cfg is not None else "eval"
+                error_log.child(f"{stage}_epoch{epoch:04d}_image{image_id}.json").write_bytes(
+                    json.dumps(record).encode())
+            sample = _placeholder(image_id, width, height)
+        errors.append(error)
         for key, value in sample.items():
             columns[key].append(value)
     return {
@@ -101,7 +145,16 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
         "image_id": np.asarray(columns["image_id"], dtype=np.int64),
         "orig_size": np.stack(columns["orig_size"]),
         "size": np.stack(columns["size"]),
+        # "" for a good sample; the failure for one that on_sample_error=skip left in as a placeholder
+        # (rows keep their count, so equal shards and the epoch plan hold; ``collate`` drops them)
+        "sample_error": np.asarray(errors, dtype=object),
     }
+
+
+def _check_policy(on_sample_error: str) -> str:
+    if on_sample_error not in SAMPLE_ERROR_POLICIES:
+        raise ConfigError(f"data.on_sample_error: one of {', '.join(SAMPLE_ERROR_POLICIES)}, got {on_sample_error!r}")
+    return on_sample_error
 
 
 def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: int):
@@ -122,27 +175,36 @@ def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: i
 
 
 def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *, epoch: int = 0,
-                        batch_size: int = MAP_BATCH_SIZE):
+                        batch_size: int = MAP_BATCH_SIZE, on_sample_error: str = "fail", error_log=None):
     """A Ray Dataset of augmented training samples from the shard directory ``shards_uri``.
 
     ``transform``: a TrainTransformConfig, or a mapping accepted by ``transforms.transform_configs``
     (None: the official recipe). ``epoch``: the epoch of the first pass (set it when resuming).
+    ``on_sample_error``: ``fail`` raises a ``DataError`` naming the sample (image id, file, epoch,
+    seed, plan); ``skip`` leaves it out (a placeholder row with ``sample_error`` set, which
+    ``collate`` drops) and writes a JSON record under ``error_log`` (a storage Location) if given.
     """
     cfg = _train_config(transform)
+    _check_policy(on_sample_error)
     return _read_shards(shards_uri, shuffle_seed=seed, rows_per_block=batch_size).map_batches(
         _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        fn_kwargs={"train_cfg": cfg, "eval_cfg": None, "seed": int(seed), "epoch": int(epoch)})
+        fn_kwargs={"train_cfg": cfg, "eval_cfg": None, "seed": int(seed), "epoch": int(epoch),
+                   "on_sample_error": on_sample_error, "error_log": error_log})
 
 
-def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batch_size: int = MAP_BATCH_SIZE):
+def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batch_size: int = MAP_BATCH_SIZE,
+                       on_sample_error: str = "fail", error_log=None):
     """A Ray Dataset of evaluation samples (deterministic resize) from ``shards_uri``.
 
     ``transform``: an EvalTransformConfig, or the same mapping given to ``build_train_dataset``.
+    ``on_sample_error``/``error_log``: as for ``build_train_dataset``.
     """
     cfg = _eval_config(transform)
+    _check_policy(on_sample_error)
     return _read_shards(shards_uri, shuffle_seed=None, rows_per_block=batch_size).map_batches(
         _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        fn_kwargs={"train_cfg": None, "eval_cfg": cfg, "seed": 0, "epoch": 0})
+        fn_kwargs={"train_cfg": None, "eval_cfg": cfg, "seed": 0, "epoch": 0,
+                   "on_sample_error": on_sample_error, "error_log": error_log})
 
 
 def dataset_size(shards_uri: str) -> int:
@@ -153,9 +215,22 @@ def dataset_size(shards_uri: str) -> int:
 def _rows_of(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Mapping[str, Any]]:
     if isinstance(batch, Mapping):
         count = len(batch["image_id"])
-        return [{key: batch[key][i] for key in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
+        rows = [{key: batch[key][i] for key in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
                 for i in range(count)]
-    return list(batch)
+        if "sample_error" in batch:
+            rows = [row for row, error in zip(rows, batch["sample_error"]) if not error]
+        return rows
+    return [row for row in batch if not row.get("sample_error")]
+
+
+def skipped_samples(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Tuple[int, str]]:
+    """``(image_id, error)`` of the rows of ``batch`` that ``on_sample_error: skip`` left out."""
+    if isinstance(batch, Mapping):
+        errors = batch.get("sample_error")
+        if errors is None:
+            return []
+        return [(int(i), str(e)) for i, e in zip(batch["image_id"], errors) if e]
+    return [(int(row["image_id"]), str(row["sample_error"])) for row in batch if row.get("sample_error")]
 
 
 def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to_multiple: int = 1,
@@ -163,7 +238,8 @@ def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to
             ) -> Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]:
     """Normalise and pad a batch of samples into the model's inputs.
 
-    ``batch``: a numpy batch from ``iter_batches(batch_format="numpy")`` or a list of row dicts.
+    ``batch``: a numpy batch from ``iter_batches(batch_format="numpy")`` or a list of row dicts;
+    rows with a ``sample_error`` (skipped by ``data.on_sample_error: skip``) are left out.
     uint8 images are standardised with ``mean``/``std``; float images are taken as already
     standardised. Returns ``images float32 [B, 3, H, W]`` (zero padding right/bottom to the largest
     picture, rounded up to ``pad_to_multiple``), ``mask bool [B, H, W]`` (True = padding) and one
@@ -172,7 +248,7 @@ def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to
     """
     rows = _rows_of(batch)
     if not rows:
-        raise ValueError("collate: empty batch")
+        raise ValueError("collate: empty batch (or every sample of it was skipped by data.on_sample_error)")
     shapes = [np.shape(row["image"]) for row in rows]
     height, width = max(s[1] for s in shapes), max(s[2] for s in shapes)
     if pad_to_multiple > 1:

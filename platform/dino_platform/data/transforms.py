@@ -128,16 +128,27 @@ def transform_configs(mapping: Optional[Mapping[str, Any]]) -> Tuple[TrainTransf
 # --- geometry ------------------------------------------------------------------------------------
 def resized_size(width: int, height: int, short_side: int, max_size: Optional[int]) -> Tuple[int, int]:
     """(width, height) after resizing the short side to ``short_side`` with the long side capped at
-    ``max_size`` — the official rule, integer truncation included."""
+    ``max_size`` — the official rule, integer truncation included.
+
+    NOTE: the official rule can return a zero side for extreme aspect ratios (a 1 x 4000 picture
+    with ``max_size`` 266 gets a short side of ``round(0.07)`` = 0). Here both sides are at least 1
+    pixel, and when the short side had to be raised to 1 the long side is capped at ``max_size``.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"resized_size: the picture is {width} x {height} pixels")
+    raised = False
     if max_size is not None:
         short, long = float(min(width, height)), float(max(width, height))
         if long / short * short_side > max_size:
             short_side = int(round(max_size * short / long))
+            if short_side < 1:
+                short_side, raised = 1, True
     if (width <= height and width == short_side) or (height <= width and height == short_side):
         return width, height
-    if width < height:
-        return short_side, int(short_side * height / width)
-    return int(short_side * width / height), short_side
+    long_side = max(1, int(short_side * max(width, height) / min(width, height)))
+    if raised:
+        long_side = min(long_side, max_size)
+    return (short_side, long_side) if width < height else (long_side, short_side)
 
 
 @dataclass(frozen=True)
@@ -200,31 +211,63 @@ def transform_boxes(boxes: np.ndarray, width: int, height: int, plan: GeometricP
 
 
 def source_rectangle(width: int, height: int, plan: GeometricPlan) -> Tuple[float, float, float, float]:
-    """The region (x0, y0, x1, y1) of the *unflipped* source picture that becomes the output."""
+    """The region (x0, y0, x1, y1) of the *unflipped* source picture that becomes the output.
+
+    Inside the picture by construction: ``0 <= x0 < x1 <= width`` and ``0 <= y0 < y1 <= height``.
+    The crop's integer edges are mapped with one rounding each (``edge * width / rw``: an exact
+    integer product, then one correctly rounded division), so an edge at ``rw`` maps to exactly
+    ``width`` and the flip ``width - x`` cannot go below 0. The clamps only guard the invariant.
+    """
     if plan.crop is None:
-        x0, y0, x1, y1 = 0.0, 0.0, float(width), float(height)
-    else:
-        rw, rh = plan.crop_resize
-        left, top, cw, ch = plan.crop
-        sx, sy = width / rw, height / rh
-        x0, y0, x1, y1 = left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+        return 0.0, 0.0, float(width), float(height)
+    rw, rh = plan.crop_resize
+    left, top, cw, ch = plan.crop
+    x0, x1 = left * width / rw, (left + cw) * width / rw
+    y0, y1 = top * height / rh, (top + ch) * height / rh
     if plan.flip:
         x0, x1 = width - x1, width - x0
+    x0, x1 = min(max(x0, 0.0), float(width)), min(max(x1, 0.0), float(width))
+    y0, y1 = min(max(y0, 0.0), float(height)), min(max(y1, 0.0), float(height))
     return x0, y0, x1, y1
+
+
+def check_plan(width: int, height: int, plan: GeometricPlan) -> None:
+    """Raise ``ValueError`` unless ``plan`` is renderable for a ``width x height`` picture."""
+    if width < 1 or height < 1:
+        raise ValueError(f"the picture is {width} x {height} pixels")
+    if min(plan.out_size) < 1:
+        raise ValueError(f"output size {plan.out_size}")
+    if plan.crop is not None:
+        rw, rh = plan.crop_resize
+        left, top, cw, ch = plan.crop
+        if not (0 <= left and 0 <= top and cw >= 1 and ch >= 1 and left + cw <= rw and top + ch <= rh):
+            raise ValueError(f"crop {plan.crop} is not inside the resized picture {plan.crop_resize}")
 
 
 # --- pixels --------------------------------------------------------------------------------------
 def render(encoded: bytes, width: int, height: int, plan: GeometricPlan) -> Image.Image:
-    """Decode ``encoded`` and produce the plan's output picture (RGB, ``plan.out_size``)."""
+    """Decode ``encoded`` and produce the plan's output picture (RGB, ``plan.out_size``).
+
+    ``width``/``height``: the picture's size as recorded by the ingest; a file whose decoded size
+    differs raises ``ValueError`` (its boxes would not line up).
+    """
+    check_plan(width, height, plan)
     x0, y0, x1, y1 = source_rectangle(width, height, plan)
     out_w, out_h = plan.out_size
     picture = Image.open(io.BytesIO(encoded))
+    if picture.size != (width, height):
+        raise ValueError(f"the file decodes to {picture.size[0]} x {picture.size[1]} pixels, "
+                         f"the shard records {width} x {height}")
     if picture.format == "JPEG":
         reduction = min(out_w / (x1 - x0), out_h / (y1 - y0))
         if reduction < 0.5:  # libjpeg can decode at 1/2, 1/4, 1/8 scale for a fraction of the cost
             picture.draft("RGB", (math.ceil(width * reduction), math.ceil(height * reduction)))
-            sx, sy = picture.size[0] / width, picture.size[1] / height
-            x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
+            # libjpeg rounds the reduced size up: its picture spans the whole source, so the
+            # rectangle scales by the size ratio and is clamped to the reduced picture again
+            dw, dh = picture.size
+            sx, sy = dw / width, dh / height
+            x0, x1 = min(x0 * sx, float(dw)), min(x1 * sx, float(dw))
+            y0, y1 = min(y0 * sy, float(dh)), min(y1 * sy, float(dh))
     if picture.mode != "RGB":
         picture = picture.convert("RGB")
     picture = picture.resize((out_w, out_h), Image.BILINEAR, box=(x0, y0, x1, y1))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from dino_platform.errors import DataError
@@ -63,8 +64,13 @@ def evaluate_shard(
     from dino_platform.train.batches import iter_collated
 
     predictions, drawings = [], []
+
+    def no_detections(skipped):  # a sample data.on_sample_error=skip left out is scored as no detections
+        predictions.extend(ImagePrediction(image_id, np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                                           np.zeros(0, np.int64)) for image_id, _ in skipped)
+
     for images, mask, targets in iter_collated(shard, batch_size=batch_size, drop_last=False,
-                                               normalization=normalization):
+                                               normalization=normalization, on_skipped=no_detections):
         batch_predictions = predict_batch(model, postprocessor, images, mask, targets, max_detections)
         predictions.extend(batch_predictions)
         if len(drawings) < num_drawn:
@@ -191,7 +197,8 @@ def run_evaluation(
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=ray.train.RunConfig(name="eval", storage_path=storage),
-            datasets={"eval": build_eval_dataset(data_uri, transform)},
+            datasets={"eval": build_eval_dataset(
+                data_uri, transform, on_sample_error=recorded.get("data", {}).get("on_sample_error", "fail"))},
             dataset_config=OrderedShards(),
         )
         result = trainer.fit()

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from dino_platform.pipeline.context import Executor, StageContext
 from dino_platform.pipeline.model_stages import EVALUATE, PREDICT, REGISTER
@@ -38,6 +38,7 @@ class PipelineResult:
     outputs: Dict[str, Dict[str, Any]]
     actions: Dict[str, Dict[str, Any]]
     seconds: float
+    curves_png: Optional[str] = None  # loss and validation AP of every training stage, one timeline
 
     def summary(self) -> str:
         """Where to look: state file, checkpoints, registry, predictions, and the MLflow UI command."""
@@ -68,6 +69,12 @@ class PipelineResult:
         if registered:
             lines.append(f"  try it:       MLFLOW_TRACKING_URI={self.tracking_uri} dino predict --model "
                          f"{registered[-1]['alias_uri']} IMAGE... --out predictions/")
+        # the last lines: the result, and the picture of how training got there
+        evaluated = [(n, o["metrics"]) for n, o in self.outputs.items() if spec.stages[n].kind == "evaluate"]
+        for name, m in evaluated[-1:]:
+            lines.append(f"result ({name}): AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}")
+        if self.curves_png:
+            lines.append(f"training curves: {self.curves_png}")
         return "\n".join(lines)
 
 
@@ -92,8 +99,49 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
         state.end_run("interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed")
         raise
     state.end_run("done")
+    curves = _training_curves(ctx)
     return PipelineResult(spec=spec, state_uri=state.uri, tracking_uri=ctx.tracking_uri, outputs=ctx.outputs,
-                          actions=state.run["actions"], seconds=time.time() - started)
+                          actions=state.run["actions"], seconds=time.time() - started, curves_png=curves)
+
+
+def _training_curves(ctx: StageContext) -> Optional[str]:
+    """``<output_root>/training_curves.png``: training loss and validation AP of the training stages
+    against one step axis (each stage continues where the one before it ended), also logged to
+    the last training stage's MLflow run as ``curves/pipeline.png``. None without training stages."""
+    from mlflow import MlflowClient
+
+    from dino_platform.storage import resolve
+    from dino_platform.tracking import plot_curves
+
+    client = MlflowClient(ctx.tracking_uri)
+    losses: Dict[str, list] = {}
+    aps: Dict[str, list] = {}
+    offset, last_run = 0, None
+    for name, out in ctx.outputs.items():
+        if ctx.spec.stages[name].kind != "train" or not out.get("run_id"):
+            continue
+        history = {metric: [(m.step + offset, m.value) for m in client.get_metric_history(out["run_id"], metric)]
+                   for metric in ("loss", "eval/AP", "eval/AP50")}
+        losses[name] = history["loss"]
+        for metric in ("eval/AP", "eval/AP50"):
+            if history[metric]:
+                aps[f"{name} {metric[5:]}"] = history[metric]
+        offset = max([offset] + [s for s, _ in history["loss"]])
+        last_run = out["run_id"]
+    if last_run is None:
+        return None
+    panels = {"training loss (weighted)": losses}
+    if aps:
+        panels["validation COCO AP"] = aps
+    figure = plot_curves(panels)
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    target = resolve(ctx.spec.output_root).child("training_curves.png")
+    target.write_bytes(buffer.getvalue())
+    client.log_figure(last_run, figure, "curves/pipeline.png")
+    return target.uri
 
 
 def _run_stage(ctx: StageContext, name: str, stage) -> None:

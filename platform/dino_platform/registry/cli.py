@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
     predict.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
     predict.add_argument("--preset", help="dino_core preset, for official .pth files")
     predict.add_argument("--num-classes", type=int, help="class-head size, for official .pth files")
+    predict.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                         help="an image that cannot be decoded or transformed: stop (default) or leave it out "
+                              "and list it in detections.json")
     predict.set_defaults(func=_predict)
 
 
@@ -49,9 +52,12 @@ def _predict(args: argparse.Namespace) -> int:
     if args.max_drawn is not None and args.max_drawn < 1:
         raise ConfigError(f"--max-drawn: {args.max_drawn} must be >= 1")
     document = predict_to_directory(detector, images, args.out, threshold=args.threshold,
-                                    max_detections=args.max_detections, max_drawn=args.max_drawn)
+                                    max_detections=args.max_detections, max_drawn=args.max_drawn,
+                                    on_error=args.on_error)
     for item in document["images"]:
         drawn = sum(d["drawn"] for d in item["detections"])
         print(f"{item['png']}  ({drawn} boxes >= {args.threshold})")
+    for item in document["skipped"]:
+        print(f"skipped {item['file']}: {item['error']}")
     print(document["json"])
     return 0

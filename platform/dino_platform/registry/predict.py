@@ -50,7 +50,12 @@ class Detector:
         width, height = picture.size
         _, eval_cfg = transform_configs(self.transform)
         plan = eval_plan(width, height, eval_cfg)
-        image = torch.from_numpy(normalize(render(data, width, height, plan), eval_cfg.mean, eval_cfg.std))[None]
+        try:
+            rendered = render(data, width, height, plan)
+        except Exception as exc:  # named with the plan, so it reproduces with one call
+            raise DataError(f"cannot transform the {width}x{height} image with {plan} "
+                            f"({type(exc).__name__}: {exc})") from exc
+        image = torch.from_numpy(normalize(rendered, eval_cfg.mean, eval_cfg.std))[None]
         mask = torch.zeros((1, image.shape[2], image.shape[3]), dtype=torch.bool)
         outputs = self.model(image, mask)
         (result,) = self.postprocessor(outputs, torch.tensor([[height, width]]))
@@ -136,23 +141,34 @@ def _checkpoint_categories(recorded: Mapping[str, Any], num_classes: int) -> Dic
 
 def predict_to_directory(detector: Detector, images: Sequence[Tuple[str, bytes]], out_dir: str,
                          threshold: float = 0.3, max_detections: int = 100,
-                         max_drawn: Optional[int] = None) -> Dict[str, Any]:
+                         max_drawn: Optional[int] = None, on_error: str = "fail") -> Dict[str, Any]:
     """Write ``<stem>.png`` (boxes with score >= ``threshold`` drawn, the best ``max_drawn`` at most)
     per image and ``detections.json``.
 
     Returns the JSON document: ``{"model": ..., "threshold": ..., "images": [{"file", "png",
     "width", "height", "detections": [...]}]}``; every detection up to ``max_detections`` is listed
     with its score (threshold and max_drawn only decide what is drawn, flagged ``"drawn": true``).
+    ``on_error``: ``fail`` raises a ``DataError`` naming the image that cannot be decoded or
+    transformed; ``skip`` leaves it out and lists it under ``"skipped"`` (``{"file", "error"}``).
     """
+    if on_error not in ("fail", "skip"):
+        raise ConfigError(f"on_error: one of fail, skip; got {on_error!r}")
     from dino_platform.storage import resolve
     from dino_platform.tracking import draw_detections
 
     out = resolve(out_dir)
     out.ensure_dir()
-    document: Dict[str, Any] = {"model": detector.source, "threshold": threshold, "images": []}
+    document: Dict[str, Any] = {"model": detector.source, "threshold": threshold, "images": [], "skipped": []}
     used_names: set = set()
     for name, data in images:
-        picture, detections = detector.detect(data, max_detections=max_detections)
+        try:
+            picture, detections = detector.detect(data, max_detections=max_detections)
+        except DataError as exc:
+            if on_error != "skip":
+                raise DataError(f"{name}: {exc} (--on-error skip leaves such images out)") from exc
+            log.warning("skipped %s: %s", name, exc)
+            document["skipped"].append({"file": name, "error": str(exc)})
+            continue
         drawn = [d for d in detections if d["score"] >= threshold][:max_drawn]
         for index, d in enumerate(detections):
             d["drawn"] = d["score"] >= threshold and (max_drawn is None or index < max_drawn)

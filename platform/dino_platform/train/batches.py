@@ -1,7 +1,7 @@
 """Collated batches from a worker's dataset shard (samples from ``data.streaming``, in shard order)."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -9,16 +9,30 @@ import torch
 Batch = Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]
 
 
-def iter_collated(shard, batch_size: int, drop_last: bool, normalization: Tuple[Sequence[float], Sequence[float]]
-                  ) -> Iterator[Batch]:
+def iter_collated(shard, batch_size: int, drop_last: bool, normalization: Tuple[Sequence[float], Sequence[float]],
+                  on_skipped: Optional[Callable[[List[Tuple[int, str]]], None]] = None) -> Iterator[Batch]:
     """``(images [B,3,H,W], mask [B,H,W] True=padding, targets)`` batches, in the shard's row order.
 
     ``normalization``: the (mean, std) of the job's transform config, applied by ``collate``.
+    Samples that ``data.on_sample_error: skip`` left out are not in the batches; ``on_skipped``
+    gets their ``(image_id, error)``. A batch left with no sample is not yielded when
+    ``drop_last`` is False (evaluation); in training (``drop_last``) it raises, since every rank
+    must take the same number of steps.
     """
-    from dino_platform.data.streaming import collate
+    from dino_platform.data.streaming import collate, skipped_samples
+    from dino_platform.errors import DataError
 
     mean, std = normalization
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last):
+        skipped = skipped_samples(batch)
+        if skipped and on_skipped is not None:
+            on_skipped(skipped)
+        if len(skipped) == len(batch["image_id"]):
+            if drop_last:
+                raise DataError(f"every sample of a training micro-batch of {len(skipped)} failed and was skipped "
+                                f"(first: {skipped[0][1]}); a larger batch_size_per_worker or a fix of the data "
+                                "is needed")
+            continue
         yield collate(batch, mean=mean, std=std)
 
 

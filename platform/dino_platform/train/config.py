@@ -93,6 +93,9 @@ class DataConfig:
     eval_uri: Optional[str] = None
     # forwarded to dino_platform.data.streaming (e.g. {max_size: 256}); validated there
     transform: Dict[str, Any] = field(default_factory=dict)
+    # a sample whose decode/transform fails: "fail" stops the run with the sample named; "skip"
+    # leaves it out, counts it (metric data/skipped_samples) and lists it (artifact sample_errors.json)
+    on_sample_error: str = "fail"
 
 
 @dataclass
@@ -304,6 +307,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
     if not cfg.data.train_uri:
         raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
+    if cfg.data.on_sample_error not in ("fail", "skip"):
+        raise ConfigError(f"data.on_sample_error: one of fail, skip; got {cfg.data.on_sample_error!r}")
     _positive("eval.batch_size", e.batch_size)
     _positive("eval.max_detections", e.max_detections)
     _non_negative("eval.num_logged_images", e.num_logged_images)

@@ -105,7 +105,9 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     with ``cfg``'s hyper-parameters; once the run has checkpoints of its own, those win.
     """
     from dino_platform.data.manifest import read_ground_truth
-    from dino_platform.data.streaming import build_eval_dataset, build_train_dataset, dataset_size, read_manifest
+    from dino_platform.data.streaming import (
+        SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, dataset_size, read_manifest,
+    )
     from dino_platform.train.checkpoint import read_train_state, weights_location
 
     if not ray.is_initialized():
@@ -114,13 +116,14 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     if categories and max(categories) >= cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is too small for category id "
                           f"{max(categories)} of {cfg.data.train_uri}; use {max(categories) + 1}")
-    datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed)}
-    if cfg.data.eval_uri:
-        datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform)
-    plan = plan_epochs(dataset_size(cfg.data.train_uri), cfg)
-
     storage = resolve(cfg.run.storage_path)
     run_dir = storage.child(cfg.run.name).uri
+    error_log = storage.child(cfg.run.name).child(SAMPLE_ERRORS_DIR)
+    policy = {"on_sample_error": cfg.data.on_sample_error, "error_log": error_log}
+    datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed, **policy)}
+    if cfg.data.eval_uri:
+        datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform, **policy)
+    plan = plan_epochs(dataset_size(cfg.data.train_uri), cfg)
     start = read_train_state(start_from) if start_from else None
     tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
     trainer = TorchTrainer(
@@ -160,14 +163,29 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
         checkpoint, metrics, error = result.checkpoint, result.metrics, result.error
     except Exception as exc:  # TrainingFailedError: workers failed more than max_failures times
         checkpoint, metrics, error = None, None, exc
+    skipped = _skipped_samples(error_log)
     if tracking is not None:
-        from dino_platform.tracking import finish_run
+        from dino_platform.tracking import MetricsLogger, finish_run
 
+        if skipped:
+            logger = MetricsLogger(tracking)
+            logger.log_metrics({"data/skipped_samples": len(skipped)}, step=0)
+            logger.log_dict({"skipped": skipped}, "sample_errors.json")
         finish_run(tracking, status="FAILED" if error else "FINISHED")
     outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_dir, tracking=tracking, error=error)
     if error is not None:
         raise error
     return outcome
+
+
+def _skipped_samples(error_log) -> List[Dict[str, Any]]:
+    """The records ``data.on_sample_error: skip`` wrote for this run (all its passes), in file order."""
+    import json
+
+    records = [json.loads(error_log.child(name).read_bytes()) for name in sorted(error_log.list_files())]
+    if records:
+        log.warning("%d samples were skipped (data.on_sample_error: skip); listed in %s", len(records), error_log.uri)
+    return records
 
 
 def _open_tracking(cfg: TrainConfig, run_dir: str):

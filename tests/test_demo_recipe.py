@@ -1,0 +1,45 @@
+"""The demo's fine-tune recipe learns a detector: `make demo` shows a model that works, not only plumbing.
+
+Trains the smoke preset's ``finetune`` stage exactly as ``pipelines/o365_pretrain_coco_ft.yaml``
+declares it (data, model, schedule, workers, seed) but from the backbone's initialisation
+(``init: null``, i.e. ``make demo-compare``), which skips the pretraining stage and so halves the
+cost. The recipe is read from the YAML, so a change to the demo is tested here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "o365_pretrain_coco_ft.yaml"
+# NOTE: not yet calibrated by a run of this test (the shared machine was saturated). The bound is set
+# from the issue's data point: this data and model from scratch reached AP50 0.38 after 210 steps
+# without an lr drop; the recipe has 180 steps with one. 0.15 leaves a wide margin for float
+# differences across CPUs, which change the trajectory, not the outcome. Raise it once measured.
+MIN_AP50 = 0.15
+
+
+def test_the_demo_finetune_recipe_reaches_a_useful_ap50(ray_local, tmp_path):
+    """Cost: one 180-step, 2-worker training of dino_tiny at <=160 px plus 3 evaluations of 40 images;
+    estimated ~3 min on an idle 2-core machine from the demo's figures (wall time not yet measured)."""
+    from dino_platform.data.ingest import IngestConfig, ingest
+    from dino_platform.data.synth import SynthConfig, generate
+    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.train.trainer import run_training
+
+    spec = load_spec(SPEC, preset="smoke", overrides=[f"output_root={tmp_path}", "stages.finetune.init=null"])
+    stage = spec.stages["finetune"]
+    for name in (stage.train_data, stage.eval_data):
+        s = spec.datasets[name].synth
+        raw = tmp_path / "raw" / name
+        generate(SynthConfig(kind=s.kind, images=s.images, seed=s.seed, size=tuple(s.size)), str(raw))
+        ingest(IngestConfig(format=spec.datasets[name].format, annotations_uri=str(raw / "annotations.json"),
+                            images_uri=str(raw / "images"), out_uri=spec.shards_uri(name),
+                            shard_size=spec.datasets[name].shard_size, parallel=False))
+    cfg = spec.train_config("finetune", run_name="recipe")
+    outcome = run_training(cfg)
+    ap50 = outcome.metrics["eval/AP50"]
+    print(f"fine-tune recipe from scratch: AP {outcome.metrics['eval/AP']:.4f} AP50 {ap50:.4f}")
+    assert ap50 >= MIN_AP50, outcome.metrics
