@@ -52,7 +52,8 @@ def _evaluate_run(ctx: StageContext, name: str, stage: EvaluateStage, fp: str):
     data_uri = ctx.spec.shards_uri(stage.data)
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
     result = run_evaluation(checkpoint, data_uri, num_workers=r.workers or 1, batch_size=stage.batch_size,
-                            max_detections=stage.max_detections, model=model_section, transform=transform,
+                            detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
+                            engine=stage.engine, model=model_section, transform=transform,
                             use_gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker or 0.5)
     stats = result["stats"]
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
@@ -60,7 +61,7 @@ def _evaluate_run(ctx: StageContext, name: str, stage: EvaluateStage, fp: str):
     run_id = _log_evaluation(ctx, name, stage, checkpoint, result, lineage, fp)
     log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], run_id)
     outputs = {"checkpoint": checkpoint, "metrics": stats, "run_id": run_id, "model": model_section,
-               "transform": transform, "data": stage.data, "lineage": lineage}
+               "transform": transform, "data": stage.data, "lineage": lineage, "protocol": result["protocol"]}
     return outputs, {"AP": stats["AP"], "AP50": stats["AP50"]}
 
 
@@ -69,13 +70,16 @@ def _log_evaluation(ctx: StageContext, name: str, stage: EvaluateStage, checkpoi
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from dino_platform.evaluation.coco_eval import protocol_tags
+
     client = MlflowClient(ctx.tracking_uri)
     experiment = client.get_experiment_by_name(ctx.spec.experiment)
     producers = [run for run in lineage.get("runs", {}).values() if run]
     tags = {"dino.pipeline": ctx.spec.name, "dino.stage": name, "dino.fingerprint": fp, "checkpoint": checkpoint,
             "data": stage.data, "git_commit": ctx.git_commit,
             **{f"parent_run.{s}": run for s, run in lineage.get("runs", {}).items() if run},
-            **{f"data_digest.{d}": digest for d, digest in lineage.get("datasets", {}).items()}}
+            **{f"data_digest.{d}": digest for d, digest in lineage.get("datasets", {}).items()},
+            **protocol_tags(result["protocol"])}
     if producers:
         tags["mlflow.parentRunId"] = producers[-1]  # shown nested under the run that trained the checkpoint
     run = client.create_run(experiment.experiment_id, run_name=f"{name}-{fp[:10]}", tags=tags)
@@ -128,7 +132,8 @@ def _register_run(ctx: StageContext, name: str, stage: RegisterStage, fp: str):
     categories = read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories
     registration = register_evaluated(
         ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"], evaluation["checkpoint"],
-        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags)
+        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags,
+        protocol=evaluation.get("protocol"))
     outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
                "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
                "champion_version": registration.champion_version, "promoted": registration.promoted,

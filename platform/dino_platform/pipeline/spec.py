@@ -175,7 +175,11 @@ class EvaluateStage:
     transform: Optional[Dict[str, Any]] = None
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     batch_size: int = 2
-    max_detections: int = 100
+    # the COCO AP protocol, as in `dino train`'s eval section (evaluation.coco_eval.EvalProtocol):
+    # null = official DINO (all num_select detections), 100 = COCO-challenge top 100 per image
+    detections_per_image: Optional[int] = None
+    max_dets: int = 100
+    engine: str = "faster_coco_eval"
 
 
 @dataclass

@@ -11,6 +11,7 @@ import re
 from typing import Any, Dict, Optional, Tuple
 
 from dino_platform.errors import ConfigError
+from dino_platform.evaluation.coco_eval import EvalProtocol
 from dino_platform.pipeline.spec import (NAME_PATTERN, STAGE_OUTPUTS, DatasetSpec, EvaluateStage, IngestStage,
                                          ModelSpec, PipelineSpec, PredictStage, RegisterStage, ResourcesSpec,
                                          SourceRef, TrainStage, class_maps, deep_merge, did_you_mean)
@@ -62,8 +63,13 @@ def validate_spec(spec: PipelineSpec) -> None:
             if stage.model is not None:
                 _validate_model(f"{where}.model", stage.model)
             _validate_resources(f"{where}.resources", stage.resources)
-            if stage.batch_size < 1 or stage.max_detections < 1:
-                raise ConfigError(f"{where}.batch_size/max_detections: must be >= 1")
+            if stage.batch_size < 1:
+                raise ConfigError(f"{where}.batch_size: must be >= 1")
+            try:
+                EvalProtocol(detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
+                             engine=stage.engine)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{exc}") from None
         elif isinstance(stage, RegisterStage):
             if earlier.get(stage.evaluation) != "evaluate":
                 _missing_stage(f"{where}.evaluation", stage.evaluation, earlier, "evaluate", ("metrics",))
