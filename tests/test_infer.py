@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
 
 TRANSFORM = {"scale": 0.15}  # short side 96 px: cheap on CPU
 PART_SIZE = 8
@@ -67,6 +66,7 @@ def _rows(out_uri: str):
     return rows
 
 
+@pytest.mark.slow
 def test_infer_matches_predict_lists_corrupt_images_and_resumes(ray_local, s3_bucket, inputs, tmp_path):
     """Measured: ~TBD s on 2 busy cores."""
     from dino_platform.infer.job import InferConfig, run_inference
@@ -153,3 +153,24 @@ def _matched(row, expected):
         pairs[0].extend(mine_boxes[i][rows]), pairs[1].extend(their_boxes[j][cols])
         pairs[2].extend(mine_scores[i][rows]), pairs[3].extend(their_scores[j][cols])
     return (np.asarray(pairs[0]), np.asarray(pairs[1])), (np.asarray(pairs[2]), np.asarray(pairs[3]))
+
+
+SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "o365_pretrain_coco_ft.yaml"
+
+
+def test_pipeline_infer_stage_is_typed_and_validated(tmp_path):
+    from dino_platform.errors import ConfigError
+    from dino_platform.pipeline.spec import InferStage, load_spec
+
+    def spec(*overrides):
+        return load_spec(SPEC, preset="smoke", overrides=[f"output_root={tmp_path / 'out'}", *overrides])
+
+    loaded = spec("stages.dets={kind: infer, model: {stage: register}, dataset: coco_val, concurrency: 2}")
+    stage = loaded.stages["dets"]
+    assert isinstance(stage, InferStage) and stage.concurrency == 2 and stage.threshold == 0.05
+    with pytest.raises(ConfigError, match=r"stages\.dets\.threshold: 2.0 must be in \[0, 1\]"):
+        spec("stages.dets={kind: infer, model: {stage: register}, dataset: coco_val, threshold: 2.0}")
+    with pytest.raises(ConfigError, match=r"stages\.dets: give either images"):
+        spec("stages.dets={kind: infer, model: {stage: register}}")
+    with pytest.raises(ConfigError, match=r"stages\.dets\.model\.stage: reads model or checkpoint from 'ingest'"):
+        spec("stages.dets={kind: infer, model: {stage: ingest}, images: /tmp}")

@@ -84,14 +84,18 @@ class InferConfig:
             raise ConfigError("infer.model: required (models:/name@alias or a checkpoint URI)")
         if not self.out:
             raise ConfigError("infer.out: required (a directory or s3:// prefix)")
+        self.validate_fields("infer")
+
+    def validate_fields(self, where: str) -> None:
+        """The numeric settings; ``where`` names them in errors (``infer``, ``stages.NAME``)."""
         if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"infer.threshold: {self.threshold} must be in [0, 1]")
+            raise ConfigError(f"{where}.threshold: {self.threshold} must be in [0, 1]")
         for name in ("concurrency", "batch_size", "part_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"infer.{name}: {getattr(self, name)} must be >= 1")
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)} must be >= 1")
         for name in ("cpus_per_actor", "cpus_per_decode_task"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"infer.{name}: {getattr(self, name)} must be > 0")
+                raise ConfigError(f"{where}.{name}: {getattr(self, name)} must be > 0")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The stages after training: evaluate (COCO AP, an MLflow run), register (a registry version +
-the champion decision) and predict (drawn PNGs + JSON from the registered model)."""
+the champion decision), predict (drawn PNGs + JSON from the registered model) and infer (batch
+inference on Ray Data: Parquet detections + manifest)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 from dino_platform.errors import DataError, StorageError
 from dino_platform.pipeline.context import Executor, StageContext, weights_identity, weights_source
-from dino_platform.pipeline.spec import EvaluateStage, PredictStage, RegisterStage, stage_config_dict
+from dino_platform.pipeline.spec import EvaluateStage, InferStage, PredictStage, RegisterStage, stage_config_dict
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
 
@@ -158,7 +159,7 @@ def _register_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
 # predict
 
 
-def _predict_model(ctx: StageContext, stage: PredictStage) -> Tuple[str, Dict[str, Any]]:
+def _predict_model(ctx: StageContext, stage) -> Tuple[str, Dict[str, Any]]:
     """(model reference for load_detector, what identifies it) of a predict stage."""
     ref = stage.model
     if ref.stage and ctx.spec.stages[ref.stage].kind == "register":
@@ -221,6 +222,42 @@ def _predict_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
         return False
 
 
+# ---------------------------------------------------------------------------------------------
+# infer
+
+
+def _infer_fingerprint(ctx: StageContext, name: str, stage: InferStage) -> str:
+    _, identity = _predict_model(ctx, stage)
+    data = ctx.dataset_digest(stage.dataset) if stage.dataset else None
+    return fingerprint("infer", stage_config_dict(stage), identity, data)
+
+
+def _infer_run(ctx: StageContext, name: str, stage: InferStage, fp: str):
+    from dino_platform.infer.job import MANIFEST_FILE, InferConfig, run_inference
+
+    model_ref, identity = _predict_model(ctx, stage)
+    out = stage.out or f"{ctx.spec.output_root.rstrip('/')}/detections/{name}"
+    manifest = run_inference(InferConfig(
+        model=model_ref, out=out, images=stage.images,
+        shards=ctx.spec.shards_uri(stage.dataset) if stage.dataset else None, threshold=stage.threshold,
+        concurrency=stage.concurrency, batch_size=stage.batch_size, part_size=stage.part_size,
+        coco_json=stage.coco_json, cpus_per_actor=stage.cpus_per_actor, use_gpu=stage.use_gpu,
+        tracking_uri=ctx.tracking_uri))
+    outputs = {"out": resolve(out).uri, "manifest": resolve(out).child(MANIFEST_FILE).uri, "model": model_ref,
+               "model_identity": identity, "digest": manifest["digest"], "counts": manifest["counts"]}
+    return outputs, {"images": manifest["counts"]["images"], "failed": manifest["counts"]["failed"],
+                     "digest": manifest["digest"]}
+
+
+def _infer_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
+    try:
+        manifest = json.loads(resolve(outputs["manifest"]).read_bytes())
+        return manifest.get("digest") == outputs["digest"]
+    except (StorageError, KeyError, ValueError):
+        return False
+
+
 EVALUATE = Executor(_evaluate_fingerprint, _evaluate_run, _evaluate_outputs_exist)
 REGISTER = Executor(_register_fingerprint, _register_run, _register_outputs_exist)
 PREDICT = Executor(_predict_fingerprint, _predict_run, _predict_outputs_exist)
+INFER = Executor(_infer_fingerprint, _infer_run, _infer_outputs_exist)
