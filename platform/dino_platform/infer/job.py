@@ -249,6 +249,12 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
         if not ray.is_initialized():
             ray.init(include_dashboard=False)
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cfg.concurrency * cfg.cpus_per_actor + cfg.cpus_per_decode_task > cpus:
+            # actors hold their CPUs for the whole job: with none left, no decode task ever runs
+            log.warning("infer: %d actors x %.2g CPU + a %.2g-CPU decode task exceed the cluster's %.3g CPUs; "
+                        "the job waits until the cluster grows (lower --concurrency or --cpus-per-actor)",
+                        cfg.concurrency, cfg.cpus_per_actor, cfg.cpus_per_decode_task, cpus)
         _, eval_cfg = transform_configs(detector.transform)
         dataset = _source_dataset(cfg, source, todo, eval_cfg)
         predicted = dataset.map_batches(

@@ -228,7 +228,10 @@ def _predict_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
 
 def _infer_fingerprint(ctx: StageContext, name: str, stage: InferStage) -> str:
     _, identity = _predict_model(ctx, stage)
-    data = ctx.dataset_digest(stage.dataset) if stage.dataset else None
+    if stage.dataset:
+        data = ctx.dataset_digest(stage.dataset)
+    else:  # the listing: new or changed images under the prefix re-run the stage (finished parts are kept)
+        data = fingerprint(sorted(resolve(stage.images).file_sizes().items()))
     return fingerprint("infer", stage_config_dict(stage), identity, data)
 
 
