@@ -125,6 +125,26 @@ def test_infer_matches_predict_lists_corrupt_images_and_resumes(ray_local, s3_bu
     assert resumed["digest"] == manifest["digest"]  # same images and model, another store: same content
     assert all(f in [p["file"] for p in resumed["parts"]] for f in written)
 
+    # shards input (`dino ingest` output): one part per shard, image ids carried through
+    from dino_platform.data.ingest import IngestConfig, ingest
+    from dino_platform.data.manifest import read_ground_truth
+    from dino_platform.data.synth import SynthConfig, generate
+
+    generate(SynthConfig(kind="coco", images=6, seed=9, size=(128, 96)), str(tmp_path / "small"))
+    ingest(IngestConfig(format="coco", annotations_uri=str(tmp_path / "small" / "annotations.json"),
+                        images_uri=str(tmp_path / "small" / "images"), out_uri=str(tmp_path / "shards"),
+                        parallel=False, shard_size=4))
+    from_shards = run_inference(InferConfig(model=inputs["checkpoint"], shards=str(tmp_path / "shards"),
+                                            out=str(tmp_path / "dets-shards"), threshold=0.0, cpus_per_actor=0.5))
+    assert from_shards["counts"]["parts"] == 2 and from_shards["counts"]["images"] == 6
+    shard_rows = _rows(str(tmp_path / "dets-shards"))
+    truth = {img["id"]: img for img in read_ground_truth(str(tmp_path / "shards"))["images"]}
+    assert sorted(r["image_id"] for r in shard_rows) == sorted(truth)
+    row = shard_rows[0]
+    _, expected = detector.detect((tmp_path / "small" / "images" / truth[row["image_id"]]["file_name"]).read_bytes())
+    boxes, _ = _matched(row, expected)
+    np.testing.assert_allclose(boxes[0], boxes[1], atol=0.005 + 1e-4)
+
 
 def _size(path: Path):
     from PIL import Image
