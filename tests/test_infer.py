@@ -68,7 +68,8 @@ def _rows(out_uri: str):
 
 @pytest.mark.slow
 def test_infer_matches_predict_lists_corrupt_images_and_resumes(ray_local, s3_bucket, inputs, tmp_path):
-    """Measured: ~TBD s on 2 busy cores."""
+    """Measured: 185 s (images part only, load average ~20) and 831 s (with the shards part, load
+    average 48) on the shared 2-core box; most of it is actor start-up (torch import) under load."""
     from dino_platform.infer.job import InferConfig, run_inference
     from dino_platform.registry.predict import load_detector
     from dino_platform.storage import resolve
