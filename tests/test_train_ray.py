@@ -165,7 +165,7 @@ def test_consolidated_checkpoint_matches_deepspeed_and_reproduces_outputs(refere
     model.eval()
     rows = list(build_eval_dataset(shards["val"], TRANSFORM).iter_rows())
     images, mask, targets = collate(rows)
-    fresh = {p.image_id: p for p in predict_batch(model, postprocessor, images, mask, targets, max_detections=100)}
+    fresh = {p.image_id: p for p in predict_batch(model, postprocessor, images, mask, targets)}
 
     client = MlflowClient(reference.tracking.tracking_uri)
     logged = client.download_artifacts(reference.tracking.run_id, "eval/step_0000004/coco_eval.json")
@@ -255,3 +255,41 @@ def test_evaluation_does_not_depend_on_workers_or_batch_size(reference, shards):
         assert result["detections"] == baseline["detections"], key
     in_training = MlflowClient(reference.tracking.tracking_uri).get_run(reference.tracking.run_id).data.metrics
     assert in_training["eval/AP"] == baseline["stats"]["AP"]  # 2 workers, batch 2, during training
+
+
+def test_dino_eval_equals_pycocotools_on_every_num_select_detection(reference, shards):
+    """The official DINO protocol: all num_select detections per image straight into pycocotools."""
+    import dino_core
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from dino_platform.data.manifest import read_ground_truth
+    from dino_platform.data.streaming import build_eval_dataset, collate
+    from dino_platform.evaluation.coco_eval import STAT_NAMES
+    from dino_platform.evaluation.inference import predict_batch
+    from dino_platform.evaluation.runner import run_evaluation
+
+    with reference.checkpoint.as_directory() as directory:
+        result = run_evaluation(str(directory), shards["val"])
+        state = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True)
+    model, _, postprocessor = dino_core.build_model("dino_tiny", num_classes=91)
+    dino_core.load_official_state_dict(model, state, strict=True)
+    model.eval()
+    images, mask, targets = collate(list(build_eval_dataset(shards["val"], TRANSFORM).iter_rows()))
+    predictions = predict_batch(model, postprocessor, images, mask, targets)
+    assert all(len(p.scores) == postprocessor.num_select for p in predictions)
+    assert result["protocol"]["num_select"] == postprocessor.num_select
+    assert result["protocol"]["detections_per_image"] is None and result["num_detections"] == 4 * postprocessor.num_select
+
+    gt = COCO()
+    gt.dataset = read_ground_truth(shards["val"])
+    gt.createIndex()
+    dt = gt.loadRes([{"image_id": p.image_id, "category_id": int(c), "score": float(s),
+                      "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+                     for p in predictions for b, s, c in zip(p.boxes, p.scores, p.labels)])
+    evaluator = COCOeval(gt, dt, iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    for name, value in zip(STAT_NAMES, evaluator.stats):
+        assert result["stats"][name] == pytest.approx(float(value), abs=1e-9), name

@@ -16,6 +16,7 @@ COMMAND_MODULES: List[str] = [
     "data.cli",       # dino synth, dino ingest
     "train.cli",      # dino train, dino eval
     "registry.cli",   # dino predict
+    "infer.cli",      # dino infer
 ]
 
 

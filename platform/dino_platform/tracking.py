@@ -104,6 +104,11 @@ class MetricsLogger:
     def log_image(self, image, artifact_file: str) -> None:
         self.client.log_image(self.target.run_id, image, artifact_file=artifact_file)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.target.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
 
 def finish_run(target: TrackingTarget, status: str = "FINISHED") -> None:
     """Draw loss and AP curves from the logged history, attach them, and close the run."""

@@ -1,19 +1,26 @@
-"""COCO box AP with pycocotools, from per-image ground truth and predictions gathered off the workers.
+"""COCO box AP from per-image ground truth and detections gathered off the workers.
 
 Ground truth is rebuilt from the evaluation shards themselves (the same rows the workers predicted
 on), so the score covers exactly the images evaluated. Labels are the dataset's own category ids
 (models are built with ``num_classes = max id + 1``), so results need no id remapping; detections
 whose label is not one of the dataset's categories are ignored, as pycocotools ignores unknown ids.
+
+The protocol (``EvalProtocol``) is the official DINO one by default: every post-processed detection
+(``num_select``, 300 for the presets) goes to the evaluator, whose ``maxDets`` (100) caps detections
+per image *per category*. The COCO-challenge rule (at most 100 per image across classes) is
+``detections_per_image=100``. Two engines compute the same numbers: ``faster_coco_eval`` (C++,
+the default) and ``pycocotools`` (the reference); tests/test_eval_engines.py holds them to 1e-9.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+ENGINES = ("faster_coco_eval", "pycocotools")
 
 
 @dataclass
@@ -43,6 +50,101 @@ class ImagePrediction:
     labels: np.ndarray
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How detections are scored; recorded with every result so that only like is compared with like.
+
+    num_select: detections per image the postprocessor keeps (the model's; recorded, not applied).
+    detections_per_image: None = the official DINO protocol (all of them go to the evaluator);
+        100 = the COCO-challenge rule (the best 100 per image across classes).
+    max_dets: COCOeval's ``maxDets[-1]``: the per-image, per-category cap (AP and AR100 use it).
+    engine: ``faster_coco_eval`` (default) or ``pycocotools``; identical numbers, so not part of ``key``.
+    """
+
+    num_select: Optional[int] = None
+    detections_per_image: Optional[int] = None
+    max_dets: int = 100
+    engine: str = "faster_coco_eval"
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.max_dets < 1:
+            raise ValueError(f"max_dets: {self.max_dets} must be >= 1")
+        if self.engine == "pycocotools" and self.max_dets != 100:
+            raise ValueError(f"max_dets: {self.max_dets} with engine pycocotools, whose summary AP is defined "
+                             "only at maxDets=100; use engine faster_coco_eval or max_dets 100")
+        if self.detections_per_image is not None and self.detections_per_image < 1:
+            raise ValueError(f"detections_per_image: {self.detections_per_image} must be >= 1 (or null: all)")
+
+    @property
+    def name(self) -> str:
+        return "official" if self.detections_per_image is None else f"top{self.detections_per_image}-per-image"
+
+    @property
+    def key(self) -> str:
+        """What makes two AP figures comparable, e.g. ``official/num_select=300/maxDets=100``."""
+        return f"{self.name}/num_select={self.num_select}/maxDets={self.max_dets}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"name": self.name, "key": self.key, **asdict(self)}
+
+
+PROTOCOL_TAG = "eval.protocol"
+
+
+def protocol_tags(protocol: Mapping[str, Any]) -> Dict[str, str]:
+    """MLflow tags of a recorded protocol (``CocoResult.protocol``): ``eval.protocol`` (its key) and
+    ``eval.num_select``, ``eval.detections_per_image``, ``eval.max_dets``, ``eval.engine``."""
+    fields = ("num_select", "detections_per_image", "max_dets", "engine")
+    return {PROTOCOL_TAG: str(protocol["key"]), **{f"eval.{k}": str(protocol.get(k)) for k in fields}}
+
+
+@dataclass
+class Detections:
+    """Detections of many images, columnar: what workers gather to rank 0 (a few arrays, no dict per box).
+
+    image_ids: [I] ids; counts: [I] detections per image; boxes: [N, 4] (x0, y0, x1, y1) original
+    pixels, float32; scores: [N] float32; labels: [N] int64; rows of image i are
+    ``offsets[i]:offsets[i + 1]`` with ``offsets = [0, *cumsum(counts)]``.
+    """
+
+    image_ids: List[Any]
+    counts: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections([], np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                          np.zeros(0, np.int64))
+
+    @staticmethod
+    def from_predictions(predictions: Sequence[ImagePrediction]) -> "Detections":
+        if not predictions:
+            return Detections.empty()
+        return Detections(
+            image_ids=[p.image_id for p in predictions],
+            counts=np.asarray([len(np.asarray(p.scores).reshape(-1)) for p in predictions], dtype=np.int64),
+            boxes=np.concatenate([np.asarray(p.boxes, np.float32).reshape(-1, 4) for p in predictions]),
+            scores=np.concatenate([np.asarray(p.scores, np.float32).reshape(-1) for p in predictions]),
+            labels=np.concatenate([np.asarray(p.labels, np.int64).reshape(-1) for p in predictions]),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["Detections"]) -> "Detections":
+        parts = [p for p in parts if len(p.image_ids)]
+        if not parts:
+            return Detections.empty()
+        return Detections([i for p in parts for i in p.image_ids], np.concatenate([p.counts for p in parts]),
+                          np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
+                          np.concatenate([p.labels for p in parts]))
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
 @dataclass
 class CocoResult:
     stats: Dict[str, float]
@@ -51,10 +153,12 @@ class CocoResult:
     num_images: int
     num_detections: int
     detections: List[Dict[str, Any]] = field(default_factory=list, repr=False)
+    protocol: Dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> Dict[str, Any]:
-        """The COCO eval JSON logged as an artifact: summary, per-class AP, and the detections."""
+        """The COCO eval JSON logged as an artifact: protocol, summary, per-class AP, and the detections."""
         return {
+            "protocol": self.protocol,
             "stats": self.stats,
             "per_class": [
                 # AP is null for classes without ground truth (pycocotools' -1; strict JSON has no NaN)
@@ -90,25 +194,24 @@ def truths_from_coco(ground_truth: Mapping[str, Any]) -> List[ImageTruth]:
 
 def evaluate_coco(
     truths: Sequence[ImageTruth],
-    predictions: Sequence[ImagePrediction],
+    predictions: Union[Sequence[ImagePrediction], Detections],
     categories: Mapping[int, str],
-    max_detections: int = 100,
+    protocol: Optional[EvalProtocol] = None,
 ) -> CocoResult:
-    """Run pycocotools' bbox evaluation.
+    """COCO bbox evaluation of ``predictions`` under ``protocol`` (default: the official DINO one).
 
     The inputs may arrive in any order and split any way across workers: images and detections are
-    sorted into a canonical order first, so the AP does not depend on how inference was sharded.
-    Each image must appear exactly once in ``truths``; predictions for unknown images are an error.
+    sorted into a canonical order first (image, score desc, label, box), so neither the AP nor the
+    choice among tied scores depends on how inference was sharded. Each image must appear exactly
+    once in ``truths``; predictions for unknown images are an error.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
+    protocol = protocol or EvalProtocol()
     truths = sorted(truths, key=lambda t: _sort_key(t.image_id))
-    index_of = {}
+    index_of: Dict[Any, int] = {}
     for t in truths:
         if t.image_id in index_of:
             raise ValueError(f"image_id {t.image_id!r} appears twice in the evaluation ground truth")
-        index_of[t.image_id] = len(index_of) + 1  # pycocotools wants positive integer ids
+        index_of[t.image_id] = len(index_of) + 1  # the engines want positive integer ids
     cat_ids = sorted(int(c) for c in categories)
 
     images, annotations = [], []
@@ -128,62 +231,74 @@ def evaluate_coco(
             })
     cat_list = [{"id": c, "name": str(categories[c])} for c in cat_ids]
 
-    detections = []
-    for p in sorted(predictions, key=lambda p: _sort_key(p.image_id)):
-        if p.image_id not in index_of:
-            raise ValueError(f"prediction for image_id {p.image_id!r}, which has no ground truth")
-        boxes = np.asarray(p.boxes, dtype=np.float64).reshape(-1, 4)
-        scores = np.asarray(p.scores, dtype=np.float64).reshape(-1)
-        labels = np.asarray(p.labels).reshape(-1)
-        # canonical order (score desc, then label, then box) so ties never depend on arrival order
-        order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels, -scores))[:max_detections]
-        for j in order:
-            x0, y0, x1, y1 = boxes[j]
-            detections.append({
-                "image_id": p.image_id,
-                "category_id": int(labels[j]),
-                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                "score": float(scores[j]),
-            })
+    dets = predictions if isinstance(predictions, Detections) else Detections.from_predictions(predictions)
+    for image_id in dets.image_ids:
+        if image_id not in index_of:
+            raise ValueError(f"prediction for image_id {image_id!r}, which has no ground truth")
+    image_index = np.repeat(np.asarray([index_of[i] for i in dets.image_ids], dtype=np.int64), dets.counts)
+    boxes = np.asarray(dets.boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(dets.scores, dtype=np.float64).reshape(-1)
+    labels = np.asarray(dets.labels, dtype=np.int64).reshape(-1)
+    order = np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0], labels, -scores, image_index))
+    if protocol.detections_per_image is not None:  # COCO-challenge rule: best N per image across classes
+        grouped = image_index[order]
+        rank = np.arange(len(order)) - np.searchsorted(grouped, grouped, side="left")
+        order = order[rank < protocol.detections_per_image]
+    original_ids = np.repeat(np.arange(len(dets.image_ids)), dets.counts)[order].tolist()
+    b = boxes[order]
+    xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+    detections = [
+        {"image_id": dets.image_ids[k], "category_id": c, "bbox": box, "score": s}
+        for k, c, box, s in zip(original_ids, labels[order].tolist(), xywh.tolist(), scores[order].tolist())
+    ]
+    engine_ids = image_index[order].tolist()
+    areas = (xywh[:, 2] * xywh[:, 3]).tolist()
+    results = [
+        {**d, "id": n + 1, "image_id": engine_ids[n], "area": areas[n], "iscrowd": 0}
+        for n, d in enumerate(detections)
+    ]
+    stats, precision = _run_engine(protocol, images, annotations, cat_list, results, cat_ids)
+    per_class = {}
+    for k, cid in enumerate(cat_ids):
+        values = precision[:, :, k, 0, -1]  # all areas, the largest maxDets; -1 = no ground truth
+        values = values[values > -1]
+        per_class[cid] = float(values.mean()) if values.size else float("nan")
+    return CocoResult(
+        stats={name: float(v) for name, v in zip(STAT_NAMES, stats)},
+        per_class_ap=per_class,
+        category_names={c: str(categories[c]) for c in cat_ids},
+        num_images=len(images),
+        num_detections=len(detections),
+        detections=detections,
+        protocol=protocol.to_dict(),
+    )
+
+
+def _run_engine(protocol: EvalProtocol, images: List[dict], annotations: List[dict], cat_list: List[dict],
+                results: List[dict], cat_ids: List[int]):
+    """(12 summary stats, precision [T, R, K, A, M]) from the chosen engine, its prints silenced."""
+    if protocol.engine == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    else:
+        from faster_coco_eval import COCO
+        from faster_coco_eval import COCOeval_faster as COCOeval
 
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations, "categories": cat_list}
     dt = COCO()
-    dt.dataset = {
-        "images": images,
-        "categories": cat_list,
-        "annotations": [
-            {**d, "id": i + 1, "image_id": index_of[d["image_id"]], "area": d["bbox"][2] * d["bbox"][3], "iscrowd": 0}
-            for i, d in enumerate(detections)
-        ],
-    }
+    dt.dataset = {"images": images, "categories": cat_list, "annotations": results}
     with _quiet():
         gt.createIndex()
         dt.createIndex()
         evaluator = COCOeval(gt, dt, iouType="bbox")
         evaluator.params.imgIds = [img["id"] for img in images]
         evaluator.params.catIds = cat_ids
-        evaluator.params.maxDets = [1, 10, max_detections]
+        evaluator.params.maxDets = [1, 10, protocol.max_dets]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-
-    stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
-    # precision: [iou thresholds, recall points, categories, area ranges, max dets]; -1 = no ground truth
-    precision = evaluator.eval["precision"]
-    per_class = {}
-    for k, cid in enumerate(cat_ids):
-        values = precision[:, :, k, 0, -1]
-        values = values[values > -1]
-        per_class[cid] = float(values.mean()) if values.size else float("nan")
-    return CocoResult(
-        stats=stats,
-        per_class_ap=per_class,
-        category_names={c: str(categories[c]) for c in cat_ids},
-        num_images=len(images),
-        num_detections=len(detections),
-        detections=detections,
-    )
+    return list(evaluator.stats)[: len(STAT_NAMES)], np.asarray(evaluator.eval["precision"])
 
 
 @contextlib.contextmanager

@@ -16,9 +16,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dino_platform.errors import DataError
-from dino_platform.evaluation.coco_eval import CocoResult, ImagePrediction, evaluate_coco, truths_from_coco
-from dino_platform.evaluation.inference import gather_to_rank0, predict_batch, valid_sizes
+from dino_platform.errors import ConfigError, DataError
+from dino_platform.evaluation.coco_eval import (
+    CocoResult, Detections, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
+)
+from dino_platform.evaluation.inference import gather_detections, predict_batch, valid_sizes
 
 log = logging.getLogger("dino.eval")
 
@@ -37,6 +39,9 @@ class EvalOutcome:
         return out
 
     def log_to(self, tracker, step: int) -> None:
+        from dino_platform.evaluation.coco_eval import protocol_tags
+
+        tracker.set_tags(protocol_tags(self.coco.protocol))
         tracker.log_metrics(self.metrics(), step=step)
         tracker.log_dict(self.coco.to_json(), f"eval/step_{step:07d}/{RESULT_FILE}")
         for image_id, image in self.drawings:
@@ -49,7 +54,7 @@ def evaluate_shard(
     shard,
     ground_truth: Optional[Dict[str, Any]],
     batch_size: int,
-    max_detections: int,
+    protocol: EvalProtocol,
     normalization: Tuple[Sequence[float], Sequence[float]],
     num_drawn: int = 0,
     draw_threshold: float = 0.3,
@@ -59,33 +64,36 @@ def evaluate_shard(
     All ranks must call this together (predictions are gathered with torch.distributed). ``model``
     is a plain module in eval mode; each image is run alone at its own size (see ``inference``).
     ``ground_truth`` is the shard directory's COCO-format annotations (``read_ground_truth``),
-    needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std).
+    needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std). ``protocol``:
+    how detections are scored (all ``num_select`` by default; ``detections_per_image`` cuts earlier,
+    on the workers, so less is gathered).
     """
     from dino_platform.train.batches import iter_collated
 
-    predictions, drawings = [], []
+    parts, drawings = [], []
 
     def no_detections(skipped):  # a sample data.on_sample_error=skip left out is scored as no detections
-        predictions.extend(ImagePrediction(image_id, np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
-                                           np.zeros(0, np.int64)) for image_id, _ in skipped)
+        parts.append(Detections.from_predictions([
+            ImagePrediction(image_id, np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+            for image_id, _ in skipped]))
 
     for images, mask, targets in iter_collated(shard, batch_size=batch_size, drop_last=False,
                                                normalization=normalization, on_skipped=no_detections):
-        batch_predictions = predict_batch(model, postprocessor, images, mask, targets, max_detections)
-        predictions.extend(batch_predictions)
+        batch_predictions = predict_batch(model, postprocessor, images, mask, targets, protocol.detections_per_image)
+        parts.append(Detections.from_predictions(batch_predictions))
         if len(drawings) < num_drawn:
             drawings.extend(_draw(images, mask, targets, batch_predictions, num_drawn - len(drawings),
                                   draw_threshold, normalization))
-    everything = gather_to_rank0(predictions)
+    everything = gather_detections(Detections.concat(parts))
     if everything is None:
         return None
     expected = {img["id"] for img in ground_truth["images"]}
-    seen = [p.image_id for p in everything]
+    seen = everything.image_ids
     if len(seen) != len(set(seen)) or set(seen) != expected:
         raise DataError(f"evaluation covered {len(set(seen))} distinct images ({len(seen)} predictions) "
                         f"but the shards hold {len(expected)}; every image must be evaluated exactly once")
     categories = {c["id"]: c["name"] for c in ground_truth["categories"]}
-    coco = evaluate_coco(truths_from_coco(ground_truth), everything, categories, max_detections=max_detections)
+    coco = evaluate_coco(truths_from_coco(ground_truth), everything, categories, protocol)
     names = dict(categories)
     return EvalOutcome(coco=coco, drawings=[(i, _label(img, names)) for i, img in drawings])
 
@@ -136,7 +144,8 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     outcome = evaluate_shard(
         model, postprocessor, ray.train.get_dataset_shard("eval"),
         loop_config["ground_truth"] if ray.train.get_context().get_world_rank() == 0 else None,
-        batch_size=loop_config["batch_size"], max_detections=loop_config["max_detections"],
+        batch_size=loop_config["batch_size"],
+        protocol=EvalProtocol(num_select=int(postprocessor.num_select), **loop_config["protocol"]),
         normalization=loop_config["normalization"],
     )
     if outcome is None:
@@ -152,7 +161,9 @@ def run_evaluation(
     data_uri: str,
     num_workers: int = 1,
     batch_size: int = 2,
-    max_detections: int = 100,
+    detections_per_image: Optional[int] = None,
+    max_dets: int = 100,
+    engine: str = "faster_coco_eval",
     model: Optional[Dict[str, Any]] = None,
     transform: Optional[Dict[str, Any]] = None,
     use_gpu: bool = False,
@@ -162,7 +173,8 @@ def run_evaluation(
 
     ``model``/``transform`` default to those recorded in a platform checkpoint
     (``train_config.json``); an official ``.pth`` needs ``model`` (preset, num_classes).
-    Returns the COCO eval JSON (``stats``, ``per_class``, ``detections``).
+    ``detections_per_image``/``max_dets``/``engine``: the ``EvalProtocol`` (default: official DINO).
+    Returns the COCO eval JSON (``protocol``, ``stats``, ``per_class``, ``detections``).
     """
     import ray
     import ray.train
@@ -175,6 +187,11 @@ def run_evaluation(
     from dino_platform.train.config import ModelConfig, parse_section
     from dino_platform.train.trainer import OrderedShards
 
+    protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}
+    try:
+        EvalProtocol(**protocol)
+    except ValueError as exc:
+        raise ConfigError(f"eval.{exc}") from None
     weights = weights_location(checkpoint_uri)  # fails first, and clearly, on a wrong path
     recorded = read_train_config(checkpoint_uri) or {}
     model_section = {**recorded.get("model", {}), **(model or {})}
@@ -191,7 +208,7 @@ def run_evaluation(
             eval_loop_per_worker,
             train_loop_config={"model": model_cfg.__dict__, "weights": weights,
                                "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
-                               "max_detections": max_detections,
+                               "protocol": protocol,
                                "normalization": (eval_transform.mean, eval_transform.std)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),

@@ -1,5 +1,6 @@
 """The stages after training: evaluate (COCO AP, an MLflow run), register (a registry version +
-the champion decision) and predict (drawn PNGs + JSON from the registered model)."""
+the champion decision), predict (drawn PNGs + JSON from the registered model) and infer (batch
+inference on Ray Data: Parquet detections + manifest)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 from dino_platform.errors import DataError, StorageError
 from dino_platform.pipeline.context import Executor, StageContext, weights_identity, weights_source
-from dino_platform.pipeline.spec import EvaluateStage, PredictStage, RegisterStage, stage_config_dict
+from dino_platform.pipeline.spec import EvaluateStage, InferStage, PredictStage, RegisterStage, stage_config_dict
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
 
@@ -52,7 +53,8 @@ def _evaluate_run(ctx: StageContext, name: str, stage: EvaluateStage, fp: str):
     data_uri = ctx.spec.shards_uri(stage.data)
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
     result = run_evaluation(checkpoint, data_uri, num_workers=r.workers or 1, batch_size=stage.batch_size,
-                            max_detections=stage.max_detections, model=model_section, transform=transform,
+                            detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
+                            engine=stage.engine, model=model_section, transform=transform,
                             use_gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker or 0.5)
     stats = result["stats"]
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
@@ -60,7 +62,7 @@ def _evaluate_run(ctx: StageContext, name: str, stage: EvaluateStage, fp: str):
     run_id = _log_evaluation(ctx, name, stage, checkpoint, result, lineage, fp)
     log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], run_id)
     outputs = {"checkpoint": checkpoint, "metrics": stats, "run_id": run_id, "model": model_section,
-               "transform": transform, "data": stage.data, "lineage": lineage}
+               "transform": transform, "data": stage.data, "lineage": lineage, "protocol": result["protocol"]}
     return outputs, {"AP": stats["AP"], "AP50": stats["AP50"]}
 
 
@@ -69,13 +71,16 @@ def _log_evaluation(ctx: StageContext, name: str, stage: EvaluateStage, checkpoi
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
+    from dino_platform.evaluation.coco_eval import protocol_tags
+
     client = MlflowClient(ctx.tracking_uri)
     experiment = client.get_experiment_by_name(ctx.spec.experiment)
     producers = [run for run in lineage.get("runs", {}).values() if run]
     tags = {"dino.pipeline": ctx.spec.name, "dino.stage": name, "dino.fingerprint": fp, "checkpoint": checkpoint,
             "data": stage.data, "git_commit": ctx.git_commit,
             **{f"parent_run.{s}": run for s, run in lineage.get("runs", {}).items() if run},
-            **{f"data_digest.{d}": digest for d, digest in lineage.get("datasets", {}).items()}}
+            **{f"data_digest.{d}": digest for d, digest in lineage.get("datasets", {}).items()},
+            **protocol_tags(result["protocol"])}
     if producers:
         tags["mlflow.parentRunId"] = producers[-1]  # shown nested under the run that trained the checkpoint
     run = client.create_run(experiment.experiment_id, run_name=f"{name}-{fp[:10]}", tags=tags)
@@ -128,7 +133,8 @@ def _register_run(ctx: StageContext, name: str, stage: RegisterStage, fp: str):
     categories = read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories
     registration = register_evaluated(
         ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"], evaluation["checkpoint"],
-        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags)
+        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags,
+        protocol=evaluation.get("protocol"))
     outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
                "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
                "champion_version": registration.champion_version, "promoted": registration.promoted,
@@ -153,7 +159,7 @@ def _register_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
 # predict
 
 
-def _predict_model(ctx: StageContext, stage: PredictStage) -> Tuple[str, Dict[str, Any]]:
+def _predict_model(ctx: StageContext, stage) -> Tuple[str, Dict[str, Any]]:
     """(model reference for load_detector, what identifies it) of a predict stage."""
     ref = stage.model
     if ref.stage and ctx.spec.stages[ref.stage].kind == "register":
@@ -216,6 +222,45 @@ def _predict_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
         return False
 
 
+# ---------------------------------------------------------------------------------------------
+# infer
+
+
+def _infer_fingerprint(ctx: StageContext, name: str, stage: InferStage) -> str:
+    _, identity = _predict_model(ctx, stage)
+    if stage.dataset:
+        data = ctx.dataset_digest(stage.dataset)
+    else:  # the listing: new or changed images under the prefix re-run the stage (finished parts are kept)
+        data = fingerprint(sorted(resolve(stage.images).file_sizes().items()))
+    return fingerprint("infer", stage_config_dict(stage), identity, data)
+
+
+def _infer_run(ctx: StageContext, name: str, stage: InferStage, fp: str):
+    from dino_platform.infer.job import MANIFEST_FILE, InferConfig, run_inference
+
+    model_ref, identity = _predict_model(ctx, stage)
+    out = stage.out or f"{ctx.spec.output_root.rstrip('/')}/detections/{name}"
+    manifest = run_inference(InferConfig(
+        model=model_ref, out=out, images=stage.images,
+        shards=ctx.spec.shards_uri(stage.dataset) if stage.dataset else None, threshold=stage.threshold,
+        concurrency=stage.concurrency, batch_size=stage.batch_size, part_size=stage.part_size,
+        coco_json=stage.coco_json, cpus_per_actor=stage.cpus_per_actor, use_gpu=stage.use_gpu,
+        tracking_uri=ctx.tracking_uri))
+    outputs = {"out": resolve(out).uri, "manifest": resolve(out).child(MANIFEST_FILE).uri, "model": model_ref,
+               "model_identity": identity, "digest": manifest["digest"], "counts": manifest["counts"]}
+    return outputs, {"images": manifest["counts"]["images"], "failed": manifest["counts"]["failed"],
+                     "digest": manifest["digest"]}
+
+
+def _infer_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:
+    try:
+        manifest = json.loads(resolve(outputs["manifest"]).read_bytes())
+        return manifest.get("digest") == outputs["digest"]
+    except (StorageError, KeyError, ValueError):
+        return False
+
+
 EVALUATE = Executor(_evaluate_fingerprint, _evaluate_run, _evaluate_outputs_exist)
 REGISTER = Executor(_register_fingerprint, _register_run, _register_outputs_exist)
 PREDICT = Executor(_predict_fingerprint, _predict_run, _predict_outputs_exist)
+INFER = Executor(_infer_fingerprint, _infer_run, _infer_outputs_exist)

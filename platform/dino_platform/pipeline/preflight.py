@@ -15,7 +15,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
-from dino_platform.pipeline.spec import EvaluateStage, IngestStage, PipelineSpec, PredictStage, TrainStage
+from dino_platform.pipeline.spec import EvaluateStage, IngestStage, InferStage, PipelineSpec, PredictStage, TrainStage
 from dino_platform.ray_session import init_local_ray, state_api_runtime_env
 
 log = logging.getLogger("dino.pipeline")
@@ -133,6 +133,10 @@ def check_inputs(spec: PipelineSpec) -> None:
             for i, uri in enumerate(stage.images):
                 if not resolve(uri).is_file():
                     raise DataError(f"stages.{name}.images[{i}]: {uri} does not exist")
+        elif isinstance(stage, InferStage):
+            refs.append((f"stages.{name}.model", stage.model.uri, stage.model.model))
+            if stage.images is not None and not resolve(stage.images).list_files():
+                raise DataError(f"stages.{name}.images: {stage.images} holds no files")
         for field, uri, model in refs:
             if uri:
                 from dino_platform.train.checkpoint import weights_location
@@ -153,7 +157,7 @@ def _used(spec: PipelineSpec, dataset: str) -> bool:
             return True
         if isinstance(stage, EvaluateStage) and stage.data == dataset:
             return True
-        if isinstance(stage, PredictStage) and stage.dataset == dataset:
+        if isinstance(stage, (PredictStage, InferStage)) and stage.dataset == dataset:
             return True
     return False
 

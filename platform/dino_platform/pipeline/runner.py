@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from dino_platform.pipeline.context import Executor, StageContext
-from dino_platform.pipeline.model_stages import EVALUATE, PREDICT, REGISTER
+from dino_platform.pipeline.model_stages import EVALUATE, INFER, PREDICT, REGISTER
 from dino_platform.pipeline.preflight import connect_ray, preflight
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import INGEST, TRAIN
@@ -27,7 +27,7 @@ from dino_platform.pipeline.state import PipelineState
 log = logging.getLogger("dino.pipeline")
 
 EXECUTORS: Dict[str, Executor] = {"ingest": INGEST, "train": TRAIN, "evaluate": EVALUATE, "register": REGISTER,
-                                  "predict": PREDICT}
+                                  "predict": PREDICT, "infer": INFER}
 
 
 @dataclass
@@ -59,6 +59,10 @@ class PipelineResult:
             elif kind == "predict":
                 lines.append(f"  {name + ':':<13} {out['out']}  ({', '.join(Path(p).name for p in out['pngs'])}, "
                              "detections.json)")
+            elif kind == "infer":
+                c = out["counts"]
+                lines.append(f"  {name + ':':<13} {out['out']}  ({c['images']} images, {c['detections']} detections, "
+                             f"{c['failed']} unreadable; manifest.json)")
         lines.append(f"  MLflow:       {self.tracking_uri} (experiment {spec.experiment})")
         if self.tracking_uri.startswith("sqlite:"):
             mlflow_bin = Path(sys.executable).parent / "mlflow"

@@ -36,7 +36,7 @@ from dino_platform.errors import ConfigError
 from dino_platform.storage import output_root as storage_output_root
 from dino_platform.train.config import TrainConfig, parse_section
 
-STAGE_KINDS = ("ingest", "train", "evaluate", "register", "predict")
+STAGE_KINDS = ("ingest", "train", "evaluate", "register", "predict", "infer")
 # what each kind of stage produces; other stages read these by name
 STAGE_OUTPUTS: Dict[str, Tuple[str, ...]] = {
     "ingest": ("shards",),
@@ -44,6 +44,7 @@ STAGE_OUTPUTS: Dict[str, Tuple[str, ...]] = {
     "evaluate": ("checkpoint", "metrics"),
     "register": ("model",),
     "predict": ("images",),
+    "infer": ("detections",),
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _TOP_LEVEL = ("name", "description", "output_root", "ray", "tracking", "datasets", "stages", "presets")
@@ -176,7 +177,11 @@ class EvaluateStage:
     transform: Optional[Dict[str, Any]] = None
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     batch_size: int = 2
-    max_detections: int = 100
+    # the COCO AP protocol, as in `dino train`'s eval section (evaluation.coco_eval.EvalProtocol):
+    # null = official DINO (all num_select detections), 100 = COCO-challenge top 100 per image
+    detections_per_image: Optional[int] = None
+    max_dets: int = 100
+    engine: str = "faster_coco_eval"
 
 
 @dataclass
@@ -199,9 +204,27 @@ class PredictStage:
     out: Optional[str] = None  # default <output_root>/predictions/<stage>
 
 
-Stage = Union[IngestStage, TrainStage, EvaluateStage, RegisterStage, PredictStage]
+@dataclass
+class InferStage:
+    """Batch inference on Ray Data (``dino infer``): Parquet detections + manifest.json under ``out``."""
+
+    kind: str = "infer"
+    model: SourceRef = field(default_factory=SourceRef)
+    images: Optional[str] = None  # a prefix of image files, or:
+    dataset: Optional[str] = None  # every image of a dataset's shards
+    out: Optional[str] = None  # default <output_root>/detections/<stage>
+    threshold: float = 0.05
+    concurrency: int = 1  # model actors
+    batch_size: int = 4
+    part_size: int = 256
+    coco_json: bool = False
+    cpus_per_actor: float = 1.0
+    use_gpu: Optional[bool] = None  # None: one GPU per actor when the cluster has GPUs
+
+
+Stage = Union[IngestStage, TrainStage, EvaluateStage, RegisterStage, PredictStage, InferStage]
 STAGE_CLASSES = {"ingest": IngestStage, "train": TrainStage, "evaluate": EvaluateStage,
-                 "register": RegisterStage, "predict": PredictStage}
+                 "register": RegisterStage, "predict": PredictStage, "infer": InferStage}
 
 
 @dataclass

@@ -11,8 +11,9 @@ import re
 from typing import Any, Dict, Optional, Tuple
 
 from dino_platform.errors import ConfigError
+from dino_platform.evaluation.coco_eval import EvalProtocol
 from dino_platform.pipeline.spec import (NAME_PATTERN, STAGE_OUTPUTS, DatasetSpec, EvaluateStage, IngestStage,
-                                         ModelSpec, PipelineSpec, PredictStage, RegisterStage, ResourcesSpec,
+                                         InferStage, ModelSpec, PipelineSpec, PredictStage, RegisterStage, ResourcesSpec,
                                          SourceRef, TrainStage, class_maps, deep_merge, did_you_mean)
 from dino_platform.train.config import TrainConfig, load_config
 
@@ -62,8 +63,13 @@ def validate_spec(spec: PipelineSpec) -> None:
             if stage.model is not None:
                 _validate_model(f"{where}.model", stage.model)
             _validate_resources(f"{where}.resources", stage.resources)
-            if stage.batch_size < 1 or stage.max_detections < 1:
-                raise ConfigError(f"{where}.batch_size/max_detections: must be >= 1")
+            if stage.batch_size < 1:
+                raise ConfigError(f"{where}.batch_size: must be >= 1")
+            try:
+                EvalProtocol(detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
+                             engine=stage.engine)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{exc}") from None
         elif isinstance(stage, RegisterStage):
             if earlier.get(stage.evaluation) != "evaluate":
                 _missing_stage(f"{where}.evaluation", stage.evaluation, earlier, "evaluate", ("metrics",))
@@ -84,6 +90,17 @@ def validate_spec(spec: PipelineSpec) -> None:
                 raise ConfigError(f"{where}.max_drawn: {stage.max_drawn} must be >= 1")
             if not 0.0 <= stage.threshold <= 1.0:
                 raise ConfigError(f"{where}.threshold: {stage.threshold} must be in [0, 1]")
+        elif isinstance(stage, InferStage):
+            _source_ref(f"{where}.model", stage.model, earlier, ("model", "checkpoint"))
+            if (stage.images is None) == (stage.dataset is None):
+                raise ConfigError(f"{where}: give either images (a prefix of image files) or dataset")
+            if stage.dataset is not None:
+                _dataset_ref(spec, f"{where}.dataset", stage.dataset, ingested)
+            from dino_platform.infer.job import InferConfig
+
+            InferConfig(model="-", out="-", images=stage.images or "-", threshold=stage.threshold,
+                        concurrency=stage.concurrency, batch_size=stage.batch_size, part_size=stage.part_size,
+                        cpus_per_actor=stage.cpus_per_actor).validate_fields(where)
         earlier[name] = stage.kind
 
 

@@ -11,7 +11,9 @@ offline with ``mlflow.artifacts.download_artifacts("models:/dino-coco@champion")
 ``parent_run.<stage>`` (pretrain, fine-tune ...), ``git_commit``, ``checkpoint``.
 
 The alias (``champion``) moves to a new version only when its AP is higher than the current
-holder's; the decision is written to the version (``<alias>_decision``), the evaluation run and the log.
+holder's, and only when both were scored under the same protocol (tag ``eval.protocol``, e.g.
+``official/num_select=300/maxDets=100``; a holder without it predates the tag and is not compared);
+the decision is written to the version (``<alias>_decision``), the evaluation run and the log.
 """
 from __future__ import annotations
 
@@ -138,9 +140,16 @@ def git_commit(repo_dir: Optional[str] = None) -> str:
 
 def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: str, checkpoint_uri: str,
                        model: Mapping[str, Any], transform: Mapping[str, Any], categories: Mapping[int, str],
-                       metrics: Mapping[str, float], tags: Mapping[str, str]) -> Registration:
-    """Register the checkpoint evaluated by ``eval_run_id`` (once) and decide whether ``alias`` moves to it."""
+                       metrics: Mapping[str, float], tags: Mapping[str, str],
+                       protocol: Optional[Mapping[str, Any]] = None) -> Registration:
+    """Register the checkpoint evaluated by ``eval_run_id`` (once) and decide whether ``alias`` moves to it.
+
+    ``protocol``: the evaluation's recorded protocol (``coco_eval.json``'s ``protocol``), tagged on the
+    version; the alias is only contested between versions with the same ``eval.protocol``.
+    """
     from mlflow.exceptions import MlflowException
+
+    from dino_platform.evaluation.coco_eval import protocol_tags
 
     client = _client(tracking_uri)
     try:
@@ -155,7 +164,8 @@ def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: st
         with tempfile.TemporaryDirectory(prefix="dino-register-") as staging:
             export_model_files(checkpoint_uri, model, transform, categories, Path(staging))
             client.log_artifacts(eval_run_id, staging, MODEL_DIR)
-        version_tags = {**{k: _tag(v) for k, v in metrics.items()}, **tags, "checkpoint": checkpoint_uri}
+        version_tags = {**{k: _tag(v) for k, v in metrics.items()}, **tags, "checkpoint": checkpoint_uri,
+                        **(protocol_tags(protocol) if protocol else {})}
         version = client.create_model_version(name, source=f"runs:/{eval_run_id}/{MODEL_DIR}", run_id=eval_run_id,
                                               tags=version_tags,
                                               description=f"{model['preset']} from {checkpoint_uri}")
@@ -165,6 +175,8 @@ def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: st
 
 def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_run_id: str) -> Registration:
     from mlflow.exceptions import MlflowException
+
+    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG
 
     try:
         holder = client.get_model_version_by_alias(name, alias)
@@ -176,6 +188,11 @@ def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_ru
         promoted = math.isfinite(new_ap)
         decision = (f"version {version.version} becomes @{alias}: AP {new_ap:.4f}, no @{alias} before" if promoted
                     else f"version {version.version} not promoted: its AP is not a number")
+    elif holder.tags.get(PROTOCOL_TAG) != version.tags.get(PROTOCOL_TAG):
+        promoted = False  # AP under different protocols is not comparable (e.g. official vs top-100)
+        decision = (f"version {version.version} stays out of @{alias}: scored under protocol "
+                    f"{version.tags.get(PROTOCOL_TAG) or 'unrecorded'}, version {holder.version} under "
+                    f"{holder.tags.get(PROTOCOL_TAG) or 'unrecorded'}; evaluate both the same way to compare them")
     else:
         held_ap = _float(holder.tags.get("AP"))
         promoted = math.isfinite(new_ap) and (not math.isfinite(held_ap) or new_ap > held_ap)

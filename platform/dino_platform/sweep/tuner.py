@@ -288,6 +288,7 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     from mlflow.entities import Metric
 
     from dino_platform.data.manifest import read_manifest
+    from dino_platform.evaluation.coco_eval import protocol_tags
     from dino_platform.evaluation.runner import run_evaluation
     from dino_platform.registry.models import git_commit, register_evaluated
     from dino_platform.train.checkpoint import read_train_config
@@ -300,7 +301,8 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     model = {k: recorded["model"][k] for k in ("preset", "num_classes", "overrides")}
     transform = (recorded.get("data") or {}).get("transform") or {}
     result = run_evaluation(best.checkpoint, data_uri, num_workers=spec.register.eval_workers,
-                            batch_size=base.eval.batch_size, max_detections=base.eval.max_detections,
+                            batch_size=base.eval.batch_size, detections_per_image=base.eval.detections_per_image,
+                            max_dets=base.eval.max_dets, engine=base.eval.engine,
                             model=model, transform=transform,
                             cpus_per_worker=spec.register.eval_cpus_per_worker)
     stats = result["stats"]
@@ -308,7 +310,7 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     experiment_id = client.get_experiment_by_name(spec.experiment).experiment_id
     eval_run = client.create_run(experiment_id, run_name=f"evaluate-best-{best.trial_id}", tags={
         "mlflow.parentRunId": parent_run_id, "checkpoint": best.checkpoint, "data": data_uri,
-        "dino.sweep_stage": "evaluate", TRIAL_TAG: best.trial_id})
+        "dino.sweep_stage": "evaluate", TRIAL_TAG: best.trial_id, **protocol_tags(result["protocol"])})
     run_id = eval_run.info.run_id
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
@@ -318,7 +320,8 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     tags = {"sweep": spec.name, "sweep_run": parent_run_id, "sweep_trial": best.trial_id, "git_commit": git_commit(),
             **{f"sweep.{k}": str(v) for k, v in best.config.items()}}
     registration = register_evaluated(tracking_uri, spec.register.model_name, spec.register.alias, run_id,
-                                      best.checkpoint, model, transform, categories, stats, tags)
+                                      best.checkpoint, model, transform, categories, stats, tags,
+                                      protocol=result["protocol"])
     return stats, {"name": registration.name, "version": registration.version, "alias": registration.alias,
                    "promoted": registration.promoted, "champion_version": registration.champion_version,
                    "decision": registration.decision, "eval_run_id": run_id}

@@ -27,6 +27,8 @@ example:
   dino eval --checkpoint checkpoint0011_4scale.pth --preset dino_r50_4scale --num-classes 91 --data DIR
 
 Prints AP, AP50, AP75, APs/m/l and per-class AP (dataset category ids); --out writes the COCO eval JSON.
+Protocol: the official DINO one by default (every num_select detection is scored; COCOeval's maxDets
+caps them per image per category); --detections-per-image 100 applies the COCO-challenge rule.
 """
 
 
@@ -49,6 +51,12 @@ def add_parser(sub) -> None:
     evaluate.add_argument("--preset", help="dino_core preset (official checkpoints; platform ones record it)")
     evaluate.add_argument("--num-classes", type=int, help="class-head size = max category id + 1")
     evaluate.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    evaluate.add_argument("--detections-per-image", type=int, default=None, metavar="N",
+                          help="keep the best N per image across classes (COCO-challenge rule: 100); "
+                               "default: all num_select (official DINO protocol)")
+    evaluate.add_argument("--max-dets", type=int, default=100, help="COCOeval maxDets (per category; default 100)")
+    evaluate.add_argument("--engine", choices=("faster_coco_eval", "pycocotools"), default="faster_coco_eval",
+                          help="COCO evaluation engine (identical numbers; default faster_coco_eval)")
     evaluate.add_argument("--out", help="write the COCO eval JSON here")
     evaluate.set_defaults(func=_eval)
 
@@ -82,8 +90,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.num_classes is not None:
         model["num_classes"] = args.num_classes
     result = run_evaluation(args.checkpoint, args.data, num_workers=args.workers, batch_size=args.batch_size,
-                            model=model or None, use_gpu=args.gpu)
+                            model=model or None, use_gpu=args.gpu, detections_per_image=args.detections_per_image,
+                            max_dets=args.max_dets, engine=args.engine)
     stats = result["stats"]
+    print(f"protocol {result['protocol']['key']} (engine {result['protocol']['engine']})")
     print("  ".join(f"{k} {stats[k]:.4f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     for row in result["per_class"]:
         if row["AP"] is not None:  # classes without ground truth in this data have no AP

@@ -102,8 +102,12 @@ class DataConfig:
 class EvalConfig:
     every_n_epochs: Optional[int] = 1
     batch_size: int = 2
-    # detections kept per image for COCO AP (the official postprocessor keeps 300 before the 100 cut)
-    max_detections: int = 100
+    # COCO AP protocol (evaluation.coco_eval.EvalProtocol). Official DINO: every post-processed
+    # detection (model num_select, 300) is scored and COCOeval's max_dets caps them per image per
+    # category. detections_per_image: 100 is the COCO-challenge rule (best 100 per image, all classes).
+    detections_per_image: Optional[int] = None
+    max_dets: int = 100
+    engine: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     # validation images drawn with their predicted boxes and logged to MLflow
     num_logged_images: int = 4
     logged_score_threshold: float = 0.3
@@ -310,7 +314,12 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.on_sample_error not in ("fail", "skip"):
         raise ConfigError(f"data.on_sample_error: one of fail, skip; got {cfg.data.on_sample_error!r}")
     _positive("eval.batch_size", e.batch_size)
-    _positive("eval.max_detections", e.max_detections)
+    if e.detections_per_image is not None:
+        _positive("eval.detections_per_image", e.detections_per_image)
+    _positive("eval.max_dets", e.max_dets)
+    if e.engine == "pycocotools" and e.max_dets != 100:
+        raise ConfigError(f"eval.max_dets: {e.max_dets} with eval.engine pycocotools, whose summary AP is defined "
+                          "only at maxDets=100; use engine faster_coco_eval or max_dets 100")
     _non_negative("eval.num_logged_images", e.num_logged_images)
     for name in ("every_n_epochs",):
         if getattr(e, name) is not None:

@@ -274,6 +274,7 @@ class _Evaluator:
     def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> Dict[str, float]:
         """Evaluate on every rank together; rank 0 returns the summary COCO stats (``eval/AP`` ...), others {}."""
         from dino_platform.data.transforms import transform_configs
+        from dino_platform.evaluation.coco_eval import EvalProtocol
         from dino_platform.evaluation.runner import evaluate_shard
 
         if self.model is None:
@@ -283,7 +284,10 @@ class _Evaluator:
         self.model.eval()
         _, eval_transform = transform_configs(self.cfg.data.transform)
         result = evaluate_shard(self.model, self.postprocessor, self.shard, self.ground_truth,
-                                batch_size=self.cfg.eval.batch_size, max_detections=self.cfg.eval.max_detections,
+                                batch_size=self.cfg.eval.batch_size,
+                                protocol=EvalProtocol(num_select=int(self.postprocessor.num_select),
+                                                      detections_per_image=self.cfg.eval.detections_per_image,
+                                                      max_dets=self.cfg.eval.max_dets, engine=self.cfg.eval.engine),
                                 num_drawn=self.cfg.eval.num_logged_images if self.tracker else 0,
                                 draw_threshold=self.cfg.eval.logged_score_threshold,
                                 normalization=(eval_transform.mean, eval_transform.std))
