@@ -167,7 +167,7 @@ def run_evaluation(
     from dino_platform.data.transforms import transform_configs
     from dino_platform.train.checkpoint import read_train_config, weights_location
     from dino_platform.train.config import ModelConfig, parse_section
-    from dino_platform.train.trainer import OrderedShards
+    from dino_platform.data.sharding import OrderedShards
 
     weights = weights_location(checkpoint_uri)  # fails first, and clearly, on a wrong path
     recorded = read_train_config(checkpoint_uri) or {}

@@ -3,7 +3,7 @@
 Every worker runs ``train_loop_per_worker``. Ray Train has set up the process group and hands each
 worker its shard of the training (and evaluation) dataset; DeepSpeed owns the optimizer step.
 Exact resume rests on four things: the data order is deterministic (ordered, equal shards);
-each data pass is positioned at the checkpoint's epoch (trainer.OrderedShards); every RNG is
+each data pass is positioned at the checkpoint's epoch (data.sharding.OrderedShards); every RNG is
 seeded per micro-batch from (seed, micro-batch, rank); and a checkpoint records the step, epoch
 and micro-batches consumed, so a resumed worker skips exactly what it already trained on.
 """
