@@ -47,6 +47,18 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
 
 
+def ray_scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
+    """Ray Train's ScalingConfig: a (min, max) tuple for an elastic group, the placement strategy, resources."""
+    s = cfg.scaling
+    return ray.train.ScalingConfig(
+        num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
+        placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.resize_check_interval_s,
+    )
+
+
 def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
                  start_from: Optional[str] = None) -> TrainingOutcome:
     """Train (or resume) the job described by ``cfg`` on the current Ray cluster and return its outcome.
@@ -88,11 +100,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
             "init_location": weights_location(cfg.model.init_from) if cfg.model.init_from else None,
             "start_location": start.location if start is not None else None,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
+        scaling_config=ray_scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
