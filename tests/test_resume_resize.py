@@ -60,7 +60,10 @@ def _group(config):
         previous = Path(config["previous"]) / f"zero{stage}" if config["previous"] else None
         if previous is not None:
             load_resized_weights(model, previous)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        # two param groups, as DINO's backbone/rest split: ZeRO steps (and links state) per group
+        optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                                       {"params": [p for m in list(model)[1:] for p in m.parameters()]}],
+                                      lr=1e-2, weight_decay=1e-4)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_deepspeed_config(cfg),
                                           dist_init_required=False)
         state = TrainState(world_size=world_size)

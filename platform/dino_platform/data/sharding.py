@@ -6,9 +6,14 @@ lives under ``data/`` so that both depend on it, and neither on the other.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import json
+import logging
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import ray.train
+
+log = logging.getLogger("dino.train")
 
 
 class OrderedShards(ray.train.DataConfig):
@@ -27,17 +32,21 @@ class OrderedShards(ray.train.DataConfig):
     another run's checkpoint, e.g. a PBT trial that cloned a better one).
     """
 
-    def __init__(self, run_location=None, start_epoch: int = 0):
+    def __init__(self, run_location=None, start_epoch: int = 0, start_location=None):
         super().__init__()
         self.run_location = run_location
         self.start_epoch = start_epoch
+        self.start_location = start_location
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        passes_done = _resume_epoch(self.run_location) if self.run_location is not None else None
-        if passes_done is None:
-            passes_done = self.start_epoch
+        resume = self._resume_point()
+        passes_done = self.start_epoch if resume is None else resume[0]
+        consumed = _remaining_to_redeal(resume, world_size)
         output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
+            if name == "train" and consumed is not None:
+                dataset = dataset.map_batches(_drop_consumed, batch_format="numpy", fn_kwargs={
+                    "image_ids": consumed, "on_pass": passes_done})
             dataset = dataset.copy(dataset)
             options = self.default_ingest_options()
             options.preserve_order = True
@@ -49,10 +58,50 @@ class OrderedShards(ray.train.DataConfig):
                 output[rank][name] = split
         return output
 
+    def _resume_point(self) -> Optional[Tuple[int, Any]]:
+        """(epoch, checkpoint Location) the worker group resumes from, or None for a fresh start."""
+        from dino_platform.train.checkpoint import latest_registered_checkpoint
 
-def _resume_epoch(run_location) -> Optional[int]:
-    """Epoch of the latest registered checkpoint of the run at ``run_location`` (None if none)."""
-    from dino_platform.train.checkpoint import latest_registered_checkpoint
+        latest = latest_registered_checkpoint(self.run_location) if self.run_location is not None else None
+        if latest is not None:
+            epoch = int((latest.get("metrics") or {}).get("epoch", 0))
+            return epoch, self.run_location.child(latest["checkpoint_dir_name"])
+        if self.start_location is not None:
+            return self.start_epoch, self.start_location
+        return None
 
-    latest = latest_registered_checkpoint(run_location)
-    return None if latest is None else int((latest.get("metrics") or {}).get("epoch", 0))
+
+def _remaining_to_redeal(resume, world_size: int) -> Optional[np.ndarray]:
+    """The epoch's already-trained image ids when this group must re-deal the rest (a resize), else None.
+
+    Same world size, plain split: each worker skips its own consumed micro-batches (exact resume).
+    Another size mid-epoch: the split changes, so the first pass drops the ids the checkpoint lists
+    in ``data_position.json`` and ``streaming_split`` deals what remains equally to the new workers.
+    """
+    if resume is None:
+        return None
+    from dino_platform.train.checkpoint import DATA_POSITION_FILE, STATE_FILE, TrainState, redeal_needed
+
+    _, location = resume
+    state_file = location.child(STATE_FILE)
+    if not state_file.exists():
+        return None
+    saved = TrainState.from_json(state_file.read_bytes())
+    if not redeal_needed(saved, world_size):
+        return None
+    position = json.loads(location.child(DATA_POSITION_FILE).read_bytes())
+    if position.get("epoch") != saved.epoch:
+        return None
+    log.info("re-dealing epoch %d to %d workers: %d images already trained on are skipped", saved.epoch,
+             world_size, len(position["image_ids"]))
+    return np.asarray(position["image_ids"], dtype=np.int64)
+
+
+def _drop_consumed(batch: Dict[str, np.ndarray], image_ids: np.ndarray, on_pass: int) -> Dict[str, np.ndarray]:
+    """Ray Data task: on the resumed pass only, remove the rows whose image was already trained on."""
+    from dino_platform.data.streaming import _execution_index
+
+    if _execution_index() != on_pass:
+        return batch
+    keep = ~np.isin(batch["image_id"], image_ids)
+    return {key: value[keep] for key, value in batch.items()}

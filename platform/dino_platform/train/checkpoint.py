@@ -39,6 +39,7 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 DATA_POSITION_FILE = "data_position.json"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+WORKER_GROUPS_DIR = "worker_groups"  # <run_dir>/worker_groups/start-*.json: one record per worker-group start
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "train_state.json"
 DEEPSPEED_DIR = "deepspeed"
@@ -122,6 +123,7 @@ def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_optimizer_state
 
     optimizer = _torch_optimizer(engine)
+    _relink_fragments(engine)
     full: Dict[str, torch.Tensor] = {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
@@ -228,7 +230,16 @@ def _materialize_adam_state(engine) -> None:
         if not optimizer.state.get(tensor):
             optimizer.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
                                        "exp_avg_sq": torch.zeros_like(tensor)}
+    _relink_fragments(engine)
+
+
+def _relink_fragments(engine) -> None:
+    # NOTE: ZeRO-1/2 (and bf16) link each parameter's view of the Adam state once, right after the
+    # first param group's first step, so groups stepped later keep an empty view (DeepSpeed 0.19,
+    # several param groups). Link again from the state as it is now.
+    wrapper = engine.optimizer
     if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        wrapper._hp_optimizer_states_linked = False
         wrapper._lazy_init_hp_params_optimizer_state()
 
 
