@@ -134,6 +134,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
             f"{w} workers x accumulation {cfg.at_world_size(w).scaling.accumulation_steps}"
             for w in range(s.min_workers, s.max_workers + 1)))
     error: Optional[BaseException] = None
+    nodes_at_start = _alive_nodes()
     try:
         result = trainer.fit()
         checkpoint, metrics, error = result.checkpoint, result.metrics, result.error
@@ -150,7 +151,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
         log.info("run %s: %d worker-group restarts, %d resizes (%s)", cfg.run.name, outcome.restarts,
                  outcome.resizes, " -> ".join(str(g["world_size"]) for g in groups))
     if error is not None:
-        lost = lost_nodes(error)
+        lost = lost_nodes(error) or _nodes_lost_since(nodes_at_start, error)
         if lost:
             raise TrainingError(
                 f"run {cfg.run.name}: training failed: lost {', '.join(lost)} (the node and its workers died); "
@@ -180,6 +181,30 @@ def lost_nodes(error: BaseException) -> List[str]:
         if entry not in lost:
             lost.append(entry)
     return lost
+
+
+def _alive_nodes() -> Dict[str, str]:
+    """{node id: IP} of the Ray nodes alive now."""
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: float = 60.0) -> List[str]:
+    """Nodes alive at the start and dead now, for a worker-group failure.
+
+    A killed node's workers surface as "actor unavailable" before the GCS declares the node dead
+    (after its missed health checks), so wait a little for that verdict.
+    """
+    import time
+
+    if not getattr(error, "worker_failures", None):
+        return []
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = _alive_nodes()
+        lost = [f"node {node_id} ({ip})" for node_id, ip in before.items() if node_id not in alive]
+        if lost or time.monotonic() > deadline:
+            return lost
+        time.sleep(1.0)
 
 
 def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
