@@ -13,7 +13,7 @@ with the world size over steps, and a final ``model.pt`` that loads. The same ki
 ``num_workers: 2`` and ``max_failures: 0`` must fail, naming the lost node.
 
 Wall time: the elastic test measured 712 s on 2 CPU cores shared with six other jobs (load average
-~50; three worker-group starts, one 60 s start timeout); the fixed-size failure adds a few minutes.
+~50; three worker-group starts, one 60 s start timeout); the fixed-size failure test 299 s.
 The job itself is dino_tiny at ~96 px, 8 images, 12 steps.
 """
 from __future__ import annotations
