@@ -7,7 +7,7 @@ platform's DeepSpeed config at that world size), restores the previous group's c
 with the accumulation that keeps the total batch, and checkpoints. After each resize the restored
 consolidated weights and Adam moments must equal what the previous group saved, bit for bit.
 
-Wall time: 296 s measured on 2 CPU cores shared with six other jobs (three worker-group starts,
+Wall time: 210-296 s measured on 2 CPU cores shared with six other jobs (three worker-group starts,
 twelve DeepSpeed engines); well under that on an idle CI machine.
 """
 from __future__ import annotations
