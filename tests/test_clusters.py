@@ -60,11 +60,16 @@ def load_launcher(name: str) -> dict:
     return yaml.safe_load((LAUNCHER_DIR / f"{name}.yaml").read_text())
 
 
+def gpu_node_type_name(config: dict) -> str:
+    """The on-demand GPU worker type (its spot/preemptible twin is ``<name>_spot``)."""
+    workers = [n for n in config["available_node_types"] if n != config["head_node_type"] and not n.endswith("_spot")]
+    assert len(workers) == 1, "one on-demand GPU worker type per launcher file"
+    return workers[0]
+
+
 def gpu_node_config(config: dict) -> dict:
-    """The node_config of the (single) non-head node type."""
-    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
-    assert len(workers) == 1, "one GPU worker type per launcher file"
-    return workers[0]["node_config"]
+    """The node_config of the on-demand GPU worker type."""
+    return config["available_node_types"][gpu_node_type_name(config)]["node_config"]
 
 
 def instance_type(name: str, config: dict) -> str | None:
@@ -304,6 +309,27 @@ def test_aws_gpu_nodes_use_every_efa_card_and_roles(name):
     assert config["provider"]["use_internal_ips"] is True
 
 
+@pytest.mark.parametrize("name", ["aws-p5-h100", "aws-p4d-a100", "gcp-a3-h100"])
+def test_every_gpu_type_has_a_spot_twin_that_differs_only_in_how_it_is_bought(name):
+    config = load_launcher(name)
+    on_demand_name = gpu_node_type_name(config)
+    types = config["available_node_types"]
+    on_demand, spot = types[on_demand_name], types[f"{on_demand_name}_spot"]
+    assert spot["resources"] == on_demand["resources"]  # a job's workers fit either
+    assert spot["min_workers"] == 0  # nothing is kept running on capacity that can vanish
+    spot_config, on_demand_config = dict(spot["node_config"]), dict(on_demand["node_config"])
+    if config["provider"]["type"] == "aws":
+        market = spot_config.pop("InstanceMarketOptions")
+        assert market["MarketType"] == "spot"
+        assert market["SpotOptions"]["InstanceInterruptionBehavior"] == "terminate"
+        assert "InstanceMarketOptions" not in on_demand_config
+    else:
+        scheduling = spot_config.pop("scheduling")
+        assert scheduling["provisioningModel"] == "SPOT" and scheduling["onHostMaintenance"] == "TERMINATE"
+        assert on_demand_config.pop("scheduling").get("provisioningModel", "STANDARD") == "STANDARD"
+    assert spot_config == on_demand_config
+
+
 def test_gcp_nodes_use_service_accounts_and_can_run_gpus():
     config = load_launcher("gcp-a3-h100")
     zone = config["provider"]["availability_zone"]
@@ -536,6 +562,24 @@ def kuberay_problems(doc: dict) -> list[str]:
             problems.append(f"{where}: need minReplicas <= replicas <= maxReplicas")
         problems += pod_problems(where, group.get("template", {}), group.get("rayStartParams") or {}, gpus=8)
     return problems
+
+
+def test_rayjob_worker_group_spans_the_pipelines_elastic_training_range(monkeypatch):
+    from dino_platform.pipeline.spec import load_spec
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the RayJob's secret, on a cluster
+    spec = load_spec(REPO / PIPELINE_SPEC)
+    scalings = [spec.train_config(name).scaling for name, stage in spec.stages.items() if stage.kind == "train"]
+    elastic = [s for s in scalings if s.elastic]
+    assert elastic, "the headline job trains elastically"
+    low, high = min(s.min_workers for s in elastic), max(s.max_workers for s in elastic)
+    assert all(s.max_workers <= low for s in scalings if not s.elastic)  # fixed stages fit the smallest group
+    doc = yaml.safe_load((KUBERAY_DIR / "rayjob.yaml").read_text())
+    [group] = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    [container] = group["template"]["spec"]["containers"]
+    gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["minReplicas"] * gpus_per_pod == low  # the smallest group the job keeps training with
+    assert group["maxReplicas"] * gpus_per_pod == high  # the largest it grows back to
 
 
 @pytest.mark.parametrize("name", ["raycluster", "rayjob"])

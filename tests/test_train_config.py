@@ -38,7 +38,11 @@ def test_yaml_file_with_overrides(tmp_path):
     ({"deepspeed": {"precision": "fp8"}}, None, r"deepspeed.precision: 'fp8' is not allowed; choose one of fp32, bf16, fp16"),
     ({"optim": {"lr": -1}}, None, r"optim.lr: -1.0 must be > 0"),
     ({"optim": {"lrr": 1}}, None, r"unknown field optim.lrr; allowed: lr, lr_backbone"),
-    ({"scaling": {"num_workers": "two"}}, None, r"scaling.num_workers: expected an integer"),
+    ({"scaling": {"num_workers": "two"}}, None, r"scaling.num_workers: 'two' is not an integer or a list \[min, max\]"),
+    ({"scaling": {"num_workers": [3, 1]}}, None, r"scaling.num_workers: \[3, 1\] must be an integer or \[min, max\]"),
+    ({"scaling": {"num_workers": [0, 2]}}, None, r"scaling.num_workers\[0\] \(min\): 0 must be > 0"),
+    ({"scaling": {"placement_strategy": "SPREADED"}}, None, r"scaling.placement_strategy: 'SPREADED' is not allowed"),
+    ({"scaling": {"resources_per_worker": {"GPU": 1}}}, None, r"scaling.resources_per_worker.GPU: set scaling"),
     ({"deepspeed": {"precision": "fp16"}}, None, r"fp16 needs scaling.use_gpu"),
     ({"run": {"name": "a/b"}}, None, r"run.name"),
 ])
@@ -63,6 +67,43 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.1
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_elastic_range_keeps_the_total_batch_with_accumulation():
+    cfg = load_config({**MINIMAL, "scaling": {"num_workers": [1, 4], "batch_size_per_worker": 1,
+                                              "accumulation_steps": 3, "placement_strategy": "STRICT_SPREAD"}})
+    assert cfg.scaling.elastic and cfg.scaling.keeps_total_batch  # the default for a range
+    assert cfg.total_batch_size == 12  # at max workers
+    for world_size, accumulation in ((1, 12), (2, 6), (3, 4), (4, 3)):
+        at = cfg.at_world_size(world_size)
+        assert at.scaling.num_workers == world_size and at.scaling.accumulation_steps == accumulation
+        assert at.total_batch_size == 12
+        ds = build_deepspeed_config(at)
+        assert ds["train_batch_size"] == 12 and ds["gradient_accumulation_steps"] == accumulation
+    # a fixed size, or keep_total_batch: false, keeps the configured accumulation at every size
+    loose = load_config({**MINIMAL, "scaling": {"num_workers": [1, 4], "keep_total_batch": False}})
+    assert loose.at_world_size(1).scaling.accumulation_steps == 1
+
+
+def test_a_total_batch_that_cannot_be_kept_fails_before_the_job_starts():
+    # 3 workers x 2 x 1 = 6 images per step; at 2 workers a step is 4 images: no whole accumulation
+    with pytest.raises(ConfigError, match=r"total batch 6 .* is not a multiple of 2 workers x batch 2 = 4"):
+        load_config({**MINIMAL, "scaling": {"num_workers": [1, 3], "batch_size_per_worker": 2}})
+    load_config({**MINIMAL, "scaling": {"num_workers": [1, 3], "batch_size_per_worker": 2, "keep_total_batch": False}})
+
+
+def test_ray_scaling_config_carries_the_range_strategy_and_resources():
+    from dino_platform.train.trainer import ray_scaling_config
+
+    cfg = load_config({**MINIMAL, "scaling": {"num_workers": [1, 2], "placement_strategy": "STRICT_SPREAD",
+                                              "resources_per_worker": {"train_slot": 1},
+                                              "resize_check_interval_s": 5}})
+    ray_cfg = ray_scaling_config(cfg)
+    assert ray_cfg.num_workers == (1, 2) and ray_cfg.elasticity_enabled
+    assert ray_cfg.placement_strategy == "STRICT_SPREAD"
+    assert ray_cfg.resources_per_worker == {"CPU": 0.5, "train_slot": 1.0}
+    assert ray_cfg.elastic_resize_monitor_interval_s == 5
+    assert ray_scaling_config(load_config(MINIMAL)).num_workers == 2
 
 
 def test_params_for_tracking_hide_credentials():

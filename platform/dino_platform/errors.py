@@ -15,3 +15,7 @@ class StorageError(UserError, OSError):
 
 class DataError(UserError, ValueError):
     """Input data (annotations, images) is malformed; the message names the file and the field."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training stopped for good (e.g. a node was lost and ``run.max_failures`` allowed no restart)."""

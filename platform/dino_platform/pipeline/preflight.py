@@ -45,7 +45,8 @@ def stage_workers(spec: PipelineSpec, name: str) -> Optional[Tuple[int, float, i
     stage = spec.stages[name]
     if isinstance(stage, TrainStage):
         cfg = spec.train_config(name)
-        return cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, 1 if cfg.scaling.use_gpu else 0
+        # an elastic group must fit at its minimum size; it grows into whatever else there is
+        return cfg.scaling.min_workers, cfg.scaling.cpus_per_worker, 1 if cfg.scaling.use_gpu else 0
     if isinstance(stage, EvaluateStage):
         r = stage.resources
         return r.workers or 1, r.cpus_per_worker or 0.5, r.gpus_per_worker

@@ -49,7 +49,11 @@ class PipelineResult:
         for name, out in self.outputs.items():
             kind = spec.stages[name].kind
             if kind == "train":
-                lines.append(f"  {name + ':':<13} {out['checkpoint']}")
+                restarts = ""
+                if out.get("restarts"):
+                    sizes = " -> ".join(map(str, out.get("world_sizes") or []))
+                    restarts = f"  ({out['restarts']} restarts, {out.get('resizes', 0)} resizes: workers {sizes})"
+                lines.append(f"  {name + ':':<13} {out['checkpoint']}{restarts}")
             elif kind == "evaluate":
                 m = out["metrics"]
                 lines.append(f"  {name + ':':<13} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  (MLflow run {out['run_id']})")

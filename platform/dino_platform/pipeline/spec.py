@@ -137,7 +137,8 @@ class ScheduleSpec:
 class ResourcesSpec:
     """Ray Train workers of a stage; unset fields keep ``dino train``'s defaults."""
 
-    workers: Optional[int] = None
+    workers: Optional[Union[int, List[int]]] = None  # or [min, max]: an elastic group (train stages)
+    placement_strategy: Optional[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = None
     cpus_per_worker: Optional[float] = None
     gpus_per_worker: int = 0  # 0 (CPU) or 1 (one process per GPU)
     zero_stage: Optional[Literal[0, 1, 2, 3]] = None

@@ -143,7 +143,10 @@ def _train_run(ctx: StageContext, name: str, stage: TrainStage, fp: str):
                "configs": {**lineage["configs"], name: config_hash}}
     metrics = outcome.metrics or {}
     outputs = {"checkpoint": checkpoint, "run_dir": run_dir.uri, "run_id": lineage["runs"][name],
-               "step": metrics.get("step"), "config_hash": config_hash, "lineage": lineage}
+               "step": metrics.get("step"), "config_hash": config_hash, "lineage": lineage,
+               # worker-group restarts (lost workers or nodes) and resizes of an elastic group
+               "restarts": outcome.restarts, "resizes": outcome.resizes,
+               "world_sizes": [g["world_size"] for g in outcome.worker_groups]}
     details = {"action": "resumed", "resumed_from_step": resumed[1], "resumed_from": resumed[0]} if resumed else {}
     return outputs, {**details, "checkpoint": checkpoint, "step": metrics.get("step")}
 

@@ -55,7 +55,7 @@ def validate_spec(spec: PipelineSpec) -> None:
                                       f"{did_you_mean(stage.init.class_map, class_maps())}; "
                                       f"one of {', '.join(class_maps())}")
             _validate_model(f"{where}.model", stage.model)
-            _validate_resources(f"{where}.resources", stage.resources)
+            _validate_resources(f"{where}.resources", stage.resources, elastic=True)
             train_config(spec, name, "pending", None)  # everything `dino train` checks
         elif isinstance(stage, EvaluateStage):
             _source_ref(f"{where}.checkpoint", stage.checkpoint, earlier, ("checkpoint",))
@@ -177,11 +177,16 @@ def _validate_model(where: str, model: ModelSpec) -> None:
         raise ConfigError(f"{where}.num_classes: {model.num_classes} must be >= 1 (max category id + 1)")
 
 
-def _validate_resources(where: str, res: ResourcesSpec) -> None:
+def _validate_resources(where: str, res: ResourcesSpec, elastic: bool = False) -> None:
     if res.gpus_per_worker not in (0, 1):
         raise ConfigError(f"{where}.gpus_per_worker: {res.gpus_per_worker} must be 0 or 1 (one worker process "
                           "per GPU; use more workers for more GPUs)")
-    if res.workers is not None and res.workers < 1:
+    if isinstance(res.workers, list):
+        if not elastic:
+            raise ConfigError(f"{where}.workers: {res.workers}: a [min, max] range is for train stages; "
+                              "an evaluation runs at one size, give an integer")
+        # train stages: the range is checked as the `dino train` config's scaling.num_workers
+    elif res.workers is not None and res.workers < 1:
         raise ConfigError(f"{where}.workers: {res.workers} must be >= 1")
     if res.cpus_per_worker is not None and res.cpus_per_worker <= 0:
         raise ConfigError(f"{where}.cpus_per_worker: {res.cpus_per_worker} must be > 0")
@@ -211,7 +216,7 @@ def train_config(spec: PipelineSpec, stage_name: str, run_name: str, init_from: 
         "model": model,
         "optim": given(epochs=s.epochs, lr_drop=s.lr_drop, lr=s.lr, lr_backbone=s.lr_backbone,
                        weight_decay=s.weight_decay, clip_max_norm=s.clip_max_norm, max_steps=s.max_steps),
-        "scaling": given(num_workers=r.workers, cpus_per_worker=r.cpus_per_worker, use_gpu=r.gpus_per_worker > 0,
+        "scaling": given(num_workers=r.workers, placement_strategy=r.placement_strategy, cpus_per_worker=r.cpus_per_worker, use_gpu=r.gpus_per_worker > 0,
                          batch_size_per_worker=s.batch_size_per_worker, accumulation_steps=s.accumulation_steps),
         "deepspeed": given(zero_stage=r.zero_stage, precision=r.precision),
         "data": {"train_uri": spec.shards_uri(stage.train_data),

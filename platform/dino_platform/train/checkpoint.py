@@ -2,12 +2,22 @@
 
 Layout of one ``ray.train.Checkpoint`` directory (each rank writes its own files, Ray merges them)::
 
-    deepspeed/         engine.save_checkpoint(): module, optimizer partitions, per-rank RNG-free state
-    model.pt           {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
-    train_config.json  the job's resolved TrainConfig (model preset/overrides, data transform ...)
-    train_state.json   step, epoch, micro-batches consumed in that epoch, seed
+    deepspeed/           engine.save_checkpoint(): module, optimizer partitions, per-rank RNG-free state
+    model.pt             {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
+    optimizer.pt         the full (unpartitioned) fp32 Adam moments {"exp_avg/<param>": ..., "exp_avg_sq/<param>":
+                         ..., "step": []}: with model.pt, what any other world size resumes from
+    data_position.json   {"epoch": e, "image_ids": [...]}: the images of epoch e trained on so far
+    train_config.json    the job's resolved TrainConfig (model preset/overrides, data transform ...)
+    train_state.json     step, epoch, micro-batches and steps consumed in that epoch, seed, world size
 
 ``model.pt`` needs neither DeepSpeed nor Ray: ``dino_core.load_official_state_dict(model, path)``.
+
+Resuming: a group of the checkpoint's own size loads ``deepspeed/`` (its ZeRO partitions fit) and
+continues bit-identically. A group of another size (an elastic group after a lost or a returned
+node) loads ``model.pt`` into the module before DeepSpeed wraps it and then writes the moments of
+``optimizer.pt`` into whatever partitions its ZeRO stage made (DeepSpeed's
+``safe_set_full_optimizer_state``), so ZeRO 0-3 all resume at any size; the epoch's remaining
+images are re-dealt among the new workers (``data.sharding.OrderedShards``).
 """
 from __future__ import annotations
 
@@ -26,6 +36,10 @@ from dino_platform.errors import ConfigError, StorageError
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+DATA_POSITION_FILE = "data_position.json"
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+WORKER_GROUPS_DIR = "worker_groups"  # <run_dir>/worker_groups/start-*.json: one record per worker-group start
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "train_state.json"
 DEEPSPEED_DIR = "deepspeed"
@@ -41,6 +55,26 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed on each worker
     seed: int = 0
     world_size: int = 0  # workers that wrote the checkpoint (ZeRO partitions are per worker)
+    steps_in_epoch: int = 0  # optimizer steps of `epoch` taken (the unit that survives a resize)
+    # the epoch's remaining images were re-dealt after a resize: its shards no longer follow the
+    # plain split, so any restart within this epoch re-deals again
+    epoch_redealt: bool = False
+
+    @classmethod
+    def from_json(cls, text) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+def redeal_needed(saved: TrainState, world_size: int) -> bool:
+    """Whether a group of ``world_size`` workers continuing from ``saved`` re-deals the rest of the epoch.
+
+    Same size, plain split: no, each worker skips what it consumed (bit-identical resume). Another
+    size mid-epoch (or an epoch already re-dealt): yes; at an epoch boundary there is nothing to deal.
+    """
+    if saved.batches_in_epoch == 0:
+        return False
+    return saved.epoch_redealt or (saved.world_size not in (0, world_size))
 
 
 def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
@@ -73,39 +107,181 @@ def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
     return {k: full[k] for k in order if k in full} | {k: v for k, v in full.items() if k not in order}
 
 
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO/bf16 wrappers (engine.optimizer itself without one)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
+    """The full fp32 Adam moments of every trainable parameter, on every rank (a collective call).
+
+    ``{"exp_avg/<name>": [param shape], "exp_avg_sq/<name>": ..., "step": []}``. ZeRO 1-3 partitions
+    are assembled by DeepSpeed's ``safe_get_full_optimizer_state``; without ZeRO (stage 0, fp32) the
+    torch optimizer holds whole tensors already.
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    optimizer = _torch_optimizer(engine)
+    _relink_fragments(engine)
+    full: Dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        for key in ADAM_MOMENTS:
+            value = safe_get_full_optimizer_state(param, key)
+            if value is None:  # not partitioned by DeepSpeed
+                value = optimizer.state.get(param, {}).get(key)
+            if value is None:
+                raise RuntimeError(f"{name}: no optimizer state {key!r} to checkpoint (before the first step?)")
+            full[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).reshape(param.ds_shape if hasattr(
+                param, "ds_shape") else param.shape).clone()
+    steps = [state["step"] for state in optimizer.state.values() if "step" in state]
+    full["step"] = torch.tensor(float(steps[0]) if steps else 0.0)
+    return full
+
+
 def write_checkpoint(
     engine,
     directory: Path,
     state: TrainState,
     model_state: Optional[Dict[str, torch.Tensor]],
     config: Optional[Dict[str, Any]],
+    optimizer_state: Optional[Dict[str, torch.Tensor]] = None,
+    consumed_image_ids: Optional[list] = None,
 ) -> None:
-    """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``."""
+    """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``,
+    ``optimizer_state`` (``consolidated_optimizer_state``) and the epoch's consumed image ids."""
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=True)
     if model_state is not None:
         torch.save(model_state, directory / MODEL_FILE)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+        position = {"epoch": state.epoch, "image_ids": sorted(int(i) for i in consumed_image_ids or [])}
+        (directory / DATA_POSITION_FILE).write_text(json.dumps(position))
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
 
 
-def restore_checkpoint(engine, directory: Path, world_size: int) -> TrainState:
-    """Load DeepSpeed's module/optimizer state and return where training stood."""
+def read_state(directory: Path) -> TrainState:
     state_file = directory / STATE_FILE
     if not state_file.is_file():
         raise StorageError(f"{directory}: not a dino training checkpoint (no {STATE_FILE})")
-    state = TrainState(**json.loads(state_file.read_text()))
-    if state.world_size and state.world_size != world_size:
+    return TrainState.from_json(state_file.read_text())
+
+
+def read_consumed_image_ids(directory: Path, epoch: int) -> list:
+    """Image ids of ``epoch`` trained on before the checkpoint in ``directory`` ([] for another epoch)."""
+    position_file = directory / DATA_POSITION_FILE
+    if not position_file.is_file():
+        return []
+    position = json.loads(position_file.read_text())
+    return list(position["image_ids"]) if position.get("epoch") == epoch else []
+
+
+def load_resized_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Before DeepSpeed wraps ``model``: the consolidated weights of a checkpoint written at another size."""
+    state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+
+
+def restore_checkpoint(engine, directory: Path, world_size: int, accumulation: int = 1) -> TrainState:
+    """Load the optimizer (and module) state and return where training stands for this group.
+
+    Same world size: DeepSpeed's own partitions. Another size: the module must already hold
+    ``model.pt`` (``load_resized_weights``); the Adam moments and step come from ``optimizer.pt``, and
+    the epoch position is converted to this group's micro-batches (``accumulation`` per step).
+    """
+    state = read_state(directory)
+    if state.world_size in (0, world_size):
+        load_path, _ = engine.load_checkpoint(
+            str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
+        if load_path is None:
+            raise StorageError(f"{directory / DEEPSPEED_DIR}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
+        if redeal_needed(state, world_size):  # a same-size restart within an already re-dealt epoch
+            state.batches_in_epoch = state.steps_in_epoch * accumulation
+        return state
+    if not (directory / OPTIMIZER_FILE).is_file():
         raise ConfigError(
-            f"scaling.num_workers: the run's checkpoints were written by {state.world_size} workers and "
-            f"ZeRO state is partitioned per worker; resume with num_workers: {state.world_size}, or start a "
-            f"new run with model.init_from pointing at {directory.name}/{MODEL_FILE}"
-        )
-    load_path, _ = engine.load_checkpoint(
-        str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
-    if load_path is None:
-        raise StorageError(f"{directory / DEEPSPEED_DIR}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
+            f"scaling.num_workers: {directory.name} was written by {state.world_size} workers without "
+            f"{OPTIMIZER_FILE} (an older checkpoint); resume with num_workers: {state.world_size}, or start a "
+            f"new run with model.init_from pointing at {directory.name}/{MODEL_FILE}")
+    restore_optimizer_moments(engine, torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    engine.global_steps = state.step
+    redealt = redeal_needed(state, world_size)
+    state.world_size, state.epoch_redealt = world_size, redealt
+    state.batches_in_epoch = state.steps_in_epoch * accumulation
     return state
+
+
+def _materialize_adam_state(engine) -> None:
+    """Create the (zero) Adam state a fresh engine makes only at its first step, so it can be written.
+
+    The torch optimizer keys its state by the tensors it updates: ZeRO-3's flat fp32 partitions,
+    ZeRO-1/2's and bf16's flat fp32 groups, or the module's own parameters without a wrapper.
+    ZeRO-1/2 and bf16 then link each parameter's fragment to that state (as DeepSpeed does before
+    loading a universal checkpoint).
+    """
+    wrapper, optimizer = engine.optimizer, _torch_optimizer(engine)
+    flats = getattr(wrapper, "fp32_partitioned_groups_flat", None)
+    tensors = list(flats) if flats is not None else [p for group in optimizer.param_groups for p in group["params"]]
+    for tensor in tensors:
+        if not optimizer.state.get(tensor):
+            optimizer.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
+                                       "exp_avg_sq": torch.zeros_like(tensor)}
+    _relink_fragments(engine)
+
+
+def _relink_fragments(engine) -> None:
+    # NOTE: ZeRO-1/2 (and bf16) link each parameter's view of the Adam state once, right after the
+    # first param group's first step, so groups stepped later keep an empty view (DeepSpeed 0.19,
+    # several param groups). Link again from the state as it is now.
+    wrapper = engine.optimizer
+    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+
+
+def _set_zero3_partition(param, value: torch.Tensor, key: str) -> None:
+    # NOTE: DeepSpeed 0.19's safe_set_full_optimizer_state slices past the end of a ZeRO-3 tensor
+    # whose size the world size does not divide (its last partition is padded); write this rank's
+    # padded slice through the local API instead.
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_local_optimizer_state
+
+    size = param.ds_tensor.numel()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    piece = value.flatten()[rank * size:(rank + 1) * size]
+    local = torch.zeros(size, dtype=torch.float32, device=param.ds_tensor.device)
+    local[:piece.numel()] = piece
+    safe_set_local_optimizer_state(param, local, key)
+
+
+def restore_optimizer_moments(engine, full: Dict[str, torch.Tensor]) -> None:
+    """Write consolidated Adam moments into this engine's optimizer, whatever its ZeRO partitioning."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    optimizer = _torch_optimizer(engine)
+    _materialize_adam_state(engine)
+    step = full["step"]
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        for key in ADAM_MOMENTS:
+            if f"{key}/{name}" not in full:
+                raise StorageError(f"{OPTIMIZER_FILE}: no {key} for parameter {name} (a different model?)")
+            value = full[f"{key}/{name}"]
+            if hasattr(param, "ds_id"):  # ZeRO-3
+                _set_zero3_partition(param, value, key)
+            elif hasattr(param, "_hp_mapping"):  # ZeRO-1/2, bf16 fragments
+                safe_set_full_optimizer_state(param, value.to(param.device), key)
+            else:
+                optimizer.state[param][key] = value.to(param.device).clone()
+    # every state entry (ZeRO-3 swaps its flat partitions in and out of param_groups around a step)
+    for entry in optimizer.state.values():
+        current = entry.get("step")
+        entry["step"] = step.clone().to(current.device) if isinstance(current, torch.Tensor) else step.clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +356,7 @@ def read_train_state(uri: str) -> StartPoint:
     if not state_file.exists():
         raise StorageError(f"{uri}: not a dino training checkpoint (no {STATE_FILE}); a run can only continue "
                            f"from a checkpoint_step* directory that `dino train` wrote")
-    state = TrainState(**json.loads(state_file.read_bytes()))
+    state = TrainState.from_json(state_file.read_bytes())
     return StartPoint(location=location, step=state.step, epoch=state.epoch)
 
 

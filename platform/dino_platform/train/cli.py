@@ -68,6 +68,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.overrides)
     outcome = run_training(cfg)
     print(f"run: {outcome.run_dir}")
+    if outcome.worker_groups:
+        sizes = " -> ".join(str(g["world_size"]) for g in outcome.worker_groups)
+        print(f"worker groups: {outcome.restarts} restarts, {outcome.resizes} resizes (workers {sizes})")
     if outcome.checkpoint is not None:
         print(f"latest checkpoint: {outcome.checkpoint.path}")
     if outcome.tracking is not None:

@@ -67,16 +67,67 @@ class OptimConfig:
     max_steps: Optional[int] = None
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 @dataclass
 class ScalingConfig:
-    """Ray Train workers; the total batch is batch_size_per_worker x num_workers x accumulation_steps."""
+    """Ray Train workers; the total batch is batch_size_per_worker x num_workers x accumulation_steps.
 
-    num_workers: int = 2
+    ``num_workers: [min, max]`` makes the worker group elastic: Ray Train starts it at the largest
+    size in the range the cluster can hold, restarts it smaller from the latest checkpoint when a
+    node is lost, and grows it back when capacity returns. With ``keep_total_batch`` (the default
+    for a range) the total batch is the one at ``max`` workers and the accumulation steps follow the
+    world size: ``w x batch_size_per_worker x accumulation(w)`` is the same total at every size.
+    """
+
+    # an int: a fixed-size group; [min, max]: elastic
+    num_workers: Union[int, List[int]] = 2
     use_gpu: bool = False
     # fractional CPUs let Ray Data's readers run beside the workers on small machines
     cpus_per_worker: float = 0.5
     batch_size_per_worker: int = 2
+    # at max workers when keep_total_batch; recomputed for every other world size
     accumulation_steps: int = 1
+    # how Ray places the workers' bundles: PACK fills nodes, STRICT_SPREAD one worker per node
+    placement_strategy: PlacementStrategy = "PACK"
+    # None: true for a [min, max] range, false for a fixed size
+    keep_total_batch: Optional[bool] = None
+    # custom Ray resources each worker also asks for, e.g. {train_slot: 1} on GPU node types
+    resources_per_worker: Dict[str, float] = field(default_factory=dict)
+    # elastic: seconds between Ray Train's checks whether the group can grow
+    resize_check_interval_s: float = 60.0
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    @property
+    def keeps_total_batch(self) -> bool:
+        return self.elastic if self.keep_total_batch is None else self.keep_total_batch
+
+    def accumulation_for(self, world_size: int) -> int:
+        """Accumulation steps at ``world_size`` workers (ConfigError when the total cannot be kept)."""
+        if not self.keeps_total_batch or world_size == self.max_workers:
+            return self.accumulation_steps
+        total = self.batch_size_per_worker * self.max_workers * self.accumulation_steps
+        per_step = world_size * self.batch_size_per_worker
+        if total % per_step:
+            raise ConfigError(
+                f"scaling.keep_total_batch: the total batch {total} (batch_size_per_worker "
+                f"{self.batch_size_per_worker} x {self.max_workers} workers x accumulation_steps "
+                f"{self.accumulation_steps}) is not a multiple of {world_size} workers x batch "
+                f"{self.batch_size_per_worker} = {per_step}; choose num_workers whose every size in "
+                f"{self.num_workers} divides it, or set keep_total_batch: false")
+        return total // per_step
 
 
 @dataclass
@@ -155,8 +206,17 @@ class TrainConfig:
 
     @property
     def total_batch_size(self) -> int:
+        """Images per optimizer step (at max workers for an elastic group)."""
         s = self.scaling
-        return s.batch_size_per_worker * s.num_workers * s.accumulation_steps
+        return s.batch_size_per_worker * s.max_workers * s.accumulation_steps
+
+    def at_world_size(self, world_size: int) -> "TrainConfig":
+        """This config as a worker group of ``world_size`` runs it: a fixed num_workers and the
+        accumulation steps that keep the total batch (``scaling.keep_total_batch``)."""
+        scaling = dataclasses.replace(self.scaling, num_workers=world_size,
+                                      accumulation_steps=self.scaling.accumulation_for(world_size),
+                                      keep_total_batch=False)
+        return dataclasses.replace(self, scaling=scaling)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,7 +304,14 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
                 return None
             raise ConfigError(f"{name}: a value is required")
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, name)
+        if len(inner) == 1:
+            return _coerce(inner[0], value, name)
+        for alternative in inner:  # e.g. Union[int, List[int]]: the first that fits
+            try:
+                return _coerce(alternative, value, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: {value!r} is not {' or '.join(_describe(a) for a in inner)}")
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
@@ -283,6 +350,14 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {name}")  # a bug in this file, not user input
 
 
+def _describe(tp: Any) -> str:
+    if tp is int:
+        return "an integer"
+    if typing.get_origin(tp) in (list, List):
+        return "a list [min, max]" if typing.get_args(tp) == (int,) else "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -300,10 +375,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.lr_drop_factor: {o.lr_drop_factor} must be in (0, 1]")
     if o.max_steps is not None:
         _positive("optim.max_steps", o.max_steps)
-    _positive("scaling.num_workers", s.num_workers)
     _positive("scaling.cpus_per_worker", s.cpus_per_worker)
     _positive("scaling.batch_size_per_worker", s.batch_size_per_worker)
     _positive("scaling.accumulation_steps", s.accumulation_steps)
+    _validate_scaling(s)
     if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
         raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
     _positive("model.num_classes", cfg.model.num_classes)
@@ -333,6 +408,24 @@ def validate(cfg: TrainConfig) -> None:
     _positive("tracking.log_every_n_steps", cfg.tracking.log_every_n_steps)
     if not cfg.run.storage_path:
         raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
+
+
+def _validate_scaling(s: ScalingConfig) -> None:
+    if s.elastic:
+        if len(s.num_workers) != 2 or s.num_workers[0] > s.num_workers[1]:
+            raise ConfigError(f"scaling.num_workers: {s.num_workers} must be an integer or [min, max] "
+                              "with min <= max, e.g. [2, 8]")
+        _positive("scaling.num_workers[0] (min)", s.num_workers[0])
+    else:
+        _positive("scaling.num_workers", s.num_workers)
+    _non_negative("scaling.resize_check_interval_s", s.resize_check_interval_s)
+    for resource, amount in s.resources_per_worker.items():
+        if resource in ("CPU", "GPU"):
+            raise ConfigError(f"scaling.resources_per_worker.{resource}: set scaling.cpus_per_worker / use_gpu instead")
+        _positive(f"scaling.resources_per_worker.{resource}", amount)
+    if s.keeps_total_batch:  # fails here, before any worker starts, at the first size that cannot keep it
+        for world_size in range(s.min_workers, s.max_workers + 1):
+            s.accumulation_for(world_size)
 
 
 def _positive(name: str, value: float) -> None:

@@ -3,25 +3,34 @@
 Every worker runs ``train_loop_per_worker``. Ray Train has set up the process group and hands each
 worker its shard of the training (and evaluation) dataset; DeepSpeed owns the optimizer step.
 Exact resume rests on four things: the data order is deterministic (ordered, equal shards);
-each data pass is positioned at the checkpoint's epoch (trainer.OrderedShards); every RNG is
+each data pass is positioned at the checkpoint's epoch (data.sharding.OrderedShards); every RNG is
 seeded per micro-batch from (seed, micro-batch, rank); and a checkpoint records the step, epoch
 and micro-batches consumed, so a resumed worker skips exactly what it already trained on.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from dino_platform.train.checkpoint import (
+    WORKER_GROUPS_DIR,
     TrainState,
+    consolidated_optimizer_state,
     consolidated_state_dict,
+    load_resized_weights,
+    read_consumed_image_ids,
+    read_state,
+    redeal_needed,
     restore_checkpoint,
     write_checkpoint,
 )
@@ -46,14 +55,35 @@ class EpochPlan:
     steps_per_epoch: int  # optimizer steps
 
 
+def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
+    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations).
+
+    ``cfg`` at one world size (``TrainConfig.at_world_size``). With the total batch kept, the steps
+    per epoch, hence the schedule, are the same at every size.
+    """
+    from dino_platform.errors import ConfigError
+
+    s = cfg.scaling
+    per_worker = num_train_images // s.num_workers
+    micro = per_worker // s.batch_size_per_worker
+    micro -= micro % s.accumulation_steps
+    if micro == 0:
+        raise ConfigError(
+            f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
+            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
+        )
+    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
+
+
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = load_config(loop_config["config"])
-    plan = EpochPlan(**loop_config["plan"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    # an elastic group learns its size only here: fix num_workers and the accumulation for it
+    cfg = load_config(loop_config["config"]).at_world_size(world_size)
+    plan = plan_epochs(loop_config["num_train_images"], cfg)
     device = ray.train.torch.get_device()
     tracker = _rank0_tracker(loop_config.get("tracking"), rank)
 
@@ -63,28 +93,42 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     own_checkpoint = checkpoint is not None
     if checkpoint is None and cfg.model.init_from and loop_config.get("start_location") is None:
         init_weights(model, cfg.model, loop_config["init_location"])
-    model.to(device)
-    criterion.to(device)
-    engine, base_lrs = build_engine(model, cfg)
-
-    state = TrainState(seed=cfg.run.seed, world_size=world_size)
     if checkpoint is None and loop_config.get("start_location") is not None:
         # a new run continuing another run's checkpoint (e.g. a PBT trial cloning a better one)
         start = loop_config["start_location"]
         checkpoint = ray.train.Checkpoint(path=start.path, filesystem=start.fs)
         if rank == 0:
             log.info("starting from %s", start.uri)
-    if checkpoint is not None:
-        # the optimizer state restores each group's weight decay; this run's config decides it
-        decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
-        with checkpoint.as_directory() as directory:
-            state = restore_checkpoint(engine, Path(directory), world_size)
-        for group, value in zip(engine.optimizer.param_groups, decay):
-            group["weight_decay"] = value
+
+    state = TrainState(seed=cfg.run.seed, world_size=world_size)
+    saved: Optional[TrainState] = None
+    consumed_before: List[int] = []  # images of the current epoch trained on before this group started
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+        if directory is not None:
+            saved = read_state(directory)
+            if saved.world_size not in (0, world_size):  # a resize: DeepSpeed's partitions do not fit
+                load_resized_weights(model, directory)
+        model.to(device)
+        criterion.to(device)
+        engine, base_lrs = build_engine(model, cfg)
+        if directory is not None:
+            # the optimizer state restores each group's weight decay; this run's config decides it
+            decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
+            state = restore_checkpoint(engine, directory, world_size, cfg.scaling.accumulation_steps)
+            for group, value in zip(engine.optimizer.param_groups, decay):
+                group["weight_decay"] = value
+            consumed_before = read_consumed_image_ids(directory, state.epoch)
+    redeal = saved is not None and redeal_needed(saved, world_size)
+    if saved is not None:
         if rank == 0:
-            log.info("resumed at step %d (epoch %d, %d micro-batches in)", state.step, state.epoch, state.batches_in_epoch)
+            log.info("resumed at step %d (epoch %d, %d steps in) with %d workers%s", state.step, state.epoch,
+                     state.steps_in_epoch, world_size,
+                     f" (checkpoint written by {saved.world_size}; the epoch's remaining images re-dealt)"
+                     if redeal else "")
         if tracker is not None:
             tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
+    _record_worker_group(loop_config, rank, state.step, world_size, saved, tracker)
 
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_uri else None
@@ -98,13 +142,18 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
     last_checkpoint_step = state.step if own_checkpoint else -1
 
+    consumed = _ConsumedImages(consumed_before, loop_config.get("image_log"), rank, world_size)
     while state.step < total_steps:
         set_epoch_lr(engine.optimizer, base_lrs, cfg.optim, state.epoch)
         engine.train()
-        batches = _train_batches(train_shard, cfg, plan, skip=state.batches_in_epoch)
+        # after a resize the first pass holds only the epoch's remaining images (data.sharding)
+        batches = _train_batches(train_shard, cfg, plan, skip=state.batches_in_epoch,
+                                 first_index=state.batches_in_epoch if redeal else 0)
+        redeal = False
         epoch_started = state.epoch
         for images, mask, targets in batches:
             seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
+            consumed.add(targets)
             images, mask, targets = _to_device(images, mask, targets, device)
             outputs = engine(images, mask, targets)
             losses = criterion(outputs, targets)
@@ -117,8 +166,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                 continue
 
             state.step += 1
+            state.steps_in_epoch += 1
+            consumed.step_done(state)
             if state.batches_in_epoch == plan.micro_batches_per_epoch:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
+                state.epoch_redealt = False
+                consumed.new_epoch()
             end_of_epoch = state.batches_in_epoch == 0
             finished = state.step >= total_steps
             metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps, force=end_of_epoch or finished)
@@ -132,7 +185,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                 metrics = {**(metrics or {}), **evaluator.run(model_state, state.step, state.epoch)}
             if finished or _checkpoint_due(cfg, state, end_of_epoch):
                 model_state = model_state if model_state is not None else consolidated_state_dict(engine)
-                _save(engine, state, model_state if rank == 0 else None, cfg, metrics or {})
+                _save(engine, state, model_state, cfg, metrics or {}, consumed)
                 last_checkpoint_step = state.step
             elif model_state is not None:  # evaluated without a checkpoint: report the scores alone
                 ray.train.report({**(metrics or {}), "step": state.step, "epoch": state.epoch})
@@ -143,22 +196,26 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
     if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
-        _save(engine, state, consolidated_state_dict(engine) if rank == 0 else None, cfg, {})
+        _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
 
 
 # ---------------------------------------------------------------------------------------------
 # data
 
 
-def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int) -> Iterator[Tuple]:
-    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on)."""
+def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_index: int = 0) -> Iterator[Tuple]:
+    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on).
+
+    ``first_index``: the epoch position of the shard's first batch (its re-dealt remainder after a
+    resize starts at the checkpoint's position; a plain shard at 0).
+    """
     from dino_platform.data.transforms import transform_configs
     from dino_platform.train.batches import iter_collated
 
     train_transform, _ = transform_configs(cfg.data.transform)
     batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
                             normalization=(train_transform.mean, train_transform.std))
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(batches, start=first_index):
         # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
         # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
         if skip <= index < plan.micro_batches_per_epoch:
@@ -183,12 +240,19 @@ def _checkpoint_due(cfg: TrainConfig, state: TrainState, end_of_epoch: bool) -> 
     return _every(c.every_n_steps, state.step) or (end_of_epoch and _every(c.every_n_epochs, state.epoch))
 
 
-def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float]) -> None:
+def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float],
+          consumed: "_ConsumedImages") -> None:
+    """Every rank (collectives: the optimizer moments and the consumed image ids are gathered)."""
     import ray.train
 
+    optimizer_state = consolidated_optimizer_state(engine)
+    image_ids = consumed.gather()
+    rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as staging:
         directory = Path(staging)
-        write_checkpoint(engine, directory, state, model_state, cfg.to_dict())
+        if rank != 0:
+            model_state = optimizer_state = None
+        write_checkpoint(engine, directory, state, model_state, cfg.to_dict(), optimizer_state, image_ids)
         ray.train.report(
             {**metrics, "step": state.step, "epoch": state.epoch},
             checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
@@ -244,6 +308,7 @@ class _Progress:
             "lr": float(engine.optimizer.param_groups[0]["lr"]),
             "steps_per_s": self.steps / elapsed,
             "images_per_s": self.micro_batches * self.batch_size * self.world_size / elapsed,
+            "world_size": float(self.world_size),
         })
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"step {state.step}: non-finite training metrics {metrics}")
@@ -253,6 +318,76 @@ class _Progress:
                      metrics["loss"], metrics["lr"], metrics["steps_per_s"], metrics["images_per_s"])
         self._reset()
         return metrics
+
+
+class _ConsumedImages:
+    """The image ids of the current epoch this worker trained on, for the checkpoint's data position.
+
+    ``before``: the epoch's ids from the checkpoint this group resumed from (every rank holds them;
+    rank 0 writes them with the gathered new ones). ``log_dir`` (``$DINO_TRAIN_IMAGE_LOG``, an audit
+    of the data semantics): each rank appends one JSON line per optimizer step with its image ids.
+    """
+
+    def __init__(self, before: List[int], log_dir: Optional[str], rank: int, world_size: int):
+        self.before, self.mine, self.pending = list(before), [], []
+        self.rank, self.world_size = rank, world_size
+        self.log_file, self.group = None, None
+        if log_dir:
+            import torch.distributed as dist
+
+            # one id for this worker group on every rank: the audit tells attempts apart by it
+            group = [{"id": uuid.uuid4().hex, "started_ns": time.time_ns()}]
+            if dist.is_initialized():
+                dist.broadcast_object_list(group, src=0)
+            self.group = group[0]
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.log_file = Path(log_dir) / f"group{self.group['started_ns']}-rank{rank}.jsonl"
+
+    def add(self, targets) -> None:
+        self.pending.extend(int(t["image_id"]) for t in targets)
+
+    def step_done(self, state: TrainState) -> None:
+        if self.log_file is not None:
+            line = {"group": self.group["id"], "group_started_ns": self.group["started_ns"], "step": state.step,
+                    "epoch": state.epoch, "rank": self.rank, "world_size": self.world_size, "image_ids": self.pending}
+            with self.log_file.open("a") as out:
+                out.write(json.dumps(line) + "\n")
+        self.mine.extend(self.pending)
+        self.pending = []
+
+    def new_epoch(self) -> None:
+        self.before, self.mine = [], []
+
+    def gather(self) -> List[int]:
+        """Every rank: the epoch's ids trained on by all ranks so far (a collective)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return self.before + self.mine
+        everyone: List[Optional[List[int]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, self.mine)
+        return self.before + [i for ids in everyone for i in ids]
+
+
+def _record_worker_group(loop_config, rank: int, step: int, world_size: int, saved: Optional[TrainState],
+                         tracker) -> None:
+    """Rank 0: note this worker group's start (size, step, the size it resized from) in the run directory
+    and in MLflow; the driver counts restarts and resizes from these records."""
+    if rank != 0:
+        return
+    resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
+    if resized_from is not None:
+        log.info("resized %d -> %d workers at step %d", resized_from, world_size, step)
+    if tracker is not None:
+        tracker.log_metrics({"world_size": world_size, **({"resize/from_workers": resized_from,
+                                                           "resize/to_workers": world_size}
+                                                          if resized_from is not None else {})}, step=step)
+    run_location = loop_config.get("run_location")
+    if run_location is not None:
+        record = {"session": loop_config.get("session"), "step": step, "world_size": world_size,
+                  "resumed": saved is not None, "resized_from": resized_from, "time_ns": time.time_ns()}
+        name = f"{WORKER_GROUPS_DIR}/start-{record['time_ns']}.json"
+        run_location.child(name).write_bytes(json.dumps(record).encode())
 
 
 def _rank0_tracker(target, rank: int):

@@ -6,8 +6,11 @@
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import os
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -15,10 +18,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from dino_platform.errors import ConfigError
+from dino_platform.data.sharding import OrderedShards
+from dino_platform.errors import ConfigError, TrainingError
 from dino_platform.storage import resolve
 from dino_platform.train.config import TrainConfig, flat_params
-from dino_platform.train.loop import EpochPlan, train_loop_per_worker
+from dino_platform.train.loop import plan_epochs, train_loop_per_worker
 
 log = logging.getLogger("dino.train")
 
@@ -30,67 +34,31 @@ class TrainingOutcome:
     run_dir: str  # <storage_path>/<run.name>
     tracking: Any  # TrackingTarget or None
     error: Optional[BaseException]
+    # the worker groups Ray Train started, in order: {"step", "world_size", "resized_from", ...}
+    worker_groups: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def restarts(self) -> int:
+        """Worker-group starts after the first (lost workers or nodes, resizes)."""
+        return max(len(self.worker_groups) - 1, 0)
+
+    @property
+    def resizes(self) -> int:
+        """Restarts at another world size than the group before."""
+        sizes = [g["world_size"] for g in self.worker_groups]
+        return sum(1 for a, b in zip(sizes, sizes[1:]) if a != b)
 
 
-class OrderedShards(ray.train.DataConfig):
-    """A ``ray.train.DataConfig`` that splits every dataset in a reproducible order.
-
-    ``preserve_order`` makes Ray Data's splitter deal blocks out deterministically (it otherwise
-    follows locality and timing), which exact resume relies on. Training shards are equal-sized
-    (every worker runs the same number of steps, so collectives never wait on a finished worker);
-    evaluation shards are not, so no evaluation image is dropped.
-
-    Resuming: the training pipeline draws each pass's augmentation and file order from the number
-    of passes made so far, which a fresh split (a restarted worker group, a resumed job) would
-    count from 0. ``run_location`` lets ``configure`` read the epoch of the checkpoint Ray Train
-    resumes from (its checkpoint_manager_snapshot.json) and start the count there;
-    ``start_epoch`` is the count when the run has no checkpoint of its own yet (a run started from
-    another run's checkpoint, e.g. a PBT trial that cloned a better one).
-    """
-
-    def __init__(self, run_location=None, start_epoch: int = 0):
-        super().__init__()
-        self.run_location = run_location
-        self.start_epoch = start_epoch
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        passes_done = _resume_epoch(self.run_location) if self.run_location is not None else None
-        if passes_done is None:
-            passes_done = self.start_epoch
-        output: List[Dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, dataset in datasets.items():
-            dataset = dataset.copy(dataset)
-            options = self.default_ingest_options()
-            options.preserve_order = True
-            dataset.context.execution_options = options
-            if name == "train":
-                # NOTE: private attribute; data.streaming and Ray Data's file shuffling read it
-                dataset.context._execution_idx = passes_done
-            for rank, split in enumerate(dataset.streaming_split(world_size, equal=(name == "train"))):
-                output[rank][name] = split
-        return output
-
-
-def _resume_epoch(run_location) -> Optional[int]:
-    """Epoch of the latest registered checkpoint of the run at ``run_location`` (None if none)."""
-    from dino_platform.train.checkpoint import latest_registered_checkpoint
-
-    latest = latest_registered_checkpoint(run_location)
-    return None if latest is None else int((latest.get("metrics") or {}).get("epoch", 0))
-
-
-def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
-    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations)."""
+def ray_scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
+    """Ray Train's ScalingConfig: a (min, max) tuple for an elastic group, the placement strategy, resources."""
     s = cfg.scaling
-    per_worker = num_train_images // s.num_workers
-    micro = per_worker // s.batch_size_per_worker
-    micro -= micro % s.accumulation_steps
-    if micro == 0:
-        raise ConfigError(
-            f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
-            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
-        )
-    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
+    return ray.train.ScalingConfig(
+        num_workers=(s.min_workers, s.max_workers) if s.elastic else s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
+        placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.resize_check_interval_s,
+    )
 
 
 def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
@@ -123,25 +91,30 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed, **policy)}
     if cfg.data.eval_uri:
         datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform, **policy)
-    plan = plan_epochs(dataset_size(cfg.data.train_uri), cfg)
+    num_train_images = dataset_size(cfg.data.train_uri)
+    # fails here, not in the workers: every size the group may take must make at least one step
+    plans = {w: plan_epochs(num_train_images, cfg.at_world_size(w)) for w in {cfg.scaling.min_workers,
+                                                                             cfg.scaling.max_workers}}
+    plan = plans[cfg.scaling.max_workers]
     start = read_train_state(start_from) if start_from else None
+    session = uuid.uuid4().hex  # tags this call's worker-group records (restarts, resizes)
     tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "plan": plan.__dict__,
+            "num_train_images": num_train_images,
+            "run_location": storage.child(cfg.run.name),
+            "session": session,
+            # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
+            "image_log": os.environ.get("DINO_TRAIN_IMAGE_LOG") or None,
             "tracking": tracking,
             # resolved here: workers may not share the driver's storage settings (AWS_* variables)
             "ground_truth": read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
             "init_location": weights_location(cfg.model.init_from) if cfg.model.init_from else None,
             "start_location": start.location if start is not None else None,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
+        scaling_config=ray_scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -152,18 +125,26 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=OrderedShards(storage.child(cfg.run.name), start_epoch=start.epoch if start else 0),
+        dataset_config=OrderedShards(storage.child(cfg.run.name), start_epoch=start.epoch if start else 0,
+                                     start_location=start.location if start else None),
     )
-    log.info("run %s: %d workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
-             cfg.run.name, cfg.scaling.num_workers, cfg.scaling.batch_size_per_worker, cfg.scaling.accumulation_steps,
+    s = cfg.scaling
+    log.info("run %s: %s workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
+             cfg.run.name, s.num_workers, s.batch_size_per_worker, s.accumulation_steps,
              cfg.total_batch_size, plan.steps_per_epoch, cfg.optim.epochs)
+    if s.elastic:
+        log.info("elastic group %s (%s): %s", s.num_workers, s.placement_strategy, ", ".join(
+            f"{w} workers x accumulation {cfg.at_world_size(w).scaling.accumulation_steps}"
+            for w in range(s.min_workers, s.max_workers + 1)))
     error: Optional[BaseException] = None
+    nodes_at_start = _alive_nodes()
     try:
         result = trainer.fit()
         checkpoint, metrics, error = result.checkpoint, result.metrics, result.error
     except Exception as exc:  # TrainingFailedError: workers failed more than max_failures times
         checkpoint, metrics, error = None, None, exc
     skipped = _skipped_samples(error_log)
+    groups = worker_groups(storage.child(cfg.run.name), session)
     if tracking is not None:
         from dino_platform.tracking import MetricsLogger, finish_run
 
@@ -172,8 +153,19 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
             logger.log_metrics({"data/skipped_samples": len(skipped)}, step=0)
             logger.log_dict({"skipped": skipped}, "sample_errors.json")
         finish_run(tracking, status="FAILED" if error else "FINISHED")
-    outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_dir, tracking=tracking, error=error)
+    outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_dir, tracking=tracking, error=error,
+                              worker_groups=groups)
+    if groups and (outcome.restarts or outcome.resizes):
+        log.info("run %s: %d worker-group restarts, %d resizes (%s)", cfg.run.name, outcome.restarts,
+                 outcome.resizes, " -> ".join(str(g["world_size"]) for g in groups))
     if error is not None:
+        lost = lost_nodes(error) or _nodes_lost_since(nodes_at_start, error)
+        if lost:
+            raise TrainingError(
+                f"run {cfg.run.name}: training failed: lost {', '.join(lost)} (the node and its workers died); "
+                f"run.max_failures is {cfg.run.max_failures} and scaling.num_workers is {s.num_workers}. The run "
+                f"continues from its last checkpoint in {run_dir} when started again; to ride through lost nodes, "
+                "set run.max_failures > 0 and scaling.num_workers: [min, max]") from error
         raise error
     return outcome
 
@@ -186,6 +178,66 @@ def _skipped_samples(error_log) -> List[Dict[str, Any]]:
     if records:
         log.warning("%d samples were skipped (data.on_sample_error: skip); listed in %s", len(records), error_log.uri)
     return records
+
+
+def lost_nodes(error: BaseException) -> List[str]:
+    """'node <id> (<ip>)' for every worker that died with its node, from Ray Train's error (else [])."""
+    import re
+
+    failures = getattr(error, "worker_failures", None) or {}
+    lost = []
+    for failure in failures.values():
+        text = str(failure)
+        if "node" not in text.lower() or not re.search(r"node (has )?died|raylet|NodeDied|node .* (was|is) (dead|lost)",
+                                                        text, re.IGNORECASE):
+            continue
+        node = re.search(r"node[ _]?id[:=\s]+([0-9a-f]{16,})", text, re.IGNORECASE)
+        ip = re.search(r"\bip[:= ]+([0-9.]+)|node IP[:= ]+([0-9.]+)|\(ip=([0-9.]+)", text, re.IGNORECASE)
+        name = f"node {node.group(1)}" if node else "a node"
+        address = next((g for g in ip.groups() if g), None) if ip else None
+        entry = f"{name} ({address})" if address else name
+        if entry not in lost:
+            lost.append(entry)
+    return lost
+
+
+def _alive_nodes() -> Dict[str, str]:
+    """{node id: IP} of the Ray nodes alive now."""
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: float = 60.0) -> List[str]:
+    """Nodes alive at the start and dead now, for a worker-group failure.
+
+    A killed node's workers surface as "actor unavailable" before the GCS declares the node dead
+    (after its missed health checks), so wait a little for that verdict.
+    """
+    import time
+
+    if not getattr(error, "worker_failures", None):
+        return []
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = _alive_nodes()
+        lost = [f"node {node_id} ({ip})" for node_id, ip in before.items() if node_id not in alive]
+        if lost or time.monotonic() > deadline:
+            return lost
+        time.sleep(1.0)
+
+
+def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
+    """The worker groups this ``run_training`` call started, in order (see ``loop._record_worker_group``)."""
+    from dino_platform.train.checkpoint import WORKER_GROUPS_DIR
+
+    folder = run_location.child(WORKER_GROUPS_DIR)
+    if not folder.exists():
+        return []
+    records = []
+    for name in folder.list_files(recursive=False):
+        record = json.loads(folder.child(name).read_bytes())
+        if record.get("session") == session:
+            records.append(record)
+    return sorted(records, key=lambda r: (r["step"], r["time_ns"]))
 
 
 def _open_tracking(cfg: TrainConfig, run_dir: str):
