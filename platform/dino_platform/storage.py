@@ -153,6 +153,17 @@ class Location:
             with self.fs.open_input_file(self.path) as stream:
                 return stream.read()
 
+    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The file's bytes in chunks of at most ``chunk_size``: a streamed read that never holds
+        the whole object (an S3 object is fetched as it is consumed)."""
+        with self._errors("read"):
+            with self.fs.open_input_stream(self.path) as stream:
+                while True:
+                    chunk = stream.read(chunk_size)
+                    if not chunk:
+                        return
+                    yield chunk
+
     def exists(self) -> bool:
         with self._errors("check"):
             return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
@@ -197,6 +208,13 @@ class Location:
             if full.startswith(base):
                 sizes[full[len(base):]] = int(info.size)
         return sizes
+
+    def subdirectories(self) -> List[str]:
+        """Names of the directories (S3: common prefixes) directly below this location, sorted."""
+        with self._errors("list"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
+        return sorted(posixpath.basename(info.path.replace(os.sep, "/").rstrip("/")) for info in infos
+                      if info.type == pafs.FileType.Directory)
 
     # --- writing ---------------------------------------------------------------------------
     def write_bytes(self, data: bytes) -> None:
