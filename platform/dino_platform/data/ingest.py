@@ -24,6 +24,8 @@ integers beyond 64 bits and UTF-16/32 files; such a file is now refused with an 
 from __future__ import annotations
 
 import array
+import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -58,7 +60,7 @@ IngestFormat = Literal["coco", "o365"]
 WORK_DIR = "_ingest"  # progress markers of an unfinished ingest, removed when it commits
 READ_CHUNK = 1 << 20  # bytes per read of the annotation file
 EXACT_ERROR_LIMIT = 64 << 20  # a malformed file up to this size is re-read to name the line and column
-COLUMN_CHUNK = 1 << 20  # annotation records per column chunk: checked, then freed, one chunk at a time
+COLUMN_CHUNK = 1 << 16  # records per column chunk: annotations are checked, then freed, a chunk at a time
 LISTING_THREADS = 16
 
 
@@ -181,19 +183,30 @@ _SOUND, _MALFORMED_BBOX, _NON_POSITIVE, _MALFORMED_IDS = 0, 1, 2, 3
 
 
 class _AnnotationChunk:
-    """Up to COLUMN_CHUNK consecutive annotation records, as typed columns."""
+    """COLUMN_CHUNK consecutive annotation records, as typed columns of fixed capacity (no
+    reallocation while they fill, so no heap fragments left behind)."""
+
+    _COLUMNS = {  # name: (array typecode, numpy dtype, values per record)
+   "ids": ("q", np.int64, 1), "image_ids": ("q", np.int64, 1), "category_ids": ("q", np.int64, 1),
+                "x": ("d", np.float64, 1), "y": ("d", np.float64, 1),  # the bbox as given (floats);
+                "w": ("d", np.float64, 1), "h": ("d", np.float64, 1),  # clipped once checked
+                "int_mask": ("B", np.uint8, 1),    # bit k: bbox[k] was an integer (for the details' repr)
+                "state": ("B", np.uint8, 1), "iscrowd": ("b", np.int8, 1),
+                "areas": ("d", np.float64, 1)}     # NaN where the record's area is absent or unusable
 
     def __init__(self, first: int) -> None:
         self.first = first  # position of its first record in the ``annotations`` list
-        self.ids, self.image_ids, self.category_ids = array.array("q"), array.array("q"), array.array("q")
-        self.boxes = array.array("d")          # x, y, w, h as given (floats), 4 per record
-        self.int_mask = array.array("B")       # bit k: bbox[k] was an integer (for the details' repr)
-        self.state = array.array("B")
-        self.iscrowd = array.array("b")
-        self.areas = array.array("d")          # NaN where the record's area is absent or unusable
+        self.size = 0
+        for name, (code, _, width) in self._COLUMNS.items():
+            setattr(self, name, array.array(code, [0]) * (COLUMN_CHUNK * width))
 
     def __len__(self) -> int:
-        return len(self.state)
+        return self.size
+
+    def column(self, name: str) -> np.ndarray:
+        """The filled part of column ``name`` (a view)."""
+        _, dtype, width = self._COLUMNS[name]
+        return np.frombuffer(getattr(self, name), dtype=dtype, count=self.size * width)
 
 
 class _AnnotationRecords:
@@ -209,9 +222,11 @@ class _AnnotationRecords:
         position = self.count
         self.count += 1
         chunk = self.chunks[-1]
-        if len(chunk) == COLUMN_CHUNK:
+        if chunk.size == COLUMN_CHUNK:
             chunk = _AnnotationChunk(position)
             self.chunks.append(chunk)
+        row = chunk.size
+        chunk.size += 1
         ann_id = image_id = category_id = None
         if type(record) is dict:
             ann_id, image_id, category_id = record.get("id"), record.get("image_id"), record.get("category_id")
@@ -219,31 +234,26 @@ class _AnnotationRecords:
             self.quarantine.append((position, {
                 "annotation": repr(record)[:200], "reason": Reason.MALFORMED_ANNOTATION,
                 "detail": "an annotation needs integer id, image_id and category_id"}))
-            chunk.ids.append(0), chunk.image_ids.append(0), chunk.category_ids.append(0)
-            chunk.boxes.extend((0.0, 0.0, 0.0, 0.0)), chunk.int_mask.append(0)
-            chunk.state.append(_MALFORMED_IDS), chunk.iscrowd.append(0), chunk.areas.append(math.nan)
+            chunk.state[row], chunk.areas[row] = _MALFORMED_IDS, math.nan
             return
-        chunk.ids.append(ann_id), chunk.image_ids.append(image_id), chunk.category_ids.append(category_id)
+        chunk.ids[row], chunk.image_ids[row], chunk.category_ids[row] = ann_id, image_id, category_id
         bbox = record.get("bbox")
         mask = _box_int_mask(bbox)
         if mask < 0:
             self.details[position] = f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r:.80}"
-            chunk.boxes.extend((0.0, 0.0, 0.0, 0.0))
-            chunk.state.append(_MALFORMED_BBOX)
+            chunk.state[row] = _MALFORMED_BBOX
             mask = 0
         else:
             x, y, w, h = (float(v) for v in bbox)
-            chunk.boxes.extend((x, y, w, h))
+            chunk.x[row], chunk.y[row], chunk.w[row], chunk.h[row] = x, y, w, h
             if w <= 0 or h <= 0:
                 self.details[position] = f"bbox {list(bbox)} has width or height <= 0"
-                chunk.state.append(_NON_POSITIVE)
-            else:
-                chunk.state.append(_SOUND)
-        chunk.int_mask.append(mask)
+                chunk.state[row] = _NON_POSITIVE
+        chunk.int_mask[row] = mask
         crowd = record.get("iscrowd", 0)
-        chunk.iscrowd.append(1 if crowd in (1, True) else 0)
+        chunk.iscrowd[row] = 1 if crowd in (1, True) else 0
         area = record.get("area")
-        chunk.areas.append(float(area) if _is_number(area) and area >= 0 else math.nan)
+        chunk.areas[row] = float(area) if _is_number(area) and area >= 0 else math.nan
 
 
 def _box_int_mask(bbox: Any) -> int:
@@ -273,33 +283,95 @@ class AnnotationFile:
 _SECTIONS = ("categories", "images", "annotations")
 
 
+class _SectionPrefix(str):
+    """An ijson prefix equal to each of ``<section>.item``: one C parser builds the records of
+    every section.
+
+    ijson compares each event's path with its prefix through ``==``, and Python asks the right
+    operand first when it is a str subclass; outside a record that costs one call per record.
+    Records are handed over in file order; ``marks`` says at which index of the parser's output
+    list each run of one section starts.
+    """
+
+    def __new__(cls, buffer: list) -> "_SectionPrefix":
+        prefix = super().__new__(cls, "<one of the sections>.item")
+        prefix.sections = {f"{name}.item": name for name in _SECTIONS}
+        prefix.buffer, prefix.marks, prefix.current = buffer, [], None
+        return prefix
+
+    def __eq__(self, other: object) -> bool:
+        section = self.sections.get(other)  # type: ignore[call-overload]
+        if section is None:
+            return False
+        if section != self.current:
+            self.marks.append((len(self.buffer), section))
+            self.current = section
+        return True
+
+    __hash__ = str.__hash__
+
+
+def _section_parser() -> Tuple[Any, list, Optional[_SectionPrefix]]:
+    buffer = ijson.sendable_list()
+    prefix = _SectionPrefix(buffer)
+    return json_stream.items_coro(buffer, prefix, use_float=True), buffer, prefix
+
+
+@functools.lru_cache(maxsize=None)
+def _one_parser_works() -> bool:
+    """Whether this ijson dispatches every section through one parser (checked once, on a
+    tiny document); if not, each section gets a parser of its own (three passes in C)."""
+    parser, buffer, prefix = _section_parser()
+    parser.send(b'{"images": [1], "annotations": [{"a": 2}], "categories": [3]}')
+    parser.close()
+    return list(buffer) == [1, {"a": 2}, 3] and [s for _, s in prefix.marks] == ["images", "annotations", "categories"]
+
+
 def read_annotation_file(location: Location) -> AnnotationFile:
     """Stream ``location`` once: check its records into columns and hash its bytes."""
     categories: List[Any] = []
     images, annotations = _ImageRecords(), _AnnotationRecords()
     consumers: Dict[str, Callable[[Any], None]] = {
         "categories": categories.append, "images": images.add, "annotations": annotations.add}
-    # one C parser per section, fed the same chunks: each builds Python objects only for its own
-    # records, one record at a time, and hands them over after every chunk
-    parsers = []
-    for section in _SECTIONS:
-        buffer = ijson.sendable_list()
-        parsers.append((json_stream.items_coro(buffer, f"{section}.item", use_float=True), buffer,
-                        consumers[section]))
+    if _one_parser_works():
+        parsers = [_section_parser()]
+    else:  # pragma: no cover - another ijson: one parser per section
+        parsers = []
+        for section in _SECTIONS:
+            buffer = ijson.sendable_list()
+            parsers.append((json_stream.items_coro(buffer, f"{section}.item", use_float=True), buffer, section))
+    current = [None] * len(parsers)
+
+    def hand_over(k: int) -> None:  # the records parser k finished, to their section's consumer
+        _, buffer, prefix = parsers[k]
+        if isinstance(prefix, str) and not isinstance(prefix, _SectionPrefix):
+            current[k] = prefix
+            marks = []
+        else:
+            marks = prefix.marks
+        mark = 0
+        for index, record in enumerate(buffer):
+            while mark < len(marks) and marks[mark][0] <= index:
+                current[k] = marks[mark][1]
+                mark += 1
+            consumers[current[k]](record)
+        if mark < len(marks):
+            current[k] = marks[-1][1]
+        del buffer[:]
+        if marks:
+            del marks[:]
+
     hasher, seen = hashlib.sha256(), 0
     try:
         for chunk in location.iter_chunks(READ_CHUNK):
             hasher.update(chunk)
             seen += len(chunk)
-            for parser, buffer, consume in parsers:
+            for k, (parser, _, _) in enumerate(parsers):
                 parser.send(chunk)
-                for record in buffer:
-                    consume(record)
-                del buffer[:]
-        for parser, buffer, consume in parsers:
+                hand_over(k)
+        for k, (parser, _, _) in enumerate(parsers):
             parser.close()
-            for record in buffer:
-                consume(record)
+            hand_over(k)
     except (ijson.JSONError, UnicodeDecodeError) as exc:
         raise _malformed_json(location, exc, seen) from None
     counts = {"categories": len(categories), "images": images.count, "annotations": annotations.count}
@@ -446,7 +518,35 @@ def check_images(records: _ImageRecords, available: Set[str], images_uri: str) -
     return KnownImages(sorted_ids[first], widths, heights, starts, kept_names), quarantine
 
 
-def _box_repr(box: np.ndarray, mask: int) -> str:
+def _repeated_ids(chunks: List[_AnnotationChunk], count: int) -> np.ndarray:
+    """bool [count]: the record repeats the id of an earlier record with sound ids."""
+    sound = [c.column("state") != _MALFORMED_IDS for c in chunks]
+    ids = np.concatenate([c.column("ids")[m] for m, c in zip(sound, chunks)])
+    duplicate = np.zeros(count, dtype=bool)
+    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # ids increase through the file: no repeats
+        return duplicate
+    order = np.argsort(ids, kind="stable")  # equal ids keep file order: the first is kept
+    ids = ids[order]
+    repeats = order[np.flatnonzero(ids[1:] == ids[:-1]) + 1]  # indices among the sound records
+    del ids, order
+    ends = np.cumsum([int(m.sum()) for m in sound])
+    for k in repeats.tolist():  # back to positions in the file, chunk by chunk
+        c = int(np.searchsorted(ends, k, side="right"))
+        local = k - (int(ends[c - 1]) if c else 0)
+        duplicate[chunks[c].first + int(np.flatnonzero(sound[c])[local])] = True
+    return duplicate
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: the many chunk-sized
+    arrays freed here lie in its heap, and the large arrays allocated next are mapped afresh)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _box_repr(box: List[float], mask: int) -> str:
     """``repr(list(bbox))`` of the record's bbox, ints printed as ints as in the file."""
     return repr([int(v) if mask >> k & 1 else float(v) for k, v in enumerate(box)])
 
@@ -456,9 +556,12 @@ class GroupedAnnotations:
     """The sound annotations, sorted by (image, annotation id); ``image_rows`` indexes the images
     that have a file (ascending id)."""
 
-    image_rows: np.ndarray    # int32: rank of the annotation's image among the images with a file
+    image_rows: np.ndarray    # int64: rank of the annotation's image among the images with a file
     ids: np.ndarray           # int64
-    boxes: np.ndarray         # float64 [m, 4], clipped, COCO [x, y, w, h]
+    x: np.ndarray             # float64: the box, clipped to the image, COCO [x, y, w, h] in pixels
+    y: np.ndarray
+    w: np.ndarray
+    h: np.ndarray
     category_ids: np.ndarray  # int64
     iscrowd: np.ndarray       # int8
     areas: np.ndarray         # float64
@@ -474,28 +577,15 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
     """
     quarantine = list(records.quarantine)
     chunks = records.chunks
-    all_ids = np.concatenate([np.frombuffer(c.ids, dtype=np.int64) for c in chunks])
-    sound_ids = np.concatenate([np.frombuffer(c.state, dtype=np.uint8) for c in chunks]) != _MALFORMED_IDS
-    candidates = np.flatnonzero(sound_ids)
-    del sound_ids
-    order = np.argsort(all_ids[candidates], kind="stable")
-    sorted_ids = all_ids[candidates][order]
-    duplicate = np.zeros(len(all_ids), dtype=bool)
-    duplicate[candidates[order[1:][sorted_ids[1:] == sorted_ids[:-1]]]] = True
-    del all_ids, candidates, order, sorted_ids
+    duplicate = _repeated_ids(chunks, records.count)
     category_ids = np.fromiter(sorted(categories), dtype=np.int64, count=len(categories))
     with_file = known.starts >= 0
     file_rank = np.cumsum(with_file, dtype=np.int64) - 1  # row among the images with a file
-    kept: Dict[str, List[np.ndarray]] = {name: [] for name in ("image_rows", "ids", "boxes", "category_ids",
-                                                               "iscrowd", "areas")}
-    while chunks:  # one chunk at a time, each freed once checked
-        chunk = chunks.pop(0)
+    for chunk in chunks:  # one chunk at a time; its sound annotations are compacted in place
         n = len(chunk)
-        ids = np.frombuffer(chunk.ids, dtype=np.int64)
-        image_ids = np.frombuffer(chunk.image_ids, dtype=np.int64)
-        cats = np.frombuffer(chunk.category_ids, dtype=np.int64)
-        state = np.frombuffer(chunk.state, dtype=np.uint8)
-        boxes = np.frombuffer(chunk.boxes, dtype=np.float64).reshape(n, 4)
+        ids, image_ids, cats = chunk.column("ids"), chunk.column("image_ids"), chunk.column("category_ids")
+        state = chunk.column("state")
+        box = [chunk.column(c) for c in "xywh"]
         if len(known.ids):
             where = np.minimum(np.searchsorted(known.ids, image_ids), len(known.ids) - 1)
             known_image, has_file = known.ids[where] == image_ids, with_file[where]
@@ -510,7 +600,7 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
         passed = live & known_image & known_category & (state == _SOUND)
         stats["annotations_dropped_with_images"] += int((passed & ~has_file).sum())
         placed = np.flatnonzero(passed & has_file)
-        x, y, w, h = (boxes[placed, k] for k in range(4))
+        x, y, w, h = (values[placed] for values in box)
         width, height = known.widths[where[placed]].astype(np.float64), known.heights[where[placed]].astype(np.float64)
         # max(x, 0.0) / min(x + w, width) exactly as Python's builtins pick (they keep -0.0)
         x0, y0 = np.where(0.0 > x, 0.0, x), np.where(0.0 > y, 0.0, y)
@@ -519,7 +609,7 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
         inside = ~outside
         stats["clipped_boxes"] += int(((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))[inside].sum())
 
-        masks = np.frombuffer(chunk.int_mask, dtype=np.uint8)
+        masks = chunk.column("int_mask")
         for row in np.flatnonzero(unknown_image | unknown_category | box_refused | dup):
             position = chunk.first + int(row)
             entry = {"annotation_id": int(ids[row]), "image_id": int(image_ids[row])}
@@ -540,23 +630,32 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
             image = int(where[row])
             quarantine.append((chunk.first + row, {
                 "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
-                "detail": f"bbox {_box_repr(boxes[row], int(masks[row]))} lies outside the "
+                "detail": f"bbox {_box_repr([v[row] for v in box], int(masks[row]))} lies outside the "
                           f"{int(known.widths[image])}x{int(known.heights[image])} image"}))
 
         placed, x0, y0, x1, y1 = placed[inside], x0[inside], y0[inside], x1[inside], y1[inside]
-        areas = np.frombuffer(chunk.areas, dtype=np.float64)[placed]
-        kept["image_rows"].append(file_rank[where[placed]].astype(np.int32))
-        kept["ids"].append(ids[placed])
-        kept["boxes"].append(np.stack([x0, y0, x1 - x0, y1 - y0], axis=1))
-        kept["category_ids"].append(cats[placed])
-        kept["iscrowd"].append(np.frombuffer(chunk.iscrowd, dtype=np.int8)[placed])
-        kept["areas"].append(np.where(np.isnan(areas), (x1 - x0) * (y1 - y0), areas))
-        del chunk
+        kept = len(placed)
+        areas = chunk.column("areas")
+        areas[:kept] = np.where(np.isnan(areas[placed]), (x1 - x0) * (y1 - y0), areas[placed])
+        for values, clipped in zip(box, (x0, y0, x1 - x0, y1 - y0)):
+            values[:kept] = clipped
+        image_ids[:kept] = file_rank[where[placed]]  # from here on: the row among images with a file
+        for values in (ids, cats, chunk.column("iscrowd")):
+            values[:kept] = values[placed]
+        chunk.size = kept
+        chunk.int_mask = chunk.state = None
+        del ids, image_ids, cats, state, box, masks, areas, values  # views that would keep it alive
     records.details.clear()
-    columns = {name: np.concatenate(parts) for name, parts in kept.items()}
-    kept.clear()
+    columns = {}
+    for source, name in (("image_ids", "image_rows"), ("ids", "ids"), ("category_ids", "category_ids"),
+                         ("iscrowd", "iscrowd"), ("areas", "areas"), ("x", "x"), ("y", "y"), ("w", "w"), ("h", "h")):
+        columns[name] = np.concatenate([c.column(source) for c in chunks])
+        for c in chunks:  # each column's chunks freed as soon as it is joined
+            setattr(c, source, None)
+        release_freed_memory()
+    chunks.clear()
     order = np.lexsort((columns["ids"], columns["image_rows"]))  # canonical order: by image, then id
-    for name in columns:
+    for name in columns:  # one column at a time: the transient is one column
         columns[name] = columns[name][order]
     return GroupedAnnotations(**columns), quarantine
 
@@ -593,7 +692,8 @@ class ShardPlan:
             relative_paths=["/".join(_path_parts(name)[int(s):]) for name, s in zip(names, self.starts[begin:end])],
             widths=self.widths[begin:end].copy(), heights=self.heights[begin:end].copy(),
             offsets=self.offsets[begin:end + 1] - first,
-            annotation_ids=a.ids[first:last].copy(), boxes=a.boxes[first:last].copy(),
+            annotation_ids=a.ids[first:last].copy(),
+            boxes=np.stack([a.x[first:last], a.y[first:last], a.w[first:last], a.h[first:last]], axis=1),
             category_ids=a.category_ids[first:last].copy(), iscrowd=a.iscrowd[first:last].copy(),
             areas=a.areas[first:last].copy())
 
