@@ -13,6 +13,7 @@ tiny (a few KB) so that the figure measured is the driver's bookkeeping, not ima
 Sets are generated under ``--root`` (default /tmp/o365_bench; never inside the repository) and
 reused by later runs. Each ingest runs in a fresh driver process (``--code`` puts another
 checkout's ``platform/`` first on its path, e.g. ``git archive <rev> platform | tar -x -C /tmp/old``);
+Ray is started in that process first (a local instance, 2 CPUs; not timed) and
 that process reports its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``): the driver only,
 not the Ray workers or raylet it starts. The growth per million images is the least-squares slope
 of peak RSS over the image count.
@@ -38,7 +39,16 @@ SIZES = [(32, 24), (24, 32), (40, 30), (28, 28)]  # tiny JPEGs; one encoded file
 DRIVER = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
+import ray
 from dino_platform.data.ingest import IngestConfig, ingest
+for attempt in range(3):  # a loaded machine can miss Ray's start-up deadline
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        break
+    except Exception:
+        if attempt == 2:
+            raise
+        ray.shutdown()
 start = time.perf_counter()
 manifest = ingest(IngestConfig("o365", sys.argv[2], sys.argv[3], sys.argv[4], shard_size=512, parallel=True))
 wall = time.perf_counter() - start
@@ -116,7 +126,7 @@ def measure(root: Path, code: Path, out: Path) -> dict:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=f"{code / 'platform'}{os.pathsep}"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_raylet_start_wait_time_s="120", PYTHONPATH=f"{code / 'platform'}{os.pathsep}"
                + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(code / "platform"), str(root / "annotations.json"),
                            str(root / "images"), str(out)], env=env, capture_output=True, text=True)
