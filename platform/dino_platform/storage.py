@@ -303,6 +303,37 @@ class Location:
         except (BotoCoreError, OSError) as exc:
             raise StorageError(self._explain("read", OSError(f"{type(exc).__name__}: {exc}"))) from None
 
+    def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The file's bytes in chunks of at most ``chunk_size``: a streamed read that never holds
+        the whole object (an S3 object is fetched as it is consumed)."""
+        if self.is_s3:
+            yield from self._iter_s3_chunks(chunk_size)
+            return
+        with self._errors("read"):
+            with self.fs.open_input_stream(self.path) as stream:
+                while True:
+                    chunk = stream.read(chunk_size)
+                    if not chunk:
+                        return
+                    yield chunk
+
+    def _iter_s3_chunks(self, chunk_size: int) -> Iterator[bytes]:
+        # One boto3 GET streamed from its body, for the reason given in _read_s3_object: pyarrow's
+        # ranged reads break on an error reply longer than the range (the file's last chunk).
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = self.path.partition("/")
+        try:
+            body = _s3_client(self.settings).get_object(Bucket=bucket, Key=key)["Body"]
+            yield from body.iter_chunks(chunk_size)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageNotFoundError(f"{self.uri}: does not exist") from None
+            raise StorageError(self._explain("read", OSError(f"{code}: {exc}"))) from None
+        except (BotoCoreError, OSError) as exc:
+            raise StorageError(self._explain("read", OSError(f"{type(exc).__name__}: {exc}"))) from None
+
     def exists(self) -> bool:
         with self._errors("check"):
             return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
@@ -347,6 +378,13 @@ class Location:
             if full.startswith(base):
                 sizes[full[len(base):]] = int(info.size)
         return sizes
+
+    def subdirectories(self) -> List[str]:
+        """Names of the directories (S3: common prefixes) directly below this location, sorted."""
+        with self._errors("list"):
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
+        return sorted(posixpath.basename(info.path.replace(os.sep, "/").rstrip("/")) for info in infos
+                      if info.type == pafs.FileType.Directory)
 
     # --- writing ---------------------------------------------------------------------------
     def write_bytes(self, data: bytes) -> None:

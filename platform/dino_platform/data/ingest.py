@@ -1,21 +1,31 @@
 """COCO / Objects365 annotations + images -> Parquet shards and ``manifest.json``.
 
-The driver reads and checks the annotation JSON (ids, categories, boxes), lists the image store
-once to map file names onto files, and cuts the surviving images, sorted by id, into shards of
-``shard_size``. Each shard is then built by one task (Ray tasks over the cores, or in-process):
+The driver reads the annotation JSON as a stream (ijson's C parser; the sha256 of the file is
+taken as its bytes pass) and keeps the records as columns (numpy arrays: ids, image ids, category
+ids, boxes, flags), never a Python object per box, so that Objects365's 25M boxes fit a modest
+head node. It lists the image store (one listing per top-level folder, in parallel: Objects365's
+``patchN/``), checks every record, groups the surviving annotations by image with one sort and
+cuts the images, sorted by id, into shards of ``shard_size``. Each shard is then built by one
+task (Ray tasks over the cores, or in-process) that receives only its own slice of the columns:
 read every image, decode it fully to prove it is sound, write the shard, and record it as done.
 The manifest is written last, after stale shards are removed: a shard directory without a
 manifest is unfinished.
 
 Bad input never stops the run and is never silent: each rejected item goes to
-``manifest.quarantined`` with a :class:`Reason` code. Malformed JSON or an unreachable store is a
-clear error naming the file.
+``manifest.quarantined`` with a :class:`Reason` code, in the order of the file. Malformed JSON or
+an unreachable store is a clear error naming the file.
 
 Re-running after an interruption with the same inputs ends with byte-identical shards: shard
 content depends only on the inputs, and shards recorded as done under ``_ingest/`` are kept.
+
+NOTE: the streaming parser accepts strict JSON only. ``json.loads`` also took ``NaN``/``Infinity``,
+integers beyond 64 bits and UTF-16/32 files; such a file is now refused with an error that says so.
 """
 from __future__ import annotations
 
+import array
+import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -23,9 +33,13 @@ import logging
 import math
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Literal, Optional, Set, Tuple
 
+import ijson
+import numpy as np
+import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from dino_platform.data.manifest import (
@@ -35,10 +49,19 @@ from dino_platform.data.manifest import (
 from dino_platform.errors import ConfigError, DataError
 from dino_platform.storage import Location, StorageNotFoundError, resolve
 
+try:  # ijson's C parser (yajl2_c); its pure-Python fallback is correct but ~30x slower
+    from ijson.backends import yajl2_c as json_stream
+except ImportError:  # pragma: no cover - a platform without ijson's binary wheel
+    json_stream = ijson
+
 log = logging.getLogger(__name__)
 
 IngestFormat = Literal["coco", "o365"]
 WORK_DIR = "_ingest"  # progress markers of an unfinished ingest, removed when it commits
+READ_CHUNK = 1 << 20  # bytes per read of the annotation file
+EXACT_ERROR_LIMIT = 64 << 20  # a malformed file up to this size is re-read to name the line and column
+COLUMN_CHUNK = 1 << 16  # records per column chunk: annotations are checked, then freed, a chunk at a time
+LISTING_THREADS = 16
 
 
 class Reason:
@@ -77,19 +100,28 @@ class IngestConfig:
 
 
 @dataclass
-class ImageEntry:
-    """One image bound for a shard: its record, resolved file and checked annotations."""
+class ShardSlice:
+    """What one shard task receives: its images (ascending id) and their annotations.
 
-    image_id: int
-    file_name: str
-    relative_path: str  # under the images location
-    width: int
-    height: int
-    annotation_ids: List[int] = field(default_factory=list)
-    boxes: List[List[float]] = field(default_factory=list)
-    category_ids: List[int] = field(default_factory=list)
-    iscrowd: List[int] = field(default_factory=list)
-    areas: List[float] = field(default_factory=list)
+    Image ``i``'s annotations are rows ``offsets[i]:offsets[i + 1]`` of the annotation arrays,
+    ordered by annotation id. Boxes are already clipped to the image: ``[m, 4]`` COCO
+    ``[x, y, w, h]`` in pixels.
+    """
+
+    image_ids: np.ndarray       # int64 [n]
+    file_names: List[str]       # as in the annotation file
+    relative_paths: List[str]   # under the images location
+    widths: np.ndarray          # int64 [n]
+    heights: np.ndarray         # int64 [n]
+    offsets: np.ndarray         # int64 [n + 1]
+    annotation_ids: np.ndarray  # int64 [m]
+    boxes: np.ndarray           # float64 [m, 4]
+    category_ids: np.ndarray    # int64 [m]
+    iscrowd: np.ndarray         # int8 [m]
+    areas: np.ndarray           # float64 [m]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
 
 
 @dataclass
@@ -97,25 +129,6 @@ class ShardResult:
     info: ShardInfo
     quarantined: List[Dict[str, Any]]
     dropped_annotations: int  # annotations that left with a quarantined image
-
-
-# --- checking the annotation JSON (driver) -------------------------------------------------------
-def load_annotations(location: Location) -> Tuple[dict, bytes]:
-    data = location.read_bytes()
-    try:
-        document = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{location.uri}: malformed JSON at line {exc.lineno} column {exc.colno}: "
-                        f"{exc.msg}; fix or re-download the annotation file") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{location.uri}: not UTF-8 JSON ({exc.reason}); is this the annotation file?") from None
-    if not isinstance(document, dict):
-        raise DataError(f"{location.uri}: expected a COCO-style JSON object, got {type(document).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(document.get(key), list):
-            raise DataError(f"{location.uri}: field {key!r} is missing or not a list; "
-                            "expected COCO-style JSON with images, annotations and categories")
-    return document, data
 
 
 def _is_int(value: Any) -> bool:
@@ -126,6 +139,294 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# --- reading the annotation JSON as a stream (driver) ---------------------------------------------
+class _ImageRecords:
+    """The ``images`` list, checked record by record as it streams past, kept as columns."""
+
+    def __init__(self) -> None:
+        self.count = 0  # records seen, sound or not
+        self.positions, self.ids = array.array("q"), array.array("q")
+        self.widths, self.heights = array.array("q"), array.array("q")
+        self._names: List[str] = []
+        self._name_chunks: List[pa.Array] = []
+        self.quarantine: List[Tuple[int, dict]] = []  # (record position, entry)
+
+    def add(self, record: Any) -> None:
+        position = self.count
+        self.count += 1
+        if type(record) is dict:
+            image_id, file_name = record.get("id"), record.get("file_name")
+            width, height = record.get("width"), record.get("height")
+            if type(image_id) is int and type(file_name) is str and type(width) is int and width > 0 \
+                    and type(height) is int and height > 0:
+                self.positions.append(position)
+                self.ids.append(image_id)
+                self.widths.append(width)
+                self.heights.append(height)
+                self._names.append(file_name)
+                if len(self._names) == COLUMN_CHUNK:
+                    self._name_chunks.append(pa.array(self._names, pa.large_string()))
+                    self._names = []
+                return
+        self.quarantine.append((position, {
+            "image": repr(record)[:200], "reason": Reason.MALFORMED_IMAGE_RECORD,
+            "detail": "an image needs an integer id, a file_name and positive integer width and height"}))
+
+    def file_names(self) -> pa.Array:
+        chunks = self._name_chunks + [pa.array(self._names, pa.large_string())]
+        self._names, self._name_chunks = [], []
+        return pa.concat_arrays(chunks)
+
+
+# per-annotation state decided while streaming (the checks that need no other part of the file)
+_SOUND, _MALFORMED_BBOX, _NON_POSITIVE, _MALFORMED_IDS = 0, 1, 2, 3
+
+
+class _AnnotationChunk:
+    """COLUMN_CHUNK consecutive annotation records, as typed columns of fixed capacity (no
+    reallocation while they fill, so no heap fragments left behind)."""
+
+    _COLUMNS = {  # name: (array typecode, numpy dtype, values per record)
+   "ids": ("q", np.int64, 1), "image_ids": ("q", np.int64, 1), "category_ids": ("q", np.int64, 1),
+                "x": ("d", np.float64, 1), "y": ("d", np.float64, 1),  # the bbox as given (floats);
+                "w": ("d", np.float64, 1), "h": ("d", np.float64, 1),  # clipped once checked
+                "int_mask": ("B", np.uint8, 1),    # bit k: bbox[k] was an integer (for the details' repr)
+                "state": ("B", np.uint8, 1), "iscrowd": ("b", np.int8, 1),
+                "areas": ("d", np.float64, 1)}     # NaN where the record's area is absent or unusable
+
+    def __init__(self, first: int) -> None:
+        self.first = first  # position of its first record in the ``annotations`` list
+        self.size = 0
+        for name, (code, _, width) in self._COLUMNS.items():
+            setattr(self, name, array.array(code, [0]) * (COLUMN_CHUNK * width))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def column(self, name: str) -> np.ndarray:
+        """The filled part of column ``name`` (a view)."""
+        _, dtype, width = self._COLUMNS[name]
+        return np.frombuffer(getattr(self, name), dtype=dtype, count=self.size * width)
+
+
+class _AnnotationRecords:
+    """The ``annotations`` list, checked record by record as it streams past, kept as columns."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.chunks: List[_AnnotationChunk] = [_AnnotationChunk(0)]
+        self.quarantine: List[Tuple[int, dict]] = []
+        self.details: Dict[int, str] = {}  # position -> detail of a box refused while streaming
+
+    def add(self, record: Any) -> None:
+        position = self.count
+        self.count += 1
+        chunk = self.chunks[-1]
+        if chunk.size == COLUMN_CHUNK:
+            chunk = _AnnotationChunk(position)
+            self.chunks.append(chunk)
+        row = chunk.size
+        chunk.size += 1
+        ann_id = image_id = category_id = None
+        if type(record) is dict:
+            ann_id, image_id, category_id = record.get("id"), record.get("image_id"), record.get("category_id")
+        if type(ann_id) is not int or type(image_id) is not int or type(category_id) is not int:
+            self.quarantine.append((position, {
+                "annotation": repr(record)[:200], "reason": Reason.MALFORMED_ANNOTATION,
+                "detail": "an annotation needs integer id, image_id and category_id"}))
+            chunk.state[row], chunk.areas[row] = _MALFORMED_IDS, math.nan
+            return
+        chunk.ids[row], chunk.image_ids[row], chunk.category_ids[row] = ann_id, image_id, category_id
+        bbox = record.get("bbox")
+        mask = _box_int_mask(bbox)
+        if mask < 0:
+            self.details[position] = f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r:.80}"
+            chunk.state[row] = _MALFORMED_BBOX
+            mask = 0
+        else:
+            x, y, w, h = (float(v) for v in bbox)
+            chunk.x[row], chunk.y[row], chunk.w[row], chunk.h[row] = x, y, w, h
+            if w <= 0 or h <= 0:
+                self.details[position] = f"bbox {list(bbox)} has width or height <= 0"
+                chunk.state[row] = _NON_POSITIVE
+        chunk.int_mask[row] = mask
+        crowd = record.get("iscrowd", 0)
+        chunk.iscrowd[row] = 1 if crowd in (1, True) else 0
+        area = record.get("area")
+        chunk.areas[row] = float(area) if _is_number(area) and area >= 0 else math.nan
+
+
+def _box_int_mask(bbox: Any) -> int:
+    """-1 unless ``bbox`` is 4 finite numbers; else bit k set where ``bbox[k]`` is an integer."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return -1
+    mask = 0
+    for k, value in enumerate(bbox):
+        kind = type(value)
+        if kind is int:
+            mask |= 1 << k
+        elif kind is not float or not math.isfinite(value):
+            return -1
+    return mask
+
+
+@dataclass
+class AnnotationFile:
+    """The annotation JSON after one streamed pass: categories as records, the rest as columns."""
+
+    categories: List[Any]
+    images: _ImageRecords
+    annotations: _AnnotationRecords
+    hasher: Any  # hashlib sha256 over the file's bytes, left open for the plan digest
+
+
+_SECTIONS = ("categories", "images", "annotations")
+
+
+class _SectionPrefix(str):
+    """An ijson prefix equal to each of ``<section>.item``: one C parser builds the records of
+    every section.
+
+    ijson compares each event's path with its prefix through ``==``, and Python asks the right
+    operand first when it is a str subclass; outside a record that costs one call per record.
+    Records are handed over in file order; ``marks`` says at which index of the parser's output
+    list each run of one section starts.
+    """
+
+    def __new__(cls, buffer: list) -> "_SectionPrefix":
+        prefix = super().__new__(cls, "<one of the sections>.item")
+        prefix.sections = {f"{name}.item": name for name in _SECTIONS}
+        prefix.buffer, prefix.marks, prefix.current = buffer, [], None
+        return prefix
+
+    def __eq__(self, other: object) -> bool:
+        section = self.sections.get(other)  # type: ignore[call-overload]
+        if section is None:
+            return False
+        if section != self.current:
+            self.marks.append((len(self.buffer), section))
+            self.current = section
+        return True
+
+    __hash__ = str.__hash__
+
+
+def _section_parser() -> Tuple[Any, list, Optional[_SectionPrefix]]:
+    buffer = ijson.sendable_list()
+    prefix = _SectionPrefix(buffer)
+    return json_stream.items_coro(buffer, prefix, use_float=True), buffer, prefix
+
+
+@functools.lru_cache(maxsize=None)
+def _one_parser_works() -> bool:
+    """Whether this ijson dispatches every section through one parser (checked once, on a
+    tiny document); if not, each section gets a parser of its own (three passes in C)."""
+    parser, buffer, prefix = _section_parser()
+    parser.send(b'{"images": [1], "annotations": [{"a": 2}], "categories": [3]}')
+    parser.close()
+    return list(buffer) == [1, {"a": 2}, 3] and [s for _, s in prefix.marks] == ["images", "annotations", "categories"]
+
+
+def read_annotation_file(location: Location) -> AnnotationFile:
+    """Stream ``location`` once: check its records into columns and hash its bytes."""
+    categories: List[Any] = []
+    images, annotations = _ImageRecords(), _AnnotationRecords()
+    consumers: Dict[str, Callable[[Any], None]] = {
+        "categories": categories.append, "images": images.add, "annotations": annotations.add}
+    if _one_parser_works():
+        parsers = [_section_parser()]
+    else:  # pragma: no cover - another ijson: one parser per section
+        parsers = []
+        for section in _SECTIONS:
+            buffer = ijson.sendable_list()
+            parsers.append((json_stream.items_coro(buffer, f"{section}.item", use_float=True), buffer, section))
+    current = [None] * len(parsers)
+
+    def hand_over(k: int) -> None:  # the records parser k finished, to their section's consumer
+        _, buffer, prefix = parsers[k]
+        if isinstance(prefix, str) and not isinstance(prefix, _SectionPrefix):
+            current[k] = prefix
+            marks = []
+        else:
+            marks = prefix.marks
+        mark = 0
+        for index, record in enumerate(buffer):
+            while mark < len(marks) and marks[mark][0] <= index:
+                current[k] = marks[mark][1]
+                mark += 1
+            consumers[current[k]](record)
+        if mark < len(marks):
+            current[k] = marks[-1][1]
+        del buffer[:]
+        if marks:
+            del marks[:]
+
+    hasher, seen = hashlib.sha256(), 0
+    try:
+        for chunk in location.iter_chunks(READ_CHUNK):
+            hasher.update(chunk)
+            seen += len(chunk)
+            for k, (parser, _, _) in enumerate(parsers):
+                parser.send(chunk)
+                hand_over(k)
+        for k, (parser, _, _) in enumerate(parsers):
+            parser.close()
+            hand_over(k)
+    except (ijson.JSONError, UnicodeDecodeError) as exc:
+        raise _malformed_json(location, exc, seen) from None
+    counts = {"categories": len(categories), "images": images.count, "annotations": annotations.count}
+    if not all(counts.values()):  # an empty, missing or misshapen section: look at the layout
+        _check_layout(location)
+    return AnnotationFile(categories, images, annotations, hasher)
+
+
+def _malformed_json(location: Location, exc: Exception, seen: int) -> DataError:
+    if location.size() <= EXACT_ERROR_LIMIT:  # small enough to name the line and column as before
+        try:
+            json.loads(location.read_bytes())
+        except json.JSONDecodeError as error:
+            return DataError(f"{location.uri}: malformed JSON at line {error.lineno} column {error.colno}: "
+                             f"{error.msg}; fix or re-download the annotation file")
+        except UnicodeDecodeError as error:
+            return DataError(f"{location.uri}: not UTF-8 JSON ({error.reason}); is this the annotation file?")
+        return DataError(f"{location.uri}: not strict JSON ({str(exc).splitlines()[0]}); NaN, Infinity, "
+                         "integers beyond 64 bits and non-UTF-8 encodings are not accepted: re-export the file")
+    return DataError(f"{location.uri}: malformed JSON within its first {seen:,} bytes: "
+                     f"{str(exc).splitlines()[0]}; fix or re-download the annotation file")
+
+
+_EVENT_TYPES = {"start_map": "dict", "start_array": "list", "string": "str", "boolean": "bool", "null": "NoneType"}
+
+
+def _check_layout(location: Location) -> None:
+    """Raise DataError unless the file is an object whose images/annotations/categories are lists.
+
+    A second pass, taken only when a section gave no records: it follows the parse events, which
+    costs more than the record pass, but such a file has at least one section empty.
+    """
+    events = ijson.sendable_list()
+    parser = json_stream.parse_coro(events, use_float=True)
+    top, kinds, key = None, {}, None
+    for chunk in location.iter_chunks(READ_CHUNK):
+        parser.send(chunk)
+        for prefix, event, value in events:
+            if top is None:
+                top = type(value).__name__ if event == "number" else _EVENT_TYPES.get(event, event)
+            if key is not None:  # the first event after a top-level key is that value's start
+                kinds[key], key = event, None
+            elif prefix == "" and event == "map_key":
+                key = value
+        del events[:]
+    parser.close()
+    if top != "dict":
+        raise DataError(f"{location.uri}: expected a COCO-style JSON object, got {top}")
+    for section in ("images", "annotations", "categories"):
+        if kinds.get(section) != "start_array":
+            raise DataError(f"{location.uri}: field {section!r} is missing or not a list; "
+                            "expected COCO-style JSON with images, annotations and categories")
+
+
+# --- checking the records (driver) -----------------------------------------------------------------
 def check_categories(records: Iterable[Any], quarantine: List[dict]) -> Dict[int, str]:
     categories: Dict[int, str] = {}
     for record in records:
@@ -141,104 +442,264 @@ def check_categories(records: Iterable[Any], quarantine: List[dict]) -> Dict[int
     return categories
 
 
-def resolve_image_path(file_name: str, available: set) -> Optional[str]:
+def _path_parts(file_name: str) -> List[str]:
+    return [p for p in file_name.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _resolve_start(file_name: str, available: Set[str]) -> int:
+    """How many leading components of ``file_name`` to drop to find it in ``available``; -1: none."""
+    parts = _path_parts(file_name)
+    for start in range(len(parts)):
+        if "/".join(parts[start:]) in available:
+            return start
+    return -1
+
+
+def resolve_image_path(file_name: str, available: Set[str]) -> Optional[str]:
     """Where ``file_name`` lies under the images location: the path itself, or the path with its
     leading components stripped one by one (Objects365's JSON says ``images/v1/patch8/x.jpg`` for
     a file stored as ``patch8/x.jpg``)."""
-    parts = [p for p in file_name.replace("\\", "/").split("/") if p not in ("", ".")]
-    for start in range(len(parts)):
-        candidate = "/".join(parts[start:])
-        if candidate in available:
-            return candidate
-    return None
+    start = _resolve_start(file_name, available)
+    return None if start < 0 else "/".join(_path_parts(file_name)[start:])
 
 
-def check_images(records: Iterable[Any], available: set, images_uri: str,
-                 quarantine: List[dict]) -> Dict[int, ImageEntry]:
-    entries: Dict[int, ImageEntry] = {}
-    for record in records:
-        if not isinstance(record, dict) or not _is_int(record.get("id")) \
-                or not isinstance(record.get("file_name"), str) \
-                or not all(_is_int(record.get(k)) and record[k] > 0 for k in ("width", "height")):
-            quarantine.append({"image": repr(record)[:200], "reason": Reason.MALFORMED_IMAGE_RECORD,
-                               "detail": "an image needs an integer id, a file_name and positive "
-                                         "integer width and height"})
-            continue
-        image_id, file_name = record["id"], record["file_name"]
-        if image_id in entries:
-            quarantine.append({"image_id": image_id, "file": file_name, "reason": Reason.DUPLICATE_IMAGE_ID,
-                               "detail": f"image id {image_id} already names {entries[image_id].file_name}; "
-                                         "kept the first"})
-            continue
-        relative = resolve_image_path(file_name, available)
-        if relative is None:
-            quarantine.append({"image_id": image_id, "file": file_name, "reason": Reason.MISSING_IMAGE,
-                               "detail": f"not found under {images_uri}"})
-            # remembered without a file so its annotations are dropped with it, not "unknown"
-            entries[image_id] = ImageEntry(image_id, file_name, "", 0, 0)
-            continue
-        entries[image_id] = ImageEntry(image_id, file_name, relative, record["width"], record["height"])
-    return entries
+def list_images(images: Location) -> Set[str]:
+    """Every file below ``images`` ('/'-separated, relative): one listing per top-level folder, in
+    parallel (a 1.7M-object S3 listing from one thread takes minutes)."""
+    available = set(images.file_sizes(recursive=False))
+    folders = images.subdirectories()
+    with ThreadPoolExecutor(max_workers=max(1, min(LISTING_THREADS, len(folders)))) as pool:
+        for folder, names in zip(folders, pool.map(lambda f: images.child(f).list_files(), folders)):
+            available.update(f"{folder}/{name}" for name in names)
+    return available
 
 
-def check_annotations(records: Iterable[Any], images: Dict[int, ImageEntry], categories: Dict[int, str],
-                      quarantine: List[dict], stats: Counter) -> None:
-    """Attach each sound annotation to its image (boxes clipped to the image), quarantine the rest."""
-    seen_ids = set()
-    for record in records:
-        if not isinstance(record, dict) or not _is_int(record.get("id")) or not _is_int(record.get("image_id")) \
-                or not _is_int(record.get("category_id")):
-            quarantine.append({"annotation": repr(record)[:200], "reason": Reason.MALFORMED_ANNOTATION,
-                               "detail": "an annotation needs integer id, image_id and category_id"})
-            continue
-        ann_id, image_id, category_id = record["id"], record["image_id"], record["category_id"]
-        where = {"annotation_id": ann_id, "image_id": image_id}
-        if ann_id in seen_ids:
-            quarantine.append({**where, "reason": Reason.DUPLICATE_ANNOTATION_ID,
-                               "detail": f"annotation id {ann_id} appears more than once; kept the first"})
-            continue
-        seen_ids.add(ann_id)
-        image = images.get(image_id)
-        if image is None:
-            quarantine.append({**where, "reason": Reason.UNKNOWN_IMAGE_ID,
-                               "detail": f"no image has id {image_id}"})
-            continue
-        if category_id not in categories:
-            quarantine.append({**where, "reason": Reason.UNKNOWN_CATEGORY_ID,
-                               "detail": f"category id {category_id} is not among the categories"})
-            continue
-        bbox = record.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            quarantine.append({**where, "reason": Reason.MALFORMED_ANNOTATION,
-                               "detail": f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r:.80}"})
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            quarantine.append({**where, "reason": Reason.NON_POSITIVE_BOX,
-                               "detail": f"bbox {list(bbox)} has width or height <= 0"})
-            continue
-        if not image.relative_path:  # its image is missing: leaves with it
-            stats["annotations_dropped_with_images"] += 1
-            continue
-        x0, y0 = max(x, 0.0), max(y, 0.0)
-        x1, y1 = min(x + w, float(image.width)), min(y + h, float(image.height))
-        if x1 <= x0 or y1 <= y0:
-            quarantine.append({**where, "reason": Reason.BOX_OUTSIDE_IMAGE,
-                               "detail": f"bbox {list(bbox)} lies outside the {image.width}x{image.height} image"})
-            continue
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            stats["clipped_boxes"] += 1
-        crowd = record.get("iscrowd", 0)
-        area = record.get("area")
-        image.annotation_ids.append(ann_id)
-        image.boxes.append([x0, y0, x1 - x0, y1 - y0])
-        image.category_ids.append(category_id)
-        image.iscrowd.append(1 if crowd in (1, True) else 0)
-        image.areas.append(float(area) if _is_number(area) and area >= 0 else (x1 - x0) * (y1 - y0))
+@dataclass
+class KnownImages:
+    """Each image id's first sound record (the one kept), in ascending id order."""
+
+    ids: np.ndarray        # int64
+    widths: np.ndarray     # int64
+    heights: np.ndarray    # int64
+    starts: np.ndarray     # int16: leading components stripped to find the file; -1: not found
+    file_names: pa.Array   # large_string
+
+
+def check_images(records: _ImageRecords, available: Set[str], images_uri: str) -> Tuple[KnownImages, List[Tuple[int, dict]]]:
+    """Duplicate ids and missing files; returns the known images and (position, entry) quarantines."""
+    quarantine = list(records.quarantine)
+    positions = np.frombuffer(records.positions, dtype=np.int64)
+    ids = np.frombuffer(records.ids, dtype=np.int64)
+    names = records.file_names()
+    order = np.argsort(ids, kind="stable")  # equal ids keep file order: the first is kept
+    sorted_ids = ids[order]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group_first = order[np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))]
+    for k in np.flatnonzero(~first):
+        row, kept = int(order[k]), int(group_first[k])
+        quarantine.append((int(positions[row]), {
+            "image_id": int(ids[row]), "file": names[row].as_py(), "reason": Reason.DUPLICATE_IMAGE_ID,
+            "detail": f"image id {int(ids[row])} already names {names[kept].as_py()}; kept the first"}))
+    kept_rows = order[first]  # ascending id
+    kept_names = names.take(pa.array(kept_rows))
+    starts = np.empty(len(kept_rows), dtype=np.int16)
+    for begin in range(0, len(kept_rows), COLUMN_CHUNK):
+        batch = kept_names.slice(begin, COLUMN_CHUNK).to_pylist()
+        for k, file_name in enumerate(batch, begin):
+            starts[k] = _resolve_start(file_name, available)
+            if starts[k] < 0:
+                row = int(kept_rows[k])
+                quarantine.append((int(positions[row]), {
+                    "image_id": int(ids[row]), "file": file_name, "reason": Reason.MISSING_IMAGE,
+                    "detail": f"not found under {images_uri}"}))
+    widths = np.frombuffer(records.widths, dtype=np.int64)[kept_rows]
+    heights = np.frombuffer(records.heights, dtype=np.int64)[kept_rows]
+    return KnownImages(sorted_ids[first], widths, heights, starts, kept_names), quarantine
+
+
+def _repeated_ids(chunks: List[_AnnotationChunk], count: int) -> np.ndarray:
+    """bool [count]: the record repeats the id of an earlier record with sound ids."""
+    sound = [c.column("state") != _MALFORMED_IDS for c in chunks]
+    ids = np.concatenate([c.column("ids")[m] for m, c in zip(sound, chunks)])
+    duplicate = np.zeros(count, dtype=bool)
+    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):  # ids increase through the file: no repeats
+        return duplicate
+    order = np.argsort(ids, kind="stable")  # equal ids keep file order: the first is kept
+    ids = ids[order]
+    repeats = order[np.flatnonzero(ids[1:] == ids[:-1]) + 1]  # indices among the sound records
+    del ids, order
+    ends = np.cumsum([int(m.sum()) for m in sound])
+    for k in repeats.tolist():  # back to positions in the file, chunk by chunk
+        c = int(np.searchsorted(ends, k, side="right"))
+        local = k - (int(ends[c - 1]) if c else 0)
+        duplicate[chunks[c].first + int(np.flatnonzero(sound[c])[local])] = True
+    return duplicate
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: the many chunk-sized
+    arrays freed here lie in its heap, and the large arrays allocated next are mapped afresh)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _box_repr(box: List[float], mask: int) -> str:
+    """``repr(list(bbox))`` of the record's bbox, ints printed as ints as in the file."""
+    return repr([int(v) if mask >> k & 1 else float(v) for k, v in enumerate(box)])
+
+
+@dataclass
+class GroupedAnnotations:
+    """The sound annotations, sorted by (image, annotation id); ``image_rows`` indexes the images
+    that have a file (ascending id)."""
+
+    image_rows: np.ndarray    # int64: rank of the annotation's image among the images with a file
+    ids: np.ndarray           # int64
+    x: np.ndarray             # float64: the box, clipped to the image, COCO [x, y, w, h] in pixels
+    y: np.ndarray
+    w: np.ndarray
+    h: np.ndarray
+    category_ids: np.ndarray  # int64
+    iscrowd: np.ndarray       # int8
+    areas: np.ndarray         # float64
+
+
+def check_annotations(records: _AnnotationRecords, known: KnownImages, categories: Dict[int, str],
+                      stats: Counter) -> Tuple[GroupedAnnotations, List[Tuple[int, dict]]]:
+    """Attach each sound annotation to its image (boxes clipped to the image), quarantine the rest.
+
+    The checks apply in a fixed order, as before: malformed ids, duplicate id (the first record
+    with a sound id is kept), unknown image, unknown category, malformed or non-positive box,
+    image without a file (dropped with it), box outside the image.
+    """
+    quarantine = list(records.quarantine)
+    chunks = records.chunks
+    duplicate = _repeated_ids(chunks, records.count)
+    category_ids = np.fromiter(sorted(categories), dtype=np.int64, count=len(categories))
+    with_file = known.starts >= 0
+    file_rank = np.cumsum(with_file, dtype=np.int64) - 1  # row among the images with a file
+    for chunk in chunks:  # one chunk at a time; its sound annotations are compacted in place
+        n = len(chunk)
+        ids, image_ids, cats = chunk.column("ids"), chunk.column("image_ids"), chunk.column("category_ids")
+        state = chunk.column("state")
+        box = [chunk.column(c) for c in "xywh"]
+        if len(known.ids):
+            where = np.minimum(np.searchsorted(known.ids, image_ids), len(known.ids) - 1)
+            known_image, has_file = known.ids[where] == image_ids, with_file[where]
+        else:
+            where, known_image, has_file = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        known_category = np.isin(cats, category_ids)
+        dup = duplicate[chunk.first:chunk.first + n]
+        live = (state != _MALFORMED_IDS) & ~dup
+        unknown_image = live & ~known_image
+        unknown_category = live & known_image & ~known_category
+        box_refused = live & known_image & known_category & (state != _SOUND)
+        passed = live & known_image & known_category & (state == _SOUND)
+        stats["annotations_dropped_with_images"] += int((passed & ~has_file).sum())
+        placed = np.flatnonzero(passed & has_file)
+        x, y, w, h = (values[placed] for values in box)
+        width, height = known.widths[where[placed]].astype(np.float64), known.heights[where[placed]].astype(np.float64)
+        # max(x, 0.0) / min(x + w, width) exactly as Python's builtins pick (they keep -0.0)
+        x0, y0 = np.where(0.0 > x, 0.0, x), np.where(0.0 > y, 0.0, y)
+        x1, y1 = np.where(width < x + w, width, x + w), np.where(height < y + h, height, y + h)
+        outside = (x1 <= x0) | (y1 <= y0)
+        inside = ~outside
+        stats["clipped_boxes"] += int(((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))[inside].sum())
+
+        masks = chunk.column("int_mask")
+        for row in np.flatnonzero(unknown_image | unknown_category | box_refused | dup):
+            position = chunk.first + int(row)
+            entry = {"annotation_id": int(ids[row]), "image_id": int(image_ids[row])}
+            if dup[row]:
+                entry.update(reason=Reason.DUPLICATE_ANNOTATION_ID,
+                             detail=f"annotation id {int(ids[row])} appears more than once; kept the first")
+            elif unknown_image[row]:
+                entry.update(reason=Reason.UNKNOWN_IMAGE_ID, detail=f"no image has id {int(image_ids[row])}")
+            elif unknown_category[row]:
+                entry.update(reason=Reason.UNKNOWN_CATEGORY_ID,
+                             detail=f"category id {int(cats[row])} is not among the categories")
+            else:
+                entry.update(reason=Reason.MALFORMED_ANNOTATION if state[row] == _MALFORMED_BBOX
+                             else Reason.NON_POSITIVE_BOX, detail=records.details[position])
+            quarantine.append((position, entry))
+        for k in np.flatnonzero(outside):
+            row = int(placed[k])
+            image = int(where[row])
+            quarantine.append((chunk.first + row, {
+                "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
+                "detail": f"bbox {_box_repr([v[row] for v in box], int(masks[row]))} lies outside the "
+                          f"{int(known.widths[image])}x{int(known.heights[image])} image"}))
+
+        placed, x0, y0, x1, y1 = placed[inside], x0[inside], y0[inside], x1[inside], y1[inside]
+        kept = len(placed)
+        areas = chunk.column("areas")
+        areas[:kept] = np.where(np.isnan(areas[placed]), (x1 - x0) * (y1 - y0), areas[placed])
+        for values, clipped in zip(box, (x0, y0, x1 - x0, y1 - y0)):
+            values[:kept] = clipped
+        image_ids[:kept] = file_rank[where[placed]]  # from here on: the row among images with a file
+        for values in (ids, cats, chunk.column("iscrowd")):
+            values[:kept] = values[placed]
+        chunk.size = kept
+        chunk.int_mask = chunk.state = None
+        del ids, image_ids, cats, state, box, masks, areas, values  # views that would keep it alive
+    records.details.clear()
+    columns = {}
+    for source, name in (("image_ids", "image_rows"), ("ids", "ids"), ("category_ids", "category_ids"),
+                         ("iscrowd", "iscrowd"), ("areas", "areas"), ("x", "x"), ("y", "y"), ("w", "w"), ("h", "h")):
+        columns[name] = np.concatenate([c.column(source) for c in chunks])
+        for c in chunks:  # each column's chunks freed as soon as it is joined
+            setattr(c, source, None)
+        release_freed_memory()
+    chunks.clear()
+    order = np.lexsort((columns["ids"], columns["image_rows"]))  # canonical order: by image, then id
+    for name in columns:  # one column at a time: the transient is one column
+        columns[name] = columns[name][order]
+    return GroupedAnnotations(**columns), quarantine
+
+
+# --- the shard plan (driver) -----------------------------------------------------------------------
+class ShardPlan:
+    """The images with a file (ascending id) and their annotations, cut into shards on demand."""
+
+    def __init__(self, known: KnownImages, annotations: GroupedAnnotations, shard_size: int) -> None:
+        rows = np.flatnonzero(known.starts >= 0)
+        self.image_ids, self.widths, self.heights = known.ids[rows], known.widths[rows], known.heights[rows]
+        self.starts = known.starts[rows]
+        self.file_names = known.file_names.take(pa.array(rows))
+        counts = np.bincount(annotations.image_rows, minlength=len(rows))
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.annotations = annotations
+        self.shard_size = shard_size
+
+    @property
+    def images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.images / self.shard_size)
+
+    def shard(self, index: int) -> ShardSlice:
+        begin, end = index * self.shard_size, min(self.images, (index + 1) * self.shard_size)
+        first, last = int(self.offsets[begin]), int(self.offsets[end])
+        names = self.file_names.slice(begin, end - begin).to_pylist()
+        a = self.annotations
+        return ShardSlice(
+            image_ids=self.image_ids[begin:end].copy(), file_names=names,
+            relative_paths=["/".join(_path_parts(name)[int(s):]) for name, s in zip(names, self.starts[begin:end])],
+            widths=self.widths[begin:end].copy(), heights=self.heights[begin:end].copy(),
+            offsets=self.offsets[begin:end + 1] - first,
+            annotation_ids=a.ids[first:last].copy(),
+            boxes=np.stack([a.x[first:last], a.y[first:last], a.w[first:last], a.h[first:last]], axis=1),
+            category_ids=a.category_ids[first:last].copy(), iscrowd=a.iscrowd[first:last].copy(),
+            areas=a.areas[first:last].copy())
 
 
 # --- building one shard (task) ---------------------------------------------------------------------
-def _check_image_bytes(data: bytes, entry: ImageEntry) -> Optional[Tuple[str, str]]:
+def _check_image_bytes(data: bytes, width: int, height: int) -> Optional[Tuple[str, str]]:
     """None if ``data`` decodes completely at the recorded size, else (reason, detail)."""
     try:
         with warnings.catch_warnings():
@@ -254,30 +715,34 @@ def _check_image_bytes(data: bytes, entry: ImageEntry) -> Optional[Tuple[str, st
         if "truncated" in str(exc).lower():
             return Reason.TRUNCATED_IMAGE, str(exc)
         return Reason.CORRUPT_IMAGE, str(exc)
-    if size != (entry.width, entry.height):
-        return Reason.IMAGE_SIZE_MISMATCH, f"file is {size[0]}x{size[1]}, annotations say {entry.width}x{entry.height}"
+    if size != (width, height):
+        return Reason.IMAGE_SIZE_MISMATCH, f"file is {size[0]}x{size[1]}, annotations say {width}x{height}"
     return None
 
 
-def build_shard(index: int, entries: List[ImageEntry], images: Location, out: Location) -> ShardResult:
+def build_shard(index: int, shard: ShardSlice, images: Location, out: Location) -> ShardResult:
     """Read, check and write shard ``index``; record it under ``_ingest/`` as done."""
     rows, quarantined, dropped = [], [], 0
-    for entry in entries:
+    ann_ids, boxes = shard.annotation_ids.tolist(), shard.boxes.tolist()
+    cats, crowds, areas = shard.category_ids.tolist(), shard.iscrowd.tolist(), shard.areas.tolist()
+    offsets = shard.offsets.tolist()
+    for i, (image_id, file_name, relative, width, height) in enumerate(zip(
+            shard.image_ids.tolist(), shard.file_names, shard.relative_paths, shard.widths.tolist(),
+            shard.heights.tolist())):
+        begin, end = offsets[i], offsets[i + 1]
         try:
-            data = images.child(entry.relative_path).read_bytes()
+            data = images.child(relative).read_bytes()
         except StorageNotFoundError:  # listed, then gone
-            problem = (Reason.MISSING_IMAGE, f"{images.uri}/{entry.relative_path} disappeared during ingest")
+            problem = (Reason.MISSING_IMAGE, f"{images.uri}/{relative} disappeared during ingest")
         else:
-            problem = _check_image_bytes(data, entry)
+            problem = _check_image_bytes(data, width, height)
         if problem is not None:
-            quarantined.append({"image_id": entry.image_id, "file": entry.file_name,
-                                "reason": problem[0], "detail": problem[1]})
-            dropped += len(entry.annotation_ids)
+            quarantined.append({"image_id": image_id, "file": file_name, "reason": problem[0], "detail": problem[1]})
+            dropped += end - begin
             continue
-        rows.append({"image_id": entry.image_id, "file_name": entry.file_name, "width": entry.width,
-                     "height": entry.height, "image": data, "annotation_ids": entry.annotation_ids,
-                     "boxes": entry.boxes, "category_ids": entry.category_ids, "iscrowd": entry.iscrowd,
-                     "areas": entry.areas})
+        rows.append({"image_id": image_id, "file_name": file_name, "width": width, "height": height,
+                     "image": data, "annotation_ids": ann_ids[begin:end], "boxes": boxes[begin:end],
+                     "category_ids": cats[begin:end], "iscrowd": crowds[begin:end], "areas": areas[begin:end]})
     payload = encode_shard(rows)
     name = shard_name(index)
     write_shard_file(out.child(name), payload)
@@ -293,8 +758,9 @@ def write_shard_file(location: Location, payload: bytes) -> None:
 
 
 # --- the whole ingest (driver) ---------------------------------------------------------------------
-def _plan_digest(cfg: IngestConfig, annotation_bytes: bytes) -> str:
-    hasher = hashlib.sha256(annotation_bytes)
+def _plan_digest(cfg: IngestConfig, file_hasher: Any) -> str:
+    """sha256 over the annotation file's bytes followed by the settings that shape the shards."""
+    hasher = file_hasher.copy()
     hasher.update(json.dumps([cfg.format, cfg.shard_size, resolve(cfg.images_uri).uri,
                               SHARD_FORMAT_VERSION]).encode())
     return hasher.hexdigest()
@@ -317,28 +783,30 @@ def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
     return done
 
 
-def _run_shards(jobs: List[Tuple[int, List[ImageEntry]]], images: Location, out: Location,
+def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Location,
                 parallel: bool) -> List[ShardResult]:
     from tqdm import tqdm
 
     results: List[ShardResult] = []
     if not parallel:
-        for index, entries in tqdm(jobs, unit="shard", desc="ingest", disable=not jobs):
-            results.append(build_shard(index, entries, images, out))
+        for index in tqdm(todo, unit="shard", desc="ingest", disable=not todo):
+            results.append(build_shard(index, plan.shard(index), images, out))
         return results
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    progress = tqdm(total=len(jobs), unit="shard", desc="ingest", disable=not jobs)
+    progress = tqdm(total=len(todo), unit="shard", desc="ingest", disable=not todo)
     remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
     images_ref, out_ref = ray.put(images), ray.put(out)
-    window = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)  # bounds driver memory
-    pending, queue = [], list(jobs)
+    # a bounded window of shards in flight: each task's slice is put in the object store when it
+    # is submitted and released when it is done, so the driver never holds more than the window
+    window = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    pending, queue = [], list(todo)
     while queue or pending:
         while queue and len(pending) < window:
-            index, entries = queue.pop(0)
-            pending.append(remote.remote(index, entries, images_ref, out_ref))
+            index = queue.pop(0)
+            pending.append(remote.remote(index, ray.put(plan.shard(index)), images_ref, out_ref))
         finished, pending = ray.wait(pending, num_returns=1)
         results.extend(ray.get(finished))
         progress.update(len(finished))
@@ -349,8 +817,8 @@ def _run_shards(jobs: List[Tuple[int, List[ImageEntry]]], images: Location, out:
 def ingest(cfg: IngestConfig) -> Manifest:
     """Ingest ``cfg.annotations_uri`` + ``cfg.images_uri`` into shards at ``cfg.out_uri``."""
     out, images = resolve(cfg.out_uri), resolve(cfg.images_uri)
-    document, annotation_bytes = load_annotations(resolve(cfg.annotations_uri))
-    plan_digest = _plan_digest(cfg, annotation_bytes)
+    source = read_annotation_file(resolve(cfg.annotations_uri))
+    plan_digest = _plan_digest(cfg, source.hasher)
     if out.child(MANIFEST_NAME).exists():
         existing = read_manifest(out.uri)
         if existing.plan_digest == plan_digest:
@@ -364,28 +832,28 @@ def ingest(cfg: IngestConfig) -> Manifest:
 
     quarantine: List[dict] = []
     stats: Counter = Counter()
-    categories = check_categories(document["categories"], quarantine)
+    categories = check_categories(source.categories, quarantine)
     log.info("listing images under %s", images.uri)
-    available = set(images.list_files())
-    entries = check_images(document["images"], available, images.uri, quarantine)
-    check_annotations(document["annotations"], entries, categories, quarantine, stats)
-    ordered = [entries[i] for i in sorted(entries) if entries[i].relative_path]
-    if not ordered:
-        raise DataError(f"{cfg.annotations_uri}: none of its {len(document['images'])} images was found "
+    available = list_images(images)
+    known, image_quarantine = check_images(source.images, available, images.uri)
+    del available
+    if not (known.starts >= 0).any():
+        raise DataError(f"{cfg.annotations_uri}: none of its {source.images.count} images was found "
                         f"under {images.uri}; check --images")
-    for entry in ordered:  # canonical order inside a row: by annotation id
-        order = sorted(range(len(entry.annotation_ids)), key=entry.annotation_ids.__getitem__)
-        for name in ("annotation_ids", "boxes", "category_ids", "iscrowd", "areas"):
-            setattr(entry, name, [getattr(entry, name)[k] for k in order])
-    jobs = [(k, ordered[start:start + cfg.shard_size]) for k, start in enumerate(range(0, len(ordered), cfg.shard_size))]
+    grouped, annotation_quarantine = check_annotations(source.annotations, known, categories, stats)
+    for stage in (image_quarantine, annotation_quarantine):  # in the order of the file
+        quarantine.extend(entry for _, entry in sorted(stage, key=lambda item: item[0]))
+    plan = ShardPlan(known, grouped, cfg.shard_size)
+    del source, known, grouped, image_quarantine, annotation_quarantine
 
     out.ensure_dir()
     done = _load_done(out, plan_digest)
-    todo = [(k, e) for k, e in jobs if shard_name(k) not in done]
-    log.info("%d images in %d shards (%d already done) -> %s", len(ordered), len(jobs), len(jobs) - len(todo), out.uri)
+    todo = [k for k in range(plan.num_shards) if shard_name(k) not in done]
+    log.info("%d images in %d shards (%d already done) -> %s", plan.images, plan.num_shards,
+             plan.num_shards - len(todo), out.uri)
     results = {r.info.name: r for r in done.values()}
-    results.update({r.info.name: r for r in _run_shards(todo, images, out, cfg.parallel)})
-    shard_results = [results[shard_name(k)] for k, _ in jobs]
+    results.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel)})
+    shard_results = [results[shard_name(k)] for k in range(plan.num_shards)]
 
     wanted = {r.info.name for r in shard_results}
     for stale in out.list_files(recursive=False):  # shards of an earlier, larger ingest
