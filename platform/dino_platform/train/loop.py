@@ -170,10 +170,11 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int) -> Itera
 def _to_device(images, mask, targets, device):
     """The batch on ``device``; to a GPU through pinned host memory, without waiting for the copy."""
     device = torch.device(device)
-    if device.type != "cuda":
-        move = lambda t: t.to(device)  # noqa: E731
-    else:
-        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+    pinned = device.type == "cuda"
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
+
     moved = [{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
     return move(images), move(mask), moved
 
