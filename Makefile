@@ -61,7 +61,7 @@ CUDA_CHECK_HOME := $(CURDIR)/$(CUDA_TOOLKIT)/nvidia/cu13
 cuda-compile-check: venv
 	test -x $(CUDA_CHECK_HOME)/bin/nvcc || $(PIP) install -q --target $(CUDA_TOOLKIT) "cuda-toolkit[nvcc,cccl]==13.0.3"
 	ln -sf libcudart.so.13 $(CUDA_CHECK_HOME)/lib/libcudart.so
-	CUDA_HOME=$(CUDA_CHECK_HOME) TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS=2 \
+	CUDA_HOME=$(CUDA_CHECK_HOME) MAX_JOBS=2 \
 		$(PY) csrc/cuda_compile_check.py
 
 clean:

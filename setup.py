@@ -6,7 +6,7 @@ compiling fails, the package installs without the extension and the PyTorch refe
 
 Environment:
     FORCE_CUDA=1            build the CUDA kernels even when no GPU is visible (needs nvcc / CUDA_HOME)
-    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "8.0;9.0")
+    TORCH_CUDA_ARCH_LIST    GPU architectures to compile for (default "7.5;8.0;9.0+PTX", csrc/build.py)
     DINO_BUILD_EXT=0        skip the extension entirely
 """
 import importlib.util

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 CSRC_DIR = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+# Turing (T4), Ampere (A100; its SASS also runs on sm_86/89) and Hopper, plus Hopper PTX that the
+# driver JIT-compiles for newer GPUs (Blackwell sm_100/120). CUDA 13 no longer targets sm_70 (Volta).
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 
 def sources(with_cuda: bool, relative_to: Optional[Path] = None) -> List[str]:
@@ -42,8 +44,14 @@ def link_args() -> List[str]:
     return [] if sys.platform == "win32" else ["-fopenmp"]
 
 
-def ensure_cuda_arch_list() -> str:
-    """TORCH_CUDA_ARCH_LIST for the build: the caller's, else Ampere and Hopper."""
+def ensure_cuda_arch_list(for_visible_gpus: bool = False) -> str:
+    """TORCH_CUDA_ARCH_LIST for the build: the caller's, else :data:`DEFAULT_CUDA_ARCH_LIST`.
+
+    ``for_visible_gpus`` (the JIT build on a GPU machine): without the caller's list, leave it
+    unset so torch compiles for the visible GPUs' architectures, plus PTX of the newest one.
+    """
+    if for_visible_gpus and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return "visible GPUs (+PTX)"
     return os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
 
 

@@ -1,7 +1,7 @@
 """Compile the CUDA build of the extension into a temporary directory and import it.
 
 CI has no GPU; this proves that csrc/ compiles and links against the installed torch for the
-architectures in TORCH_CUDA_ARCH_LIST (default 8.0;9.0). Needs CUDA_HOME pointing at a toolkit
+architectures in TORCH_CUDA_ARCH_LIST (default: build.DEFAULT_CUDA_ARCH_LIST, with +PTX). Needs CUDA_HOME pointing at a toolkit
 whose major version matches torch.version.cuda (``make cuda-compile-check`` sets one up).
 """
 from __future__ import annotations

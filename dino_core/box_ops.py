@@ -33,12 +33,19 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, t
     return inter / (union + 1e-6), union
 
 
+def _well_formed(*boxes: torch.Tensor) -> bool:
+    return all(bool((b[:, 2:] >= b[:, :2]).all()) for b in boxes)
+
+
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise generalised IoU of xyxy boxes ``[N, 4]`` x ``[M, 4]`` -> ``[N, M]`` in ``[-1, 1]``.
 
-    The ``1e-6`` terms match the official DINO implementation (they matter for parity).
+    The ``1e-6`` terms match the official DINO implementation (they matter for parity). Degenerate
+    boxes raise ``ValueError`` on CPU tensors; on an accelerator that check would stall the host
+    (~20 calls per training step), so it is skipped there: a diverged model shows up as non-finite
+    matching costs (the matcher's assignment refuses them) and losses (the training loop stops).
     """
-    if not bool((boxes1[:, 2:] >= boxes1[:, :2]).all()) or not bool((boxes2[:, 2:] >= boxes2[:, :2]).all()):
+    if boxes1.device.type == "cpu" and not _well_formed(boxes1, boxes2):
         raise ValueError(
             "generalized_box_iou: degenerate boxes (x1 < x0 or y1 < y0, or NaN); "
             "check the target boxes are (cx, cy, w, h) with w, h >= 0 and that the model did not diverge"

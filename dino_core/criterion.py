@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .distributed import collective_device
 from .matcher import HungarianMatcher
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -24,8 +25,13 @@ def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: f
                        gamma: float = 2.0) -> torch.Tensor:
     """RetinaNet focal loss, averaged over queries and summed over images, divided by ``num_boxes``.
 
-    ``logits``/``targets``: ``[bs, nq, K]``; returns a scalar.
+    ``logits``/``targets``: ``[bs, nq, K]``; returns a float32 scalar.
+
+    NOTE: computed in float32 whatever the input dtype. In bfloat16, ``binary_cross_entropy_with_logits``
+    cancels to exactly 0 for every p below ~0.015 (DINO's prior is p = 0.01) and ``1 - p_t`` is off by
+    ~37%, so a mixed-precision forward must not pass its dtype on to the loss.
     """
+    logits, targets = logits.float(), targets.float()
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
@@ -62,7 +68,7 @@ class SetCriterion(nn.Module):
         return batch_idx, src_idx
 
     def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, log: bool = True):
-        logits = outputs["pred_logits"]
+        logits = outputs["pred_logits"].float()  # fp32 loss under autocast, see sigmoid_focal_loss
         idx = self._src_permutation(indices)
         idx = (idx[0].to(logits.device), idx[1].to(logits.device))
         matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
@@ -88,7 +94,8 @@ class SetCriterion(nn.Module):
 
     def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: float):
         idx = self._src_permutation(indices)
-        src_boxes = outputs["pred_boxes"][idx[0].to(outputs["pred_boxes"].device), idx[1].to(outputs["pred_boxes"].device)]
+        pred_boxes = outputs["pred_boxes"].float()  # fp32 losses under autocast
+        src_boxes = pred_boxes[idx[0].to(pred_boxes.device), idx[1].to(pred_boxes.device)]
         target_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)], dim=0)
         target_boxes = target_boxes.to(src_boxes)
         l1 = F.l1_loss(src_boxes, target_boxes, reduction="none")
@@ -131,12 +138,12 @@ class SetCriterion(nn.Module):
     # -- entry point -------------------------------------------------------------------------
     def num_boxes(self, targets, device) -> float:
         """Targets per process, averaged over the distributed group, at least 1."""
-        n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return torch.clamp(n / world, min=1).item()
+        count = float(sum(len(t["labels"]) for t in targets))
+        if not (dist.is_available() and dist.is_initialized()):
+            return max(count, 1.0)
+        n = torch.as_tensor([count], dtype=torch.float32, device=collective_device())
+        dist.all_reduce(n)
+        return torch.clamp(n / dist.get_world_size(), min=1).item()
 
     def forward(self, outputs: Dict, targets: List[Dict[str, torch.Tensor]],
                 return_indices: bool = False) -> Dict[str, torch.Tensor]:

@@ -85,7 +85,8 @@ class DINO(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 targets: Optional[List[Dict[str, torch.Tensor]]] = None,
-                dn_generator: Optional[torch.Generator] = None) -> Dict:
+                dn_generator: Optional[torch.Generator] = None,
+                query_indices: Optional[torch.Tensor] = None) -> Dict:
         """
         Args:
             images: ``[B, 3, H, W]`` normalised, zero-padded batch.
@@ -93,6 +94,9 @@ class DINO(nn.Module):
             targets: training only; per image ``labels [n]`` and ``boxes [n, 4]`` (cx, cy, w, h in
                 0..1). In training mode with targets the contrastive denoising queries are added.
             dn_generator: optional RNG for the denoising noise (reproducible runs).
+            query_indices: optional ``[B, nq]`` encoder token indices that replace the top-``nq``
+                query selection (replaying another implementation's selection, whose order among
+                nearly tied proposal scores is not defined); None selects as usual.
 
         Returns:
             ``pred_logits [B, nq, K]``, ``pred_boxes [B, nq, 4]`` (cx, cy, w, h in 0..1),
@@ -111,7 +115,8 @@ class DINO(nn.Module):
                                            self.num_queries, self.num_classes, self.label_enc, dn_generator)
         hidden, references, enc_hidden, enc_boxes, init_proposals = self.transformer(
             srcs, masks, pos,
-            dn.boxes_logit if dn else None, dn.labels_embedded if dn else None, dn.attn_mask if dn else None)
+            dn.boxes_logit if dn else None, dn.labels_embedded if dn else None, dn.attn_mask if dn else None,
+            query_indices=query_indices)
         # keeps label_enc in the graph when a batch has no objects (DDP/ZeRO need every grad)
         hidden[0] = hidden[0] + self.label_enc.weight[0, 0] * 0.0
 

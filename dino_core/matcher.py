@@ -29,12 +29,16 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def cost_matrix(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
-        """``[bs, nq, sum(n_i)]`` cost of assigning each query to each target of the batch."""
+        """``[bs, nq, sum(n_i)]`` float32 cost of assigning each query to each target of the batch.
+
+        NOTE: computed in float32 whatever the outputs' dtype: in bfloat16, ``-(1 - p).log()`` at
+        DINO's prior p = 0.01 cancels like the focal loss does (see ``criterion.sigmoid_focal_loss``).
+        """
         bs, num_queries = outputs["pred_logits"].shape[:2]
-        prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
-        out_bbox = outputs["pred_boxes"].flatten(0, 1)
+        prob = outputs["pred_logits"].flatten(0, 1).float().sigmoid()
+        out_bbox = outputs["pred_boxes"].flatten(0, 1).float()
         tgt_ids = torch.cat([t["labels"] for t in targets]).long()
-        tgt_bbox = torch.cat([t["boxes"] for t in targets])
+        tgt_bbox = torch.cat([t["boxes"] for t in targets]).to(out_bbox)
         alpha, gamma = self.focal_alpha, 2.0
         neg = (1 - alpha) * (prob ** gamma) * (-(1 - prob + 1e-8).log())
         pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())

@@ -213,13 +213,15 @@ class DeformableTransformer(nn.Module):
 
     def forward(self, srcs: List[torch.Tensor], masks: List[torch.Tensor], pos_embeds: List[torch.Tensor],
                 dn_query_boxes: Optional[torch.Tensor] = None, dn_query_labels: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None):
+                attn_mask: Optional[torch.Tensor] = None, query_indices: Optional[torch.Tensor] = None):
         """
         Args:
             srcs, pos_embeds: per level ``[bs, C, H_l, W_l]``; masks per level ``[bs, H_l, W_l]``.
             dn_query_boxes: ``[bs, pad, 4]`` logit-space noised GT boxes (training) or None.
             dn_query_labels: ``[bs, pad, C]`` embedded noised labels, or None.
             attn_mask: ``[pad + nq, pad + nq]`` bool decoder self-attention mask, or None.
+            query_indices: ``[bs, nq]`` int64 encoder token indices (into ``S``) to use as the
+                selected proposals, in that order, instead of the top-``nq`` by score; None selects.
 
         Returns:
             ``(hidden, references, enc_hidden, enc_boxes, init_proposals)``: decoder hidden states
@@ -247,7 +249,13 @@ class DeformableTransformer(nn.Module):
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_class = self.enc_out_class_embed(output_memory)
         enc_coord_logit = self.enc_out_bbox_embed(output_memory) + output_proposals
-        topk = select_topk_proposals(enc_class, self.num_queries)
+        if query_indices is None:
+            topk = select_topk_proposals(enc_class, self.num_queries)
+        else:
+            if query_indices.shape != (memory.shape[0], self.num_queries):
+                raise ValueError(f"query_indices must be [{memory.shape[0]}, {self.num_queries}], "
+                                 f"got {tuple(query_indices.shape)}")
+            topk = query_indices.to(device=enc_class.device, dtype=torch.long)
         anchors_undetached = gather_tokens(enc_coord_logit, topk)
         init_proposals = gather_tokens(output_proposals, topk).sigmoid()
         enc_hidden = gather_tokens(output_memory, topk)

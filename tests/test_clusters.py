@@ -454,7 +454,7 @@ def test_node_setup_builds_the_kernels_with_the_project_pins():
     assert subprocess.run(["bash", "-n", str(NODE_SETUP)]).returncode == 0
     pins = pyproject_pins()
     assert f'"torch=={pins["torch"]}"' in script and f'"torchvision=={pins["torchvision"]}"' in script
-    assert 'ARCH_LIST="8.0;9.0"' in script
+    assert 'ARCH_LIST="8.0;9.0+PTX"' in script
     assert 'FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH_LIST"' in script
     assert "install -q --no-build-isolation -e ." in script
     assert "https://download.pytorch.org/whl/cu130" in script

@@ -66,7 +66,15 @@ def test_deepspeed_config_follows_the_typed_config():
     assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.1
     assert ds["zero_optimization"]["stage"] == 1
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    # mixed precision is autocast over fp32 master parameters, never DeepSpeed's parameter cast
+    assert "bf16" not in ds and "fp16" not in ds
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert ds["zero_optimization"]["reduce_bucket_size"] == ds["zero_optimization"]["allgather_bucket_size"] == 5e7
+    assert "torch_autocast" not in build_deepspeed_config(load_config(MINIMAL))
+    custom = load_config({**MINIMAL, "deepspeed": {"bucket_size": 20_000_000}})
+    assert build_deepspeed_config(custom)["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    with pytest.raises(ConfigError, match="deepspeed.bucket_size"):
+        load_config({**MINIMAL, "deepspeed": {"bucket_size": 0}})
 
 
 def test_elastic_range_keeps_the_total_batch_with_accumulation():

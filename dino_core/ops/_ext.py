@@ -49,7 +49,7 @@ def _jit_build_cuda() -> Optional[ModuleType]:
     spec = importlib.util.spec_from_file_location("dino_msda_build", build_config)
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    build.ensure_cuda_arch_list()
+    build.ensure_cuda_arch_list(for_visible_gpus=True)
     flags = build.compile_args(with_cuda=True)
     log.warning("MSDeformAttn: compiling the CUDA kernels now (first use only, takes minutes; "
                 "reinstall with CUDA to prebuild them, or DINO_MSDA_JIT=0 to skip)")

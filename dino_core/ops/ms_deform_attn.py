@@ -12,6 +12,8 @@ A kernel is used only for the value dtypes it supports (CPU: float32/float64; CU
 float64, float16, bfloat16); other dtypes take the reference. ``DINO_MSDA_IMPL``
 (``auto``/``cuda``/``cpu``/``pytorch``) forces a choice, e.g. for benchmarks. How the compiled
 kernels are found (prebuilt ``dino_core._C`` or a JIT build) is described in ``dino_core.ops._ext``.
+A compiled kernel whose first launch fails (e.g. "no kernel image" for a GPU the library was not built
+for) is dropped with one warning, and the reference serves from then on (unless forced).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ _KERNELS: Dict[str, Callable[..., torch.Tensor]] = {}
 # name -> value dtypes the kernel supports; other dtypes fall back to the reference
 _KERNEL_DTYPES: Dict[str, FrozenSet[torch.dtype]] = {}
 _announced: set = set()
+# kernel name -> why its first launch failed; the dispatcher then uses the reference instead
+_failed_first_launch: Dict[str, str] = {}
+_launched: set = set()
 
 
 def register_kernel(name: str, fn: Callable[..., torch.Tensor], dtypes: Iterable[torch.dtype] = (torch.float32,)) -> None:
@@ -56,8 +61,12 @@ def ms_deform_attn_reference(
         attention_weights: ``[N, Lq, M, L, P]`` softmax-normalised over ``L * P``.
 
     Returns:
-        ``[N, Lq, M * D]``.
+        ``[N, Lq, M * D]``, in the promoted dtype of ``value`` and ``sampling_locations``.
     """
+    # grid_sample wants one dtype; promoting (bf16 values + fp32 locations -> fp32) keeps the locations exact
+    dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
+    value, sampling_locations = value.to(dtype), sampling_locations.to(dtype)
+    attention_weights = attention_weights.to(dtype)
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
@@ -116,7 +125,7 @@ def selected_implementation(device: torch.device | str = "cpu", dtype: torch.dty
             supported = sorted(str(d).replace("torch.", "") for d in _KERNEL_DTYPES[forced])
             raise RuntimeError(f"DINO_MSDA_IMPL={forced}: that kernel supports {supported}, not {dtype}")
         return forced
-    if device_type in _KERNELS and dtype in _KERNEL_DTYPES[device_type]:
+    if device_type in _KERNELS and dtype in _KERNEL_DTYPES[device_type] and device_type not in _failed_first_launch:
         return device_type
     return "pytorch"
 
@@ -135,9 +144,25 @@ def ms_deform_attn(
         _announced.add(key)
         log.info("MSDeformAttn: using the %s implementation on %s (%s)", impl, value.device.type,
                  str(value.dtype).replace("torch.", ""))
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if impl == "pytorch":
-        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return _KERNELS[impl](value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return ms_deform_attn_reference(*args)
+    if impl in _launched:
+        return _KERNELS[impl](*args)
+    try:
+        out = _KERNELS[impl](*args)
+    except RuntimeError as exc:
+        # e.g. "no kernel image is available for execution on the device": a prebuilt library
+        # without this GPU's architecture. Forced choices fail loudly; automatic ones fall back.
+        if os.environ.get("DINO_MSDA_IMPL", "auto").lower() == impl:
+            raise
+        _failed_first_launch[impl] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("MSDeformAttn: the %s kernel failed on its first launch (%s); using the PyTorch reference "
+                    "on %s from now on. Rebuild the extension for this device (README, Kernels).",
+                    impl, _failed_first_launch[impl], value.device.type)
+        return ms_deform_attn_reference(*args)
+    _launched.add(impl)
+    return out
 
 
 _compiled_loaded = False

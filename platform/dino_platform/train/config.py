@@ -133,7 +133,11 @@ class ScalingConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: ZeroStage = 2
+    # bf16/fp16: autocast over the forward with fp32 master parameters (docs/train.md, "Precision")
     precision: Precision = "fp32"
+    # elements per ZeRO-1/2 gradient-reduce and all-gather bucket; DeepSpeed's 5e8 would allocate
+    # ~4 GB of buffers per GPU for DINO's ~50M parameters with overlap_comm
+    bucket_size: int = 50_000_000
 
 
 @dataclass
@@ -379,6 +383,7 @@ def validate(cfg: TrainConfig) -> None:
     _positive("scaling.batch_size_per_worker", s.batch_size_per_worker)
     _positive("scaling.accumulation_steps", s.accumulation_steps)
     _validate_scaling(s)
+    _positive("deepspeed.bucket_size", cfg.deepspeed.bucket_size)
     if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
         raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
     _positive("model.num_classes", cfg.model.num_classes)

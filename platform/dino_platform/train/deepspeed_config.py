@@ -5,6 +5,8 @@ from typing import Any, Dict
 
 from dino_platform.train.config import TrainConfig
 
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
 
 def build_deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
     """ZeRO stage, precision, batch sizes and clipping for ``deepspeed.initialize(config=...)``.
@@ -12,6 +14,12 @@ def build_deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
     The optimizer is not described here: the loop passes a ``torch.optim.AdamW`` built from the
     official parameter groups, which DeepSpeed accepts with ``zero_allow_untested_optimizer`` (its
     own FusedAdam would compile a CUDA/C++ extension and is not needed for correctness).
+
+    Precision: ``bf16``/``fp16`` use DeepSpeed's ``torch_autocast``, not its ``bf16``/``fp16``
+    sections. Those cast the parameters and nothing else (buffers, images and tensors made inside
+    forward stay fp32, and the first convolution fails); autocast keeps fp32 parameters, optimizer
+    state and gradient reduction, runs matmuls and convolutions in the low dtype inside
+    ``engine(...)`` only, and for fp16 adds DeepSpeed's dynamic loss scaling (a GradScaler).
     """
     s, ds = cfg.scaling, cfg.deepspeed
     config: Dict[str, Any] = {
@@ -21,13 +29,20 @@ def build_deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
         "gradient_clipping": cfg.optim.clip_max_norm,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
         # progress is reported through Ray Train; DeepSpeed's own per-step prints would duplicate it
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.precision != "fp32":
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": AUTOCAST_DTYPES[ds.precision],
+            # no module's gradients are reduced in the low dtype: ZeRO buckets stay fp32
+            "lower_precision_safe_modules": [],
+        }
     if ds.zero_stage >= 1:
         # overlapping communication with the backward pass only pays on GPUs (separate streams)
         config["zero_optimization"]["overlap_comm"] = bool(s.use_gpu)
+        config["zero_optimization"]["reduce_bucket_size"] = ds.bucket_size
+        config["zero_optimization"]["allgather_bucket_size"] = ds.bucket_size
     return config

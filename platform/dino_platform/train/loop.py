@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from dino_core.distributed import collective_device
 
 from dino_platform.train.checkpoint import (
     WORKER_GROUPS_DIR,
@@ -196,6 +197,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
     if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
+        # consolidating is a collective under ZeRO: every rank calls it
         _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
 
 
@@ -223,8 +225,15 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_in
 
 
 def _to_device(images, mask, targets, device):
-    moved = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
-    return images.to(device), mask.to(device), moved
+    """The batch on ``device``; to a GPU through pinned host memory, without waiting for the copy."""
+    device = torch.device(device)
+    pinned = device.type == "cuda"
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
+
+    moved = [{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+    return move(images), move(mask), moved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +270,11 @@ def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dic
 
 
 class _Progress:
-    """Loss terms averaged over workers and micro-batches; steps/s and images/s since the last report."""
+    """Loss terms averaged over workers and micro-batches; steps/s and images/s since the last report.
+
+    The terms are summed as tensors where they were computed: reading one (``float``, ``.item()``)
+    would wait for the GPU at every micro-batch; only a report step copies them to the host.
+    """
 
     MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
                   "loss_ce_interm", "loss_bbox_interm", "loss_giou_interm")
@@ -271,7 +284,7 @@ class _Progress:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums: Dict[str, float] = {}
+        self.sums: Dict[str, torch.Tensor] = {}
         self.micro_batches, self.steps, self.busy = 0, 0, 0.0
         self.mark()
 
@@ -283,27 +296,32 @@ class _Progress:
         now = time.perf_counter()
         self.busy += now - self.last  # data loading + forward + backward + optimizer step
         self.last = now
-        self.sums["loss"] = self.sums.get("loss", 0.0) + float(loss.detach())
-        for name in self.MAIN_TERMS:
-            if name in losses:
-                self.sums[name] = self.sums.get(name, 0.0) + float(losses[name].detach())
+        terms = {"loss": loss, **{name: losses[name] for name in self.MAIN_TERMS if name in losses}}
+        for name, value in terms.items():
+            value = value.detach().to(torch.float64)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.micro_batches += 1
+
+    def mean_over_workers(self) -> Dict[str, float]:
+        """The loss terms' mean over this report's micro-batches and all workers (a collective)."""
+        import torch.distributed as dist
+
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[n] for n in names]).to(collective_device()) / self.micro_batches
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        return dict(zip(names, values.tolist()))
 
     def report_if_due(self, state: TrainState, engine, every: int, force: bool) -> Optional[Dict[str, float]]:
         """All ranks call this at every optimizer step; on report steps it is a collective."""
         import ray.train
-        import torch.distributed as dist
 
         self.steps += 1
         if not (force or state.step % every == 0):
             return None
-        names = sorted(self.sums)
-        values = torch.tensor([self.sums[n] / self.micro_batches for n in names], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(values)
-            values /= dist.get_world_size()
+        metrics = self.mean_over_workers()
         elapsed = max(self.busy, 1e-9)
-        metrics = {name: float(v) for name, v in zip(names, values)}
         metrics.update({
             "lr": float(engine.optimizer.param_groups[0]["lr"]),
             "steps_per_s": self.steps / elapsed,
