@@ -67,9 +67,7 @@ class ExportableDINO(nn.Module):
         out = self.model(images, mask)
         result = [out["pred_logits"], out["pred_boxes"]]
         if self.postprocessor is not None:
-            detections = self.postprocessor({"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]},
-                                            target_sizes)
-            result += [torch.stack([d[key] for d in detections]) for key in ("scores", "labels", "boxes")]
+            result += list(self.postprocessor.batched(out, target_sizes))
         if self.with_anchors:
             result.append(out["interm_outputs_for_matching_pre"]["pred_boxes"])
         return tuple(result)

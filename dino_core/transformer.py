@@ -248,9 +248,9 @@ class DeformableTransformer(nn.Module):
         src_flat = torch.cat(src_flat, 1)
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
-        if is_exporting():  # read in the graph, so an exported model is not frozen at the traced size
+        if torch.jit.is_tracing():  # read in the graph, so an exported model is not frozen at the traced size
             spatial_shapes = torch.stack([torch._shape_as_tensor(src)[-2:] for src in srcs]).to(src_flat.device)
-        else:
+        else:  # (torch.export records the symbolic sizes itself)
             spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
