@@ -11,6 +11,7 @@ weights or a registry.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -51,7 +52,7 @@ def export_model(model_ref: str, out: str, fmt: str = "onnx", opset: int = 17, w
         raise ConfigError(f"{model_ref}: {exc}") from None
     cfg = model.config
     metadata = {
-        "format_version": 1, "source": model_ref, "preset": getattr(detector, "preset", None) or _preset_name(cfg),
+        "format_version": 1, "source": model_ref, "model_config": dataclasses.asdict(cfg),
         "num_classes": model.num_classes, "num_queries": model.num_queries, "num_select": cfg.num_select,
         "with_postprocess": with_postprocess, "opset": opset, "export_size": [height, width],
         "categories": {str(k): v for k, v in sorted(detector.categories.items())},
@@ -66,16 +67,6 @@ def export_model(model_ref: str, out: str, fmt: str = "onnx", opset: int = 17, w
     log.info("exported %s to %s (opset %d, %s post-processing)", model_ref, out, opset,
              "with" if with_postprocess else "without")
     return metadata
-
-
-def _preset_name(cfg) -> Optional[str]:
-    from dino_core.presets import PRESETS
-
-    for name, preset in PRESETS.items():
-        if preset.backbone == cfg.backbone and preset.num_feature_levels == cfg.num_feature_levels \
-                and preset.hidden_dim == cfg.hidden_dim:
-            return name
-    return None
 
 
 def read_metadata(path: str) -> Dict[str, Any]:
