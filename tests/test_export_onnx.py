@@ -117,11 +117,12 @@ def _align(model, images, mask, anchors):
     return out, int((~same).sum())
 
 
-def _match_detections(mine, theirs, boundary_eps=1e-4):
+def _match_detections(mine, theirs, boundary_eps=1e-4, box_tol=1e-2):
     """Two images' detections (scores, labels, boxes) are the same multiset within tolerance.
 
     Detections scoring within ``boundary_eps`` of the lowest kept score may differ (ties at the
-    top-k cut-off); every other one must have a partner with the same label, score (1e-4) and box (1e-2 px).
+    top-k cut-off); every other one must have a partner with the same label, score (1e-4) and box
+    (``box_tol`` pixels).
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -136,12 +137,13 @@ def _match_detections(mine, theirs, boundary_eps=1e-4):
         if s1[r] <= cut and s2[c] <= cut:
             continue
         assert l1[r] == l2[c], (r, c, l1[r], l2[c])
-        assert abs(s1[r] - s2[c]) <= 1e-4 and np.abs(b1[r] - b2[c]).max() <= 1e-2, (s1[r], s2[c], b1[r], b2[c])
+        assert abs(s1[r] - s2[c]) <= 1e-4 and np.abs(b1[r] - b2[c]).max() <= box_tol, (s1[r], s2[c], b1[r], b2[c])
 
 
 @pytest.mark.slow
 def test_graph_runs_at_other_sizes_and_matches_pytorch(exported):
-    """dino_tiny: ~60 s, dino_r50_4scale (fill weights): ~150 s on 2 busy cores, most of it the export."""
+    """Setup (export) + call at load average ~50 on 2 cores: dino_tiny 39 s + 21 s; dino_r50_4scale (fill
+    weights) 489 s + 403 s. On a quiet 2-core machine the tiny export took ~40 s in all."""
     _, runs = CASES[exported.name]
     for sizes in runs:
         images, mask, target_sizes = _batch(sizes)
@@ -249,7 +251,8 @@ def test_swin_and_bad_requests_are_refused_with_a_reason():
 @pytest.mark.slow
 def test_register_export_and_dino_predict_onnx_draw_what_pytorch_draws(tmp_path, monkeypatch):
     """register.export: [onnx] attaches model/model.onnx to the version; `dino predict --onnx` on it
-    writes the same detections as `dino predict --model` (dino_tiny, real SQLite MLflow). ~70 s."""
+    writes the same detections as `dino predict --model` (dino_tiny, real SQLite MLflow). 250 s on
+    2 cores at load average ~50 (mostly the export, ~40 s on a quiet machine)."""
     from mlflow import MlflowClient
     from PIL import Image
 
@@ -298,13 +301,14 @@ def test_register_export_and_dino_predict_onnx_draw_what_pytorch_draws(tmp_path,
     assert main(["predict", "--model", "models:/dino-coco@champion", *common, "--out", str(tmp_path / "torch")]) == 0
     from_onnx = json.loads((tmp_path / "onnx" / "detections.json").read_text())
     from_torch = json.loads((tmp_path / "torch" / "detections.json").read_text())
-    assert from_onnx["model"] == from_torch["model"] == "models:/dino-coco@champion"
+    # the export names the version it was made from; the PyTorch run the alias it was given
+    assert (from_onnx["model"], from_torch["model"]) == (registration.version_uri, "models:/dino-coco@champion")
     for a, b in zip(from_onnx["images"], from_torch["images"]):
         assert (a["file"], a["width"], a["height"]) == (b["file"], b["width"], b["height"])
         _match_detections(([d["score"] for d in a["detections"]], [d["label"] for d in a["detections"]],
                            [d["box"] for d in a["detections"]]),
                           ([d["score"] for d in b["detections"]], [d["label"] for d in b["detections"]],
-                           [d["box"] for d in b["detections"]]))
+                           [d["box"] for d in b["detections"]]), box_tol=0.011)  # JSON rounds to 0.01 px
         assert {d["name"] for d in a["detections"]} == {d["name"] for d in b["detections"]}
         assert Image.open(a["png"]).size == Image.open(b["png"]).size
     # a file that `dino export` did not write is one clear line
