@@ -80,7 +80,7 @@ def check_exportable(model: nn.Module) -> None:
         raise ExportError(
             f"backbone {cfg.backbone!r} (Swin) cannot be exported to a size-independent ONNX graph yet: its "
             "window attention pads each map to a multiple of the window and builds the shifted-window mask "
-            "with Python slicing of the padded size, which the exporter freezes at the export size. "
+            "with Python arithmetic on the padded size, which the tracer would freeze at the export size. "
             "ResNet presets (dino_r50_4scale, dino_r50_5scale, dino_tiny) export.")
 
 
