@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" "setuptools>=68" wheel
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,export]"
 	touch $(STAMP)
 
 # The MSDeformAttn extension (dino_core._C), rebuilt in place when csrc/ or setup.py is newer than it.

@@ -1,7 +1,7 @@
 """Turn raw outputs into scored boxes: top-k over queries x classes, no NMS."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -28,6 +28,13 @@ class PostProcess(nn.Module):
             per image ``scores [k]``, ``labels [k]`` (class index = dataset category id), ``boxes [k, 4]``
             (x0, y0, x1, y1) in pixels; ``k = min(num_select, nq * K)``.
         """
+        scores, labels, boxes = self.batched(outputs, target_sizes)
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+    @torch.no_grad()
+    def batched(self, outputs: Dict[str, torch.Tensor], target_sizes) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` as three batched tensors ``scores [bs, k]``, ``labels [bs, k]``, ``boxes [bs, k, 4]``
+        (no per-image Python loop, so an exported graph keeps a dynamic batch size)."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         target_sizes = torch.as_tensor(target_sizes, device=logits.device)
         if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2:
@@ -40,4 +47,4 @@ class PostProcess(nn.Module):
         xyxy = torch.gather(box_cxcywh_to_xyxy(boxes), 1, query.unsqueeze(-1).repeat(1, 1, 4))
         img_h, img_w = target_sizes.to(xyxy.dtype).unbind(1)
         xyxy = xyxy * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, xyxy)]
+        return scores, labels, xyxy

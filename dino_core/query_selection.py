@@ -3,6 +3,40 @@ from __future__ import annotations
 
 import torch
 
+from .ops import is_exporting
+
+
+def token_grid(spatial_shapes: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Level, row and column of every flattened token, computed from the ``spatial_shapes`` tensor.
+
+    The export form of the per-level Python loops (which would freeze the level sizes into an
+    exported graph): ``spatial_shapes [L, 2]`` ``(H_l, W_l)``, ``num_tokens`` ``S = sum(H_l W_l)``
+    -> ``level``, ``y``, ``x``, each ``[S]`` int64.
+    """
+    sizes = spatial_shapes.prod(1)
+    starts = torch.cat((sizes.new_zeros((1,)), sizes.cumsum(0)[:-1]))
+    token = torch.arange(num_tokens, device=spatial_shapes.device)
+    level = (token[:, None] >= starts[None, :]).sum(1) - 1
+    local = token - starts[level]
+    width = spatial_shapes[level, 1]
+    y = torch.div(local, width, rounding_mode="floor")
+    return level, y, local - y * width
+
+
+def _encoder_proposals_in_graph(padding_mask: torch.Tensor, spatial_shapes: torch.Tensor,
+                                base_size: float) -> torch.Tensor:
+    """The proposals of :func:`encoder_proposals` without Python level sizes (bit-identical to them)."""
+    level, y, x = token_grid(spatial_shapes, padding_mask.shape[1])
+    valid = ~padding_mask
+    on_level = level[None, :, None] == torch.arange(spatial_shapes.shape[0], device=level.device)[None, None, :]
+    # per image and level: valid rows (first column) and valid columns (first row), as the loop counts them
+    valid_h = (valid[:, :, None] & (x == 0)[None, :, None] & on_level).sum(1)
+    valid_w = (valid[:, :, None] & (y == 0)[None, :, None] & on_level).sum(1)
+    grid_x = (x.to(torch.float32)[None] + 0.5) / valid_w[:, level]
+    grid_y = (y.to(torch.float32)[None] + 0.5) / valid_h[:, level]
+    wh = torch.ones_like(grid_x) * base_size * torch.pow(2.0, level.to(torch.float32))[None]
+    return torch.stack((grid_x, grid_y, wh, wh), -1)
+
 
 def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor,
                       base_size: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,6 +51,8 @@ def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_
         ``memory`` with padded/invalid tokens zeroed ``[bs, S, C]`` and the proposals in logit space
         ``[bs, S, 4]`` (``inf`` where padded or too close to the border: such proposals never win).
     """
+    if is_exporting():
+        return _finish_proposals(memory, padding_mask, _encoder_proposals_in_graph(padding_mask, spatial_shapes, base_size))
     bs = memory.shape[0]
     proposals = []
     start = 0
@@ -35,7 +71,11 @@ def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_
         wh = torch.ones_like(grid) * base_size * (2.0 ** level)
         proposals.append(torch.cat((grid, wh), -1).view(bs, -1, 4))
         start += h * w
-    proposals = torch.cat(proposals, 1)
+    return _finish_proposals(memory, padding_mask, torch.cat(proposals, 1))
+
+
+def _finish_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, proposals: torch.Tensor):
+    """Logit-space proposals, ``inf`` (and zeroed memory) where padded or too close to the border."""
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
     proposals = proposals.masked_fill(padding_mask.unsqueeze(-1), float("inf"))

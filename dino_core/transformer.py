@@ -16,8 +16,9 @@ from torch import nn
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
 from .layers import MLP
+from .ops import is_exporting
 from .position_encoding import sine_embed_boxes
-from .query_selection import encoder_proposals, gather_tokens, select_topk_proposals
+from .query_selection import encoder_proposals, gather_tokens, select_topk_proposals, token_grid
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -49,8 +50,19 @@ class DeformableEncoder(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
-        """Token centres normalised by the valid region, seen from every level -> ``[bs, S, L, 2]``."""
+    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor,
+                         num_tokens: Optional[int] = None) -> torch.Tensor:
+        """Token centres normalised by the valid region, seen from every level -> ``[bs, S, L, 2]``.
+
+        While exporting (``num_tokens`` = S given) the level sizes are read in the graph from
+        ``spatial_shapes``; the result is bit-identical to the eager loop's.
+        """
+        if is_exporting() and num_tokens is not None:
+            level, y, x = token_grid(spatial_shapes, num_tokens)
+            sizes = spatial_shapes[level].to(torch.float32)  # [S, 2] (h, w)
+            ref_y = (y.to(torch.float32) + 0.5)[None] / (valid_ratios[:, level, 1] * sizes[:, 0])
+            ref_x = (x.to(torch.float32) + 0.5)[None] / (valid_ratios[:, level, 0] * sizes[:, 1])
+            return torch.stack((ref_x, ref_y), -1)[:, :, None] * valid_ratios[:, None]
         points = []
         for level, (h, w) in enumerate(spatial_shapes.tolist()):
             ref_y, ref_x = torch.meshgrid(
@@ -65,7 +77,7 @@ class DeformableEncoder(nn.Module):
 
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         """``src``/``pos`` ``[bs, S, C]``, ``valid_ratios [bs, L, 2]``, ``padding_mask [bs, S]`` -> ``[bs, S, C]``."""
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        reference_points = self.reference_points(spatial_shapes, valid_ratios, src.shape[1])
         output = src
         for layer in self.layers:
             args = (output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
@@ -238,7 +250,10 @@ class DeformableTransformer(nn.Module):
         src_flat = torch.cat(src_flat, 1)
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        if torch.jit.is_tracing():  # read in the graph, so an exported model is not frozen at the traced size
+            spatial_shapes = torch.stack([torch._shape_as_tensor(src)[-2:] for src in srcs]).to(src_flat.device)
+        else:  # (torch.export records the symbolic sizes itself)
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
 

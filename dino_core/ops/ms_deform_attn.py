@@ -7,6 +7,9 @@ implementation that supports the inputs' device and dtype:
 * ``"cpu"``   – the compiled C++ CPU kernel from ``csrc/``,
 * ``"pytorch"`` – :func:`ms_deform_attn_reference`, pure PyTorch via ``grid_sample``; the
   reference for the tests and the fallback when nothing is compiled.
+* while a graph is being exported (``torch.onnx.export``, ``torch.export``, ``torch.jit.trace``):
+  :func:`ms_deform_attn_gather`, which reads the level sizes from the ``spatial_shapes`` tensor
+  inside the graph instead of as Python ints, so the exported graph runs at any input size.
 
 A kernel is used only for the value dtypes it supports (CPU: float32/float64; CUDA: float32,
 float64, float16, bfloat16); other dtypes take the reference. ``DINO_MSDA_IMPL``
@@ -85,6 +88,52 @@ def ms_deform_attn_reference(
     return out.transpose(1, 2).contiguous()
 
 
+def is_exporting() -> bool:
+    """True while ``torch.export`` / ``torch.onnx.export`` / ``torch.jit.trace`` records a graph."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def ms_deform_attn_gather(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention as bilinear gathers from the flattened value (export form).
+
+    The same sampling as :func:`ms_deform_attn_reference` (bilinear, zero padding,
+    align_corners=False), but every level size comes from the ``spatial_shapes`` tensor and every
+    read is one ``gather`` into ``value``'s token axis, so no shape is a Python int: a graph exported
+    at one resolution stays correct at any other. Shapes as in :func:`ms_deform_attn_reference`.
+    Agrees with it to float rounding (~1e-6), not bit for bit.
+    """
+    n, s, m, d = value.shape
+    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    # [N, S, M, D] -> [N*M, S, D]; locations/weights -> [N*M, Lq, L, P(, 2)]
+    value = value.permute(0, 2, 1, 3).reshape(n * m, s, d)
+    locations = sampling_locations.permute(0, 2, 1, 3, 4, 5).reshape(n * m, lq, num_levels, num_points, 2)
+    weights = attention_weights.permute(0, 2, 1, 3, 4).reshape(n * m, lq, num_levels * num_points)
+    heights = spatial_shapes[:, 0].view(1, 1, num_levels, 1)
+    widths = spatial_shapes[:, 1].view(1, 1, num_levels, 1)
+    starts = level_start_index.view(1, 1, num_levels, 1)
+    x = locations[..., 0] * widths.to(locations.dtype) - 0.5  # pixel coordinates, [N*M, Lq, L, P]
+    y = locations[..., 1] * heights.to(locations.dtype) - 0.5
+    x0, y0 = x.floor(), y.floor()
+    sampled = value.new_zeros(n * m, lq * num_levels * num_points, d)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        corner_weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+        inside = (xi >= 0) & (xi < widths) & (yi >= 0) & (yi < heights)
+        xi = xi.long().clamp(min=0).minimum(widths - 1)
+        yi = yi.long().clamp(min=0).minimum(heights - 1)
+        index = (starts + yi * widths + xi).view(n * m, -1, 1).expand(-1, -1, d)
+        corner = torch.gather(value, 1, index)
+        sampled = sampled + corner * (corner_weight * inside.to(corner_weight.dtype)).view(n * m, -1, 1)
+    out = (sampled.view(n * m, lq, num_levels * num_points, d) * weights[..., None]).sum(2)
+    return out.view(n, m, lq, d).permute(0, 2, 1, 3).reshape(n, lq, m * d)
+
+
 def available_implementations() -> List[str]:
     """Names of the implementations usable in this process, fastest first."""
     _load_compiled()
@@ -138,6 +187,8 @@ def ms_deform_attn(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Dispatch to the best implementation; shapes as in :func:`ms_deform_attn_reference`."""
+    if is_exporting():
+        return ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     impl = selected_implementation(value.device, value.dtype)
     key = (impl, value.device.type, value.dtype)
     if key not in _announced:

@@ -113,7 +113,10 @@ def _run_exists(ctx: StageContext, run_id) -> bool:
 
 
 def _register_fingerprint(ctx: StageContext, name: str, stage: RegisterStage) -> str:
-    return fingerprint("register", stage_config_dict(stage), ctx.fingerprints[stage.evaluation])
+    config = stage_config_dict(stage)
+    if not config["export"]:  # specs written before register.export existed keep their fingerprint
+        del config["export"]
+    return fingerprint("register", config, ctx.fingerprints[stage.evaluation])
 
 
 def _register_run(ctx: StageContext, name: str, stage: RegisterStage, fp: str):
@@ -135,12 +138,43 @@ def _register_run(ctx: StageContext, name: str, stage: RegisterStage, fp: str):
         ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"], evaluation["checkpoint"],
         evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags,
         protocol=evaluation.get("protocol"))
+    exports = {fmt: _attach_export(ctx, registration, evaluation["run_id"], fmt) for fmt in stage.export}
     outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
                "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
                "champion_version": registration.champion_version, "promoted": registration.promoted,
                "decision": registration.decision, "AP": evaluation["metrics"]["AP"],
-               "AP50": evaluation["metrics"]["AP50"]}
+               "AP50": evaluation["metrics"]["AP50"], "exports": exports}
     return outputs, {"version": registration.version, "decision": registration.decision}
+
+
+def _attach_export(ctx: StageContext, registration, eval_run_id: str, fmt: str) -> str:
+    """Export the registered version (``register.export: [onnx]``) into its artifact directory, once.
+
+    The file lands next to ``weights.pt`` (``runs:/<eval run>/model/model.onnx``) and the version is
+    tagged ``export.onnx`` with that URI; a version that already has it is not exported again.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from dino_platform.registry.export import ONNX_FILE, export_model
+    from dino_platform.registry.models import MODEL_DIR
+
+    client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+    version = client.get_model_version(registration.name, registration.version)
+    uri = f"runs:/{eval_run_id}/{MODEL_DIR}/{ONNX_FILE}"
+    if version.tags.get(f"export.{fmt}") == uri:
+        log.info("%s: version %s already has its %s export", registration.name, registration.version, fmt)
+        return uri
+    with tempfile.TemporaryDirectory(prefix="dino-export-") as staging:
+        path = Path(staging) / ONNX_FILE
+        export_model(registration.version_uri, str(path), fmt=fmt, tracking_uri=ctx.tracking_uri,
+                     with_postprocess=True)
+        client.log_artifact(eval_run_id, str(path), MODEL_DIR)
+    client.set_model_version_tag(registration.name, registration.version, f"export.{fmt}", uri)
+    log.info("%s: version %s exported to %s (%s)", registration.name, registration.version, fmt, uri)
+    return uri
 
 
 def _register_outputs_exist(ctx: StageContext, outputs: Dict[str, Any]) -> bool:

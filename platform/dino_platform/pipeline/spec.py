@@ -191,6 +191,7 @@ class RegisterStage:
     evaluation: str = ""  # an earlier evaluate stage: only evaluated checkpoints are registered
     model_name: str = "dino-coco"
     alias: str = "champion"  # moves to a new version only when its AP beats the alias holder's
+    export: List[Literal["onnx"]] = field(default_factory=list)  # exports logged beside the weights (model/model.onnx)
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""Deployable exports of a model (ONNX) and running them with onnxruntime alone.
+
+    export_model("models:/dino-coco@champion", "dino.onnx", tracking_uri=...)   # or a checkpoint / .pth
+    detector = load_onnx_detector("dino.onnx")        # same ``detect`` as registry.predict.Detector
+    predict_to_directory(detector, images, "predictions/")
+
+The ``.onnx`` file is self-contained: besides the graph (see :mod:`dino_core.export`) its metadata
+(``dino_platform`` key, JSON) records the model, the evaluation transform and the category names,
+so ``dino predict --onnx`` draws the same PNGs and JSON as ``dino predict --model`` without torch
+weights or a registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from dino_platform.errors import ConfigError, DataError
+
+log = logging.getLogger("dino.export")
+
+FORMATS = ("onnx",)
+METADATA_KEY = "dino_platform"
+ONNX_FILE = "model.onnx"
+
+
+def export_model(model_ref: str, out: str, fmt: str = "onnx", opset: int = 17, with_postprocess: bool = True,
+                 height: int = 512, width: int = 512, tracking_uri: Optional[str] = None,
+                 preset: Optional[str] = None, num_classes: Optional[int] = None) -> Dict[str, Any]:
+    """Export a registered model or checkpoint (anything ``dino predict --model`` takes) to ``out``.
+
+    Returns the metadata written into the file (model, transform, categories, inputs/outputs).
+    """
+    import onnx
+
+    from dino_core.export import ExportError, export_onnx
+    from dino_platform.registry.predict import load_detector
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+    detector = load_detector(model_ref, tracking_uri=tracking_uri, preset=preset, num_classes=num_classes)
+    model = detector.model
+    try:
+        export_onnx(model, out, height=height, width=width, opset=opset, with_postprocess=with_postprocess)
+    except ExportError as exc:
+        raise ConfigError(f"{model_ref}: {exc}") from None
+    cfg = model.config
+    metadata = {
+        "format_version": 1, "source": model_ref, "model_config": dataclasses.asdict(cfg),
+        "num_classes": model.num_classes, "num_queries": model.num_queries, "num_select": cfg.num_select,
+        "with_postprocess": with_postprocess, "opset": opset, "export_size": [height, width],
+        "categories": {str(k): v for k, v in sorted(detector.categories.items())},
+        "transform": detector.transform,
+        "inputs": ["images", "mask"] + (["target_sizes"] if with_postprocess else []),
+        "outputs": ["pred_logits", "pred_boxes"] + (["scores", "labels", "boxes"] if with_postprocess else []),
+    }
+    graph = onnx.load(out)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.save(graph, out)
+    log.info("exported %s to %s (opset %d, %s post-processing)", model_ref, out, opset,
+             "with" if with_postprocess else "without")
+    return metadata
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+    """The dino_platform metadata of an exported ``.onnx`` file (ConfigError if it has none)."""
+    import onnx
+
+    try:
+        graph = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ConfigError(f"--onnx: cannot read {path} as an ONNX model ({exc})") from None
+    for entry in graph.metadata_props:
+        if entry.key == METADATA_KEY:
+            return json.loads(entry.value)
+    raise ConfigError(f"--onnx: {path} was not written by `dino export` (no {METADATA_KEY} metadata); "
+                      "export it with `dino export --model ... --format onnx`")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def postprocess_numpy(logits: np.ndarray, boxes: np.ndarray, target_size: Tuple[int, int],
+                      num_select: int) -> Dict[str, np.ndarray]:
+    """:class:`dino_core.PostProcess` for one image in NumPy (a graph exported without it)."""
+    flat = _sigmoid(logits.astype(np.float32)).reshape(-1)
+    k = min(num_select, flat.size)
+    index = np.argsort(-flat, kind="stable")[:k]
+    num_classes = logits.shape[-1]
+    query, labels = index // num_classes, index % num_classes
+    cx, cy, w, h = boxes[query].T
+    xyxy = np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+    height, width = target_size
+    return {"scores": flat[index], "labels": labels, "boxes": xyxy * np.array([width, height, width, height],
+                                                                              dtype=np.float32)}
+
+
+@dataclass
+class OnnxDetector:
+    """An exported graph run by onnxruntime; ``detect`` as :class:`dino_platform.registry.predict.Detector`."""
+
+    session: Any  # onnxruntime.InferenceSession
+    metadata: Dict[str, Any]
+    source: str
+    categories: Dict[int, str] = field(default_factory=dict)
+    transform: Dict[str, Any] = field(default_factory=dict)
+
+    def detect(self, data: bytes, max_detections: int = 100) -> Tuple[Any, List[Dict[str, Any]]]:
+        from PIL import Image, UnidentifiedImageError
+
+        from dino_platform.data.transforms import eval_plan, normalize, render, transform_configs
+
+        try:
+            picture = Image.open(io.BytesIO(data))
+            picture.load()
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"cannot decode the image ({exc})") from None
+        picture = picture.convert("RGB")
+        width, height = picture.size
+        _, eval_cfg = transform_configs(self.transform)
+        plan = eval_plan(width, height, eval_cfg)
+        image = np.ascontiguousarray(normalize(render(data, width, height, plan), eval_cfg.mean, eval_cfg.std)[None],
+                                     dtype=np.float32)
+        feeds = {"images": image, "mask": np.zeros((1, image.shape[2], image.shape[3]), dtype=bool)}
+        if self.metadata.get("with_postprocess"):
+            feeds["target_sizes"] = np.array([[height, width]], dtype=np.int64)
+            _, _, scores, labels, boxes = self.session.run(None, feeds)
+            result = {"scores": scores[0], "labels": labels[0], "boxes": boxes[0].copy()}
+        else:
+            logits, pred_boxes = self.session.run(None, feeds)
+            result = postprocess_numpy(logits[0], pred_boxes[0], (height, width), int(self.metadata["num_select"]))
+        order = np.argsort(-result["scores"], kind="stable")[:max_detections]
+        boxes = result["boxes"]
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+        detections = []
+        for i in order.tolist():
+            label = int(result["labels"][i])
+            detections.append({"label": label, "name": self.categories.get(label, str(label)),
+                               "score": round(float(result["scores"][i]), 5),
+                               "box": [round(float(v), 2) for v in boxes[i]]})
+        return picture, detections
+
+
+def load_onnx_detector(path: str, threads: Optional[int] = None) -> OnnxDetector:
+    """An :class:`OnnxDetector` for a file written by :func:`export_model` (local path or URI)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("--onnx needs onnxruntime: pip install 'dino-platform[export]'") from None
+    from dino_platform.storage import resolve
+
+    location = resolve(path)
+    local = Path(path)
+    if not local.is_file():  # a remote URI: run from a local copy
+        import tempfile
+
+        local = Path(tempfile.mkdtemp(prefix="dino-onnx-")) / ONNX_FILE
+        local.write_bytes(location.read_bytes())
+    metadata = read_metadata(str(local))
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(local), options, providers=["CPUExecutionProvider"])
+    categories = {int(k): v for k, v in metadata.get("categories", {}).items()}
+    return OnnxDetector(session=session, metadata=metadata, source=metadata.get("source", path),
+                        categories=categories, transform=dict(metadata.get("transform") or {}))
