@@ -85,3 +85,18 @@ def ray_local() -> Iterator[Any]:
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def process_group() -> Iterator[None]:
+    """A one-process gloo default group for the whole session (DeepSpeed engines, collectives).
+
+    One group, never re-created: DeepSpeed caches the groups it derives from the first default
+    group, and a later test's fresh group is then "not registered"."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield

@@ -7,8 +7,6 @@ path's collectives receive (criterion, progress report, DeepSpeed's ZeRO-2 step 
 """
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -40,19 +38,7 @@ def test_collective_device_without_a_process_group():
         assert collective_device() == torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
+# process_group: the session-wide gloo group of tests/conftest.py
 
 
 def _tensors(value):

@@ -6,8 +6,6 @@ parameters fp32; and a 2-worker Ray Train job in bf16 tracks its fp32 twin.
 """
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -122,21 +120,7 @@ def test_msda_reference_accepts_mixed_dtypes():
 # DeepSpeed's torch_autocast, one process
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
+# process_group: the session-wide gloo group of tests/conftest.py
 
 
 def test_bf16_engine_keeps_fp32_parameters_and_autocasts_the_forward(process_group):

@@ -3,8 +3,6 @@
 The DeepSpeed tests run one process (gloo, world size 1) on a toy module with a frozen parameter
 and a buffer, so the consolidation and save/restore paths of ZeRO 0-3 are exercised in seconds.
 """
-import os
-import socket
 
 import pytest
 import torch
@@ -67,19 +65,7 @@ class Toy(nn.Module):
         return self.head(torch.relu(self.frozen(self.backbone(x)))) + self.running
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                           "LOCAL_RANK": "0"})
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+# process_group: the session-wide gloo group of tests/conftest.py
 
 
 def _engine(stage: int):
