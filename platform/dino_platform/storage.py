@@ -289,25 +289,15 @@ class Location:
         # response into a buffer of the object's size, so an error reply longer than a small
         # object (a 250-byte SlowDown for a 100-byte JSON marker) breaks the stream and the SDK
         # gives up without retrying. botocore retries it like any other throttled request.
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, _, key = self.path.partition("/")
-        try:
-            response = _s3_client(self.settings).get_object(Bucket=bucket, Key=key)
-            return response["Body"].read()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageNotFoundError(f"{self.uri}: does not exist") from None
-            raise StorageError(self._explain("read", OSError(f"{code}: {exc}"))) from None
-        except (BotoCoreError, OSError) as exc:
-            raise StorageError(self._explain("read", OSError(f"{type(exc).__name__}: {exc}"))) from None
+        with self._boto_read_errors():
+            return self._s3_body().read()
 
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The file's bytes in chunks of at most ``chunk_size``: a streamed read that never holds
         the whole object (an S3 object is fetched as it is consumed)."""
-        if self.is_s3:
-            yield from self._iter_s3_chunks(chunk_size)
+        if self.is_s3:  # one boto3 GET streamed from its body, for the reason in _read_s3_object
+            with self._boto_read_errors():
+                yield from self._s3_body().iter_chunks(chunk_size)
             return
         with self._errors("read"):
             with self.fs.open_input_stream(self.path) as stream:
@@ -317,15 +307,17 @@ class Location:
                         return
                     yield chunk
 
-    def _iter_s3_chunks(self, chunk_size: int) -> Iterator[bytes]:
-        # One boto3 GET streamed from its body, for the reason given in _read_s3_object: pyarrow's
-        # ranged reads break on an error reply longer than the range (the file's last chunk).
+    def _s3_body(self):
+        bucket, _, key = self.path.partition("/")
+        return _s3_client(self.settings).get_object(Bucket=bucket, Key=key)["Body"]
+
+    @contextlib.contextmanager
+    def _boto_read_errors(self) -> Iterator[None]:
+        """botocore's errors of a read, as this module's StorageError / StorageNotFoundError."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, _, key = self.path.partition("/")
         try:
-            body = _s3_client(self.settings).get_object(Bucket=bucket, Key=key)["Body"]
-            yield from body.iter_chunks(chunk_size)
+            yield
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):

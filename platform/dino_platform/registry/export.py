@@ -12,7 +12,6 @@ weights or a registry.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dino_platform.errors import ConfigError, DataError
+from dino_platform.errors import ConfigError
 
 log = logging.getLogger("dino.export")
 
@@ -114,21 +113,10 @@ class OnnxDetector:
     transform: Dict[str, Any] = field(default_factory=dict)
 
     def detect(self, data: bytes, max_detections: int = 100) -> Tuple[Any, List[Dict[str, Any]]]:
-        from PIL import Image, UnidentifiedImageError
+        from dino_platform.registry.predict import decode_for_eval, format_detections
 
-        from dino_platform.data.transforms import eval_plan, normalize, render, transform_configs
-
-        try:
-            picture = Image.open(io.BytesIO(data))
-            picture.load()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"cannot decode the image ({exc})") from None
-        picture = picture.convert("RGB")
+        picture, image = decode_for_eval(data, self.transform)
         width, height = picture.size
-        _, eval_cfg = transform_configs(self.transform)
-        plan = eval_plan(width, height, eval_cfg)
-        image = np.ascontiguousarray(normalize(render(data, width, height, plan), eval_cfg.mean, eval_cfg.std)[None],
-                                     dtype=np.float32)
         feeds = {"images": image, "mask": np.zeros((1, image.shape[2], image.shape[3]), dtype=bool)}
         if self.metadata.get("with_postprocess"):
             feeds["target_sizes"] = np.array([[height, width]], dtype=np.int64)
@@ -137,17 +125,8 @@ class OnnxDetector:
         else:
             logits, pred_boxes = self.session.run(None, feeds)
             result = postprocess_numpy(logits[0], pred_boxes[0], (height, width), int(self.metadata["num_select"]))
-        order = np.argsort(-result["scores"], kind="stable")[:max_detections]
-        boxes = result["boxes"]
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-        detections = []
-        for i in order.tolist():
-            label = int(result["labels"][i])
-            detections.append({"label": label, "name": self.categories.get(label, str(label)),
-                               "score": round(float(result["scores"][i]), 5),
-                               "box": [round(float(v), 2) for v in boxes[i]]})
-        return picture, detections
+        return picture, format_detections(result["scores"], result["labels"], result["boxes"], width, height,
+                                          self.categories, max_detections)
 
 
 def load_onnx_detector(path: str, threads: Optional[int] = None) -> OnnxDetector:

@@ -37,40 +37,63 @@ class Detector:
         Each detection: ``{"label": id, "name": str, "score": float, "box": [x0, y0, x1, y1]}`` in
         original-image pixels, clipped to the picture.
         """
-        from PIL import Image, UnidentifiedImageError
-
-        from dino_platform.data.transforms import eval_plan, normalize, render, transform_configs
-
-        try:
-            picture = Image.open(io.BytesIO(data))
-            picture.load()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"cannot decode the image ({exc})") from None
-        picture = picture.convert("RGB")
+        picture, image = decode_for_eval(data, self.transform)
         width, height = picture.size
-        _, eval_cfg = transform_configs(self.transform)
-        plan = eval_plan(width, height, eval_cfg)
-        try:
-            rendered = render(data, width, height, plan)
-        except Exception as exc:  # named with the plan, so it reproduces with one call
-            raise DataError(f"cannot transform the {width}x{height} image with {plan} "
-                            f"({type(exc).__name__}: {exc})") from exc
-        image = torch.from_numpy(normalize(rendered, eval_cfg.mean, eval_cfg.std))[None]
+        image = torch.from_numpy(image)
         mask = torch.zeros((1, image.shape[2], image.shape[3]), dtype=torch.bool)
         outputs = self.model(image, mask)
         (result,) = self.postprocessor(outputs, torch.tensor([[height, width]]))
-        order = torch.argsort(result["scores"], descending=True, stable=True)[:max_detections]
-        # the network may place a box partly outside the picture; report the visible part
-        boxes = result["boxes"].clone()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-        detections = []
-        for i in order.tolist():
-            label = int(result["labels"][i])
-            detections.append({"label": label, "name": self.categories.get(label, str(label)),
-                               "score": round(float(result["scores"][i]), 5),
-                               "box": [round(float(v), 2) for v in boxes[i]]})
-        return picture, detections
+        return picture, format_detections(result["scores"].numpy(), result["labels"].numpy(),
+                                          result["boxes"].numpy(), width, height, self.categories, max_detections)
+
+
+
+def decode_for_eval(data: bytes, transform: Mapping[str, Any]) -> Tuple[Any, "np.ndarray"]:
+    """(the decoded RGB picture, the network input ``[1, 3, H, W]`` float32, normalised) of one
+    encoded image under the evaluation transform of ``transform`` (a ``data.transform`` mapping)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from dino_platform.data.transforms import eval_plan, normalize, render, transform_configs
+
+    try:
+        picture = Image.open(io.BytesIO(data))
+        picture.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot decode the image ({exc})") from None
+    picture = picture.convert("RGB")
+    width, height = picture.size
+    _, eval_cfg = transform_configs(transform)
+    plan = eval_plan(width, height, eval_cfg)
+    try:
+        rendered = render(data, width, height, plan)
+    except Exception as exc:  # named with the plan, so it reproduces with one call
+        raise DataError(f"cannot transform the {width}x{height} image with {plan} "
+                        f"({type(exc).__name__}: {exc})") from exc
+    image = np.ascontiguousarray(normalize(rendered, eval_cfg.mean, eval_cfg.std)[None], dtype=np.float32)
+    return picture, image
+
+
+def format_detections(scores, labels, boxes, width: int, height: int, categories: Mapping[int, str],
+                      max_detections: int) -> List[Dict[str, Any]]:
+    """Detections by descending score (stable among ties), at most ``max_detections``.
+
+    ``scores [N]``, ``labels [N]``, ``boxes [N, 4]`` (x0, y0, x1, y1) in original-image pixels, as
+    numpy arrays. Each detection: ``{"label", "name", "score", "box"}``; the network may place a
+    box partly outside the picture, so the visible part is reported.
+    """
+    import numpy as np
+
+    order = np.argsort(-np.asarray(scores), kind="stable")[:max_detections]
+    boxes = np.array(boxes, dtype=np.float64, copy=True)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    detections = []
+    for i in order.tolist():
+        label = int(labels[i])
+        detections.append({"label": label, "name": categories.get(label, str(label)),
+                           "score": round(float(scores[i]), 5), "box": [round(float(v), 2) for v in boxes[i]]})
+    return detections
 
 
 def load_detector(model_ref: str, tracking_uri: Optional[str] = None, preset: Optional[str] = None,
