@@ -14,16 +14,16 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "o365_pretrain_coco_ft.yaml"
-# NOTE: not yet calibrated by a run of this test (the shared machine was saturated). The bound is set
-# from the issue's data point: this data and model from scratch reached AP50 0.38 after 210 steps
-# without an lr drop; the recipe has 180 steps with one. 0.15 leaves a wide margin for float
-# differences across CPUs, which change the trajectory, not the outcome. Raise it once measured.
-MIN_AP50 = 0.15
+# Measured on the 2-core x86_64 machine (2026-12-02): AP 0.0721, AP50 0.2362, the same figures as the
+# pipeline's `make demo-compare` fine-tune (docs/pipelines.md). Other CPUs change float results in the
+# last bits, which moves the trajectory a little, not the outcome; 0.17 leaves 0.066 (28%) for that.
+# The demo itself (with the Objects365 transfer) reached AP50 0.43.
+MIN_AP50 = 0.17
 
 
 def test_the_demo_finetune_recipe_reaches_a_useful_ap50(ray_local, tmp_path):
     """Cost: one 180-step, 2-worker training of dino_tiny at <=160 px plus 3 evaluations of 40 images;
-    measured 298 s in a full `make test` on the 2-core machine (2026-12-01, partly beside other jobs)."""
+    measured 297 s alone and 298 s in a full `make test` on the 2-core machine."""
     from dino_platform.data.ingest import IngestConfig, ingest
     from dino_platform.data.synth import SynthConfig, generate
     from dino_platform.pipeline.spec import load_spec

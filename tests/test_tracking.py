@@ -57,5 +57,16 @@ def test_one_run_per_job_with_metrics_params_and_curves(tmp_path, cfg):
 
 def test_draw_detections_marks_the_boxes():
     image = Image.fromarray(np.zeros((64, 80, 3), dtype=np.uint8))
+    drawn = np.asarray(draw_detections(image, [[10, 10, 40, 50]], [3], [0.9], {3: "car"}, min_side=0))
+    assert drawn.shape == (64, 80, 3)
+    assert drawn[50, 20].any() and drawn[30, 40].any() and not drawn[30, 70].any() and not drawn[30, 25].any()
+
+
+def test_draw_detections_enlarges_small_pictures_by_a_whole_factor():
+    image = Image.fromarray(np.zeros((120, 160, 3), dtype=np.uint8))
     drawn = np.asarray(draw_detections(image, [[10, 10, 40, 50]], [3], [0.9], {3: "car"}))
-    assert drawn[10, 20].any() and not drawn[30, 70].any()
+    assert drawn.shape == (480, 640, 3)  # 120 px short side -> x4
+    assert drawn[200, 80].any() and drawn[120, 160].any()  # bottom and right edges moved with the factor
+    assert not drawn[120, 100].any() and not drawn[300, 400].any()  # inside the box, and far outside
+    big = Image.fromarray(np.zeros((600, 800, 3), dtype=np.uint8))
+    assert draw_detections(big, [], [], [], {}).size == (800, 600)  # large enough: unchanged

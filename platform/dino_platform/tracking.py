@@ -153,14 +153,42 @@ def plot_curves(panels: Mapping[str, Mapping[str, Sequence[Tuple[int, float]]]])
     return figure
 
 
-def draw_detections(image, boxes: Iterable, labels: Iterable, scores: Iterable, names: Mapping[int, str]):
-    """Boxes (x0, y0, x1, y1 pixels of ``image``) drawn on a copy of a PIL image, labelled 'name 0.87'."""
-    from PIL import ImageDraw
+# Distinct, saturated colours (one per class id, cycled): a class keeps its colour across images.
+_BOX_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
 
-    canvas = image.convert("RGB").copy()
+
+def draw_detections(image, boxes: Iterable, labels: Iterable, scores: Iterable, names: Mapping[int, str],
+                    min_side: int = 480):
+    """Boxes (x0, y0, x1, y1 pixels of ``image``) drawn on a copy of a PIL image, labelled 'name 0.87'.
+
+    One colour per class, the label on a filled tab above its box (inside the picture when the box
+    touches the top edge), the highest score drawn last so it stays on top. A picture whose short
+    side is below ``min_side`` is enlarged by a whole factor first (boxes scaled with it) so that
+    small inputs (the synthetic demo's 160x120) stay legible; the returned image is that size.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = image.convert("RGB")
+    factor = max(1, -(-int(min_side) // max(1, min(canvas.size)))) if min_side else 1
+    canvas = canvas.resize((canvas.size[0] * factor, canvas.size[1] * factor), Image.BICUBIC) if factor > 1 \
+        else canvas.copy()
     draw = ImageDraw.Draw(canvas)
-    for box, label, score in zip(boxes, labels, scores):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        draw.rectangle([x0, y0, x1, y1], outline=(255, 64, 0), width=2)
-        draw.text((x0 + 2, y0 + 1), f"{names.get(int(label), int(label))} {float(score):.2f}", fill=(255, 255, 0))
+    font = ImageFont.load_default(size=max(11, min(canvas.size) // 32))
+    width = max(2, min(canvas.size) // 200)
+    entries = sorted(zip(boxes, labels, scores), key=lambda e: float(e[2]))
+    for box, label, score in entries:
+        x0, y0, x1, y1 = (float(v) * factor for v in box)
+        colour = _BOX_COLOURS[int(label) % len(_BOX_COLOURS)]
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        text = f"{names.get(int(label), int(label))} {float(score):.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tab_w, tab_h = right - left + 4, bottom - top + 4
+        tx, ty = min(max(0.0, x0), max(0.0, canvas.size[0] - tab_w)), y0 - tab_h
+        if ty < 0:
+            ty = max(0.0, y0)
+        draw.rectangle([tx, ty, tx + tab_w, ty + tab_h], fill=colour)
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((tx + 2 - left, ty + 2 - top), text, font=font,
+                  fill=(0, 0, 0) if luminance > 140 else (255, 255, 255))
     return canvas
