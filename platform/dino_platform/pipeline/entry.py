@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from dino_platform.spec_cli import setup_logging, spec_parser
 
 EPILOG = """\
 examples:
@@ -21,23 +22,14 @@ stage continues from its last checkpoint. State: <output_root>/pipeline_state.js
 
 
 def build_parser(default_spec: Optional[Path]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Run a declarative DINO pipeline (ingest, train, evaluate, register, predict) on Ray.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default=str(default_spec) if default_spec else None, required=default_spec is None,
-                        help=f"pipeline YAML (default {default_spec})")
-    parser.add_argument("--preset", help="a preset defined in the spec's presets section, e.g. smoke")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. stages.finetune.schedule.max_steps=100 (repeatable)")
-    parser.add_argument("--check", action="store_true", help="validate the spec and print the plan; run nothing")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return parser
+    return spec_parser("Run a declarative DINO pipeline (ingest, train, evaluate, register, predict) on Ray.",
+                       EPILOG, default_spec, "pipeline", "stages.finetune.schedule.max_steps=100",
+                       "validate the spec and print the plan; run nothing")
 
 
 def main(argv: Optional[List[str]] = None, default_spec: Optional[Path] = None) -> int:
     args = build_parser(default_spec).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     from dino_platform.errors import UserError
     from dino_platform.pipeline.spec import load_spec
 

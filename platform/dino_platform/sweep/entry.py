@@ -1,11 +1,11 @@
 """The command line of ``pipelines/sweep_coco_ft.py`` (and any sweep spec)."""
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from dino_platform.spec_cli import setup_logging, spec_parser
 
 EPILOG = """\
 examples:
@@ -18,18 +18,10 @@ Re-running the same command resumes an interrupted sweep (Tuner.restore on <outp
 
 
 def main(argv: Optional[List[str]] = None, default_spec: Optional[Path] = None) -> int:
-    parser = argparse.ArgumentParser(description="Ray Tune sweep over DINO training; registers the best trial.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default=str(default_spec) if default_spec else None, required=default_spec is None,
-                        help=f"sweep YAML (default {default_spec})")
-    parser.add_argument("--preset", help="a preset of the spec, e.g. smoke")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a spec field, e.g. budget.num_samples=8 (repeatable)")
-    parser.add_argument("--check", action="store_true", help="validate the spec and print the search space; run nothing")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = spec_parser("Ray Tune sweep over DINO training; registers the best trial.", EPILOG, default_spec,
+                         "sweep", "budget.num_samples=8", "validate the spec and print the search space; run nothing")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     from dino_platform.errors import UserError
     from dino_platform.sweep.spec import load_sweep_spec
     from dino_platform.sweep.tuner import SweepInterrupted, run_sweep
