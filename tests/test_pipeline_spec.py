@@ -419,7 +419,10 @@ def test_dino_predict_writes_pngs_and_json(tmp_path, registry, monkeypatch, caps
     assert len(document["images"]) == 2
     for item, path in zip(document["images"], images):
         png = Image.open(item["png"])
-        assert png.format == "PNG" and png.size == Image.open(path).size
+        # a picture this small is drawn enlarged by a whole factor (boxes stay in original pixels)
+        width, height = Image.open(path).size
+        assert item["png_scale"] == -(-480 // min(width, height)) > 1
+        assert png.format == "PNG" and png.size == (width * item["png_scale"], height * item["png_scale"])
         assert len(item["detections"]) == 5 and all(d["drawn"] for d in item["detections"])
         for d in item["detections"]:
             x0, y0, x1, y1 = d["box"]

@@ -88,7 +88,7 @@ def test_spec_errors_name_the_field(changes, message):
 
 
 def test_unknown_preset_and_overrides(tmp_path):
-    with pytest.raises(ConfigError, match="preset 'fast' is not defined; available: smoke"):
+    with pytest.raises(ConfigError, match="--preset fast: no such preset; available: smoke"):
         load_sweep_spec(SPEC, preset="fast")
     spec = load_sweep_spec(SPEC, preset="smoke", overrides=["budget.num_samples=6"])
     assert spec.budget.num_samples == 6

@@ -59,6 +59,30 @@ def test_missing_train_uri_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_key_given_twice_is_an_error_in_configs_and_sweep_specs(tmp_path):
+    """PyYAML keeps the last of two equal keys; a whole `optim:` section would vanish silently."""
+    from dino_platform.sweep.spec import load_sweep_spec
+
+    path = tmp_path / "job.yaml"
+    path.write_text("data: {train_uri: s3://b/t}\noptim: {lr: 1.0e-3}\noptim: {epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml: not valid YAML \(duplicate key 'optim'"):
+        load_config(path)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nname: t\n")
+    with pytest.raises(ConfigError, match=r"sweep\.yaml: not valid YAML \(duplicate key 'name'"):
+        load_sweep_spec(sweep)
+
+
+def test_overrides_leave_the_callers_dict_alone_and_reject_a_bad_item():
+    raw = {"data": {"train_uri": "s3://b/t"}, "optim": {"lr": 1e-3}}
+    cfg = load_config(raw, overrides=["optim.lr=5e-4", "optim.epochs=3"])
+    assert (cfg.optim.lr, cfg.optim.epochs) == (5e-4, 3) and raw["optim"] == {"lr": 1e-3}
+    with pytest.raises(ConfigError, match=r"--set 'optim\.lr': expected dotted\.key=value, e\.g\. optim\.lr=2e-4"):
+        load_config(raw, overrides=["optim.lr"])
+    with pytest.raises(ConfigError, match=r"--set 'optim\.lr\.x=1': optim\.lr is not a mapping"):
+        load_config(raw, overrides=["optim.lr.x=1"])
+
+
 def test_deepspeed_config_follows_the_typed_config():
     cfg = load_config({**MINIMAL, "scaling": {"num_workers": 2, "batch_size_per_worker": 3, "accumulation_steps": 2},
                        "deepspeed": {"zero_stage": 1, "precision": "bf16"}})

@@ -21,20 +21,18 @@ field (``stages.finetune.schedule.lrr: unknown field ...; did you mean stages.fi
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
-import yaml
-
 from dino_platform.errors import ConfigError
 from dino_platform.storage import output_root as storage_output_root
 from dino_platform.train.config import TrainConfig, parse_section
+# deep_merge is used by pipeline.validation through this module
+from dino_platform.yaml_docs import apply_override, apply_preset, deep_merge, did_you_mean, read_mapping  # noqa: F401
 
 STAGE_KINDS = ("ingest", "train", "evaluate", "register", "predict", "infer")
 # what each kind of stage produces; other stages read these by name
@@ -319,23 +317,11 @@ def load_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = 
 
     Raises ConfigError naming the file and the field for anything wrong.
     """
-    if isinstance(source, dict):
-        raw, origin = copy.deepcopy(source), "spec"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: pipeline spec not found")
-        try:
-            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        origin = str(path)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping (name, output_root, datasets, stages) at the top level")
+    raw, origin = read_mapping(source, "pipeline spec", "name, output_root, datasets, stages")
     try:
         raw = apply_preset(raw, preset)
         for item in overrides or []:
-            apply_override(raw, item)
+            apply_override(raw, item, "stages.pretrain.schedule.max_steps=100")
         spec = _build_spec(raw)
         spec.source, spec.preset = origin, preset
         from dino_platform.pipeline.validation import validate_spec
@@ -344,70 +330,6 @@ def load_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = 
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     return spec
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one silently,
-    which would drop a whole stage or dataset)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def apply_preset(raw: Dict[str, Any], preset: Optional[str]) -> Dict[str, Any]:
-    """``raw`` without its ``presets`` section, with ``presets[preset]`` deep-merged over it."""
-    raw = copy.deepcopy(raw)
-    presets = raw.pop("presets", None) or {}
-    if not isinstance(presets, dict):
-        raise ConfigError("presets: expected a mapping of preset name -> overrides")
-    if preset is None:
-        return raw
-    if preset not in presets:
-        available = ", ".join(sorted(presets)) or "none defined"
-        raise ConfigError(f"--preset {preset}: no such preset{did_you_mean(preset, presets)}; available: {available}")
-    if not isinstance(presets[preset], dict):
-        raise ConfigError(f"presets.{preset}: expected a mapping of overrides")
-    return deep_merge(raw, presets[preset])
-
-
-def deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    """Mappings merge key by key; anything else (lists, scalars, null) replaces."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def apply_override(raw: Dict[str, Any], item: str) -> None:
-    """``stages.finetune.schedule.max_steps=8``: set one field (the value is read as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. stages.pretrain.schedule.max_steps=100")
-    key, text = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {item!r}: empty key")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        if node.get(part) is None:
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(text)
-
-
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _build_spec(raw: Dict[str, Any]) -> PipelineSpec:

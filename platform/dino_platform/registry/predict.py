@@ -169,7 +169,9 @@ def predict_to_directory(detector: Detector, images: Sequence[Tuple[str, bytes]]
     per image and ``detections.json``.
 
     Returns the JSON document: ``{"model": ..., "threshold": ..., "images": [{"file", "png",
-    "width", "height", "detections": [...]}]}``; every detection up to ``max_detections`` is listed
+    "width", "height", "png_scale", "detections": [...]}]}``; ``png_scale`` is the whole factor a
+    small picture was enlarged by for drawing (1 from a 480 px short side up); boxes are always in
+    the original image's pixels. Every detection up to ``max_detections`` is listed
     with its score (threshold and max_drawn only decide what is drawn, flagged ``"drawn": true``).
     ``on_error``: ``fail`` raises a ``DataError`` naming the image that cannot be decoded or
     transformed; ``skip`` leaves it out and lists it under ``"skipped"`` (``{"file", "error"}``).
@@ -202,7 +204,8 @@ def predict_to_directory(detector: Detector, images: Sequence[Tuple[str, bytes]]
         canvas.save(buffer, format="PNG")
         out.child(png_name).write_bytes(buffer.getvalue())
         document["images"].append({"file": name, "png": out.child(png_name).uri, "width": picture.size[0],
-                                   "height": picture.size[1], "detections": detections})
+                                   "height": picture.size[1], "png_scale": canvas.size[0] // picture.size[0],
+                                   "detections": detections})
         log.info("%s: %d detections >= %.2f (top score %.3f) -> %s", name, len(drawn), threshold,
                  detections[0]["score"] if detections else 0.0, out.child(png_name).uri)
     out.child("detections.json").write_bytes(json.dumps(document, indent=1).encode())

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-import yaml
 
 from dino_platform.errors import ConfigError
-from dino_platform.train.config import TrainConfig, _apply_override, load_config
+from dino_platform.train.config import TrainConfig, load_config
+from dino_platform.yaml_docs import apply_override, apply_preset, read_mapping
 
 DOMAIN_KINDS = ("loguniform", "uniform", "choice", "randint")
 # fields the sweep sets itself for every trial
@@ -151,43 +151,18 @@ _TOP = {"name", "description", "output_root", "tracking", "train", "search_space
 
 def load_sweep_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = None,
                     overrides: Optional[List[str]] = None) -> SweepSpec:
-    """Read the YAML, apply a preset (deep merge) and ``a.b=value`` overrides, validate everything."""
-    if isinstance(source, dict):
-        raw, origin = copy.deepcopy(source), "spec"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: sweep spec not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        origin = str(path)
+    """Read the YAML, apply a preset (deep merge; a preset's ``search_space`` replaces the whole
+    space) and ``a.b=value`` overrides, validate everything."""
+    raw, origin = read_mapping(source, "sweep spec", "name, output_root, train, search_space")
     try:
-        if not isinstance(raw, dict):
-            raise ConfigError("expected a mapping at the top level")
-        presets = raw.pop("presets", None) or {}
-        if preset is not None:
-            if preset not in presets:
-                raise ConfigError(f"preset {preset!r} is not defined; available: {', '.join(sorted(presets)) or 'none'}")
-            raw = _merge(raw, presets[preset])
+        raw = apply_preset(raw, preset, replace=("search_space",))
         for item in overrides or []:
-            _apply_override(raw, item)
+            apply_override(raw, item, "budget.num_samples=8")
         spec = _build(raw)
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     spec.source = origin
     return spec
-
-
-def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in (update or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "search_space":
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)  # a preset's search_space replaces the whole space
-    return out
 
 
 def _build(raw: Dict[str, Any]) -> SweepSpec:

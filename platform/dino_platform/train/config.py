@@ -235,40 +235,17 @@ class TrainConfig:
 
 def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[List[str]] = None) -> TrainConfig:
     """Read a YAML file (or a dict), apply ``a.b=value`` overrides, build and validate the config."""
-    if isinstance(source, dict):
-        raw, origin = dict(source), "config"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        origin = str(path)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for item in overrides or []:
-        _apply_override(raw, item)
+    from dino_platform.yaml_docs import apply_override, read_mapping
+
+    raw, origin = read_mapping(source, "config file", "model, data, optim, ... sections", label="config")
     try:
+        for item in overrides or []:
+            apply_override(raw, item, "optim.lr=2e-4")
         cfg = _build(TrainConfig, raw, "")
         validate(cfg)
     except ConfigError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
     return cfg
-
-
-def _apply_override(raw: Dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. optim.lr=2e-4")
-    key, text = item.split("=", 1)
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
 
 
 def parse_section(cls: type, raw: Any, prefix: str) -> Any:
