@@ -4,9 +4,10 @@
 
 Synthetic JPEGs (default 640x480), an untrained dino_tiny checkpoint (evaluation resize
 ``transform.scale`` x 800 px short side: 480 px by default, about 0.37 s of model time per image on
-one core, so the job is model-bound as real inference is), threshold 0. Each configuration writes to a fresh output directory (nothing is skipped);
-the time is ``run_inference`` end to end (model put in the object store, actors started, every
-image decoded, predicted and written), best of ``--repeats``, configurations alternated.
+one core, so the job is model-bound as real inference is), threshold 0. Each configuration
+writes to a fresh output directory (nothing is skipped); the time is ``run_inference`` end to
+end (model put in the object store, actors started, every image decoded, predicted and
+written), best of ``--repeats``, configurations alternated.
   one actor:  1 actor x 1 CPU (1 torch thread), decode tasks 0.5 CPU
   two actors: 2 actors x 0.75 CPU (1 torch thread each), decode tasks 0.25 CPU
   one actor, 2 threads: 1 actor x 1.5 CPU (2 torch threads), decode tasks 0.5 CPU (for context:
@@ -70,7 +71,8 @@ def main() -> int:
           f"{threads / two:.2f}x")
     # 1 torch thread per actor in the first two, so their floats (and digests) must agree; 2 threads
     # split reductions differently, which may change the last bits of a score
-    print(f"identical output, one vs two actors: {digests['one actor'] == digests['two actors'] and len(digests['one actor']) == 1}; "
+    same_actors = digests["one actor"] == digests["two actors"] and len(digests["one actor"]) == 1
+    print(f"identical output, one vs two actors: {same_actors}; "
           f"one actor with 2 threads the same: {digests['one actor, 2 threads'] == digests['one actor']}")
     return 0
 

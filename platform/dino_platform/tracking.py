@@ -10,6 +10,7 @@ file ``mlflow.db`` under the local run directory (artifacts beside it in ``mlart
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -169,10 +170,10 @@ def draw_detections(image, boxes: Iterable, labels: Iterable, scores: Iterable, 
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    canvas = image.convert("RGB")
-    factor = max(1, -(-int(min_side) // max(1, min(canvas.size)))) if min_side else 1
-    canvas = canvas.resize((canvas.size[0] * factor, canvas.size[1] * factor), Image.BICUBIC) if factor > 1 \
-        else canvas.copy()
+    canvas = image.convert("RGB")  # a new image: the caller's stays untouched
+    factor = max(1, math.ceil(min_side / max(1, min(canvas.size))))
+    if factor > 1:
+        canvas = canvas.resize((canvas.size[0] * factor, canvas.size[1] * factor), Image.BICUBIC)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(11, min(canvas.size) // 32))
     width = max(2, min(canvas.size) // 200)

@@ -178,6 +178,7 @@ class DetectorActor:
         import torch
 
         from dino_platform.data.transforms import normalize_into
+        from dino_platform.registry.predict import rank_and_clip
 
         out: Dict[str, list] = {k: [] for k in ("boxes", "scores", "labels", "label_names")}
         pixels, errors = batch.column("pixels").to_pylist(), batch.column("error").to_pylist()
@@ -194,14 +195,11 @@ class DetectorActor:
                     outputs = self.detector.model(image[None].to(self.device),
                                                   torch.zeros((1, rh, rw), dtype=torch.bool, device=self.device))
                     (result,) = self.detector.postprocessor(outputs, torch.tensor([[height, width]], device=self.device))
-                order = torch.argsort(result["scores"], descending=True, stable=True)
-                order = order[result["scores"][order] >= self.threshold]
-                box = result["boxes"][order].float().cpu().clone()
-                box[:, 0::2] = box[:, 0::2].clamp(0, width)  # the visible part, as `dino predict` reports
-                box[:, 1::2] = box[:, 1::2].clamp(0, height)
-                boxes = box.numpy()
-                scores = result["scores"][order].float().cpu().numpy()
-                labels = result["labels"][order].cpu().numpy().astype(np.int64)
+                scores, labels, boxes = rank_and_clip(  # the visible part, as `dino predict` reports
+                    result["scores"].float().cpu().numpy(), result["labels"].cpu().numpy().astype(np.int64),
+                    result["boxes"].float().cpu().numpy(), width, height)
+                confident = scores >= self.threshold  # a prefix: the scores are in descending order
+                scores, labels, boxes = scores[confident], labels[confident], boxes[confident]
             out["boxes"].append(boxes.tolist())
             out["scores"].append(scores.tolist())
             out["labels"].append(labels.tolist())

@@ -31,8 +31,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 from dino_platform.errors import ConfigError
 from dino_platform.storage import output_root as storage_output_root
 from dino_platform.train.config import TrainConfig, parse_section
-# deep_merge is used by pipeline.validation through this module
-from dino_platform.yaml_docs import apply_override, apply_preset, deep_merge, did_you_mean, read_mapping  # noqa: F401
+from dino_platform.yaml_docs import apply_override, apply_preset, did_you_mean, read_mapping
 
 STAGE_KINDS = ("ingest", "train", "evaluate", "register", "predict", "infer")
 # what each kind of stage produces; other stages read these by name

@@ -14,8 +14,9 @@ from dino_platform.errors import ConfigError
 from dino_platform.evaluation.coco_eval import EvalProtocol
 from dino_platform.pipeline.spec import (NAME_PATTERN, STAGE_OUTPUTS, DatasetSpec, EvaluateStage, IngestStage,
                                          InferStage, ModelSpec, PipelineSpec, PredictStage, RegisterStage, ResourcesSpec,
-                                         SourceRef, TrainStage, class_maps, deep_merge, did_you_mean)
+                                         SourceRef, TrainStage, class_maps)
 from dino_platform.train.config import TrainConfig, load_config
+from dino_platform.yaml_docs import deep_merge, did_you_mean
 
 _MODEL_URI = re.compile(r"^models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)$")
 

@@ -47,7 +47,6 @@ class Detector:
                                           result["boxes"].numpy(), width, height, self.categories, max_detections)
 
 
-
 def decode_for_eval(data: bytes, transform: Mapping[str, Any]) -> Tuple[Any, "np.ndarray"]:
     """(the decoded RGB picture, the network input ``[1, 3, H, W]`` float32, normalised) of one
     encoded image under the evaluation transform of ``transform`` (a ``data.transform`` mapping)."""
@@ -74,25 +73,32 @@ def decode_for_eval(data: bytes, transform: Mapping[str, Any]) -> Tuple[Any, "np
     return picture, image
 
 
-def format_detections(scores, labels, boxes, width: int, height: int, categories: Mapping[int, str],
-                      max_detections: int) -> List[Dict[str, Any]]:
-    """Detections by descending score (stable among ties), at most ``max_detections``.
+def rank_and_clip(scores, labels, boxes, width: int, height: int) -> Tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    """(scores, labels, boxes) by descending score (stable among ties), boxes clipped to the picture.
 
     ``scores [N]``, ``labels [N]``, ``boxes [N, 4]`` (x0, y0, x1, y1) in original-image pixels, as
-    numpy arrays. Each detection: ``{"label", "name", "score", "box"}``; the network may place a
-    box partly outside the picture, so the visible part is reported.
+    numpy arrays (dtypes kept). The network may place a box partly outside the picture; what
+    ``dino predict`` and ``dino infer`` report is the visible part.
     """
     import numpy as np
 
-    order = np.argsort(-np.asarray(scores), kind="stable")[:max_detections]
-    boxes = np.array(boxes, dtype=np.float64, copy=True)
+    scores = np.asarray(scores)
+    order = np.argsort(-scores, kind="stable")
+    boxes = np.asarray(boxes)[order]  # fancy indexing copies: the caller's array stays as it was
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return scores[order], np.asarray(labels)[order], boxes
+
+
+def format_detections(scores, labels, boxes, width: int, height: int, categories: Mapping[int, str],
+                      max_detections: int) -> List[Dict[str, Any]]:
+    """The best ``max_detections`` of ``rank_and_clip``, as ``{"label", "name", "score", "box"}``."""
+    scores, labels, boxes = rank_and_clip(scores, labels, boxes, width, height)
     detections = []
-    for i in order.tolist():
-        label = int(labels[i])
-        detections.append({"label": label, "name": categories.get(label, str(label)),
-                           "score": round(float(scores[i]), 5), "box": [round(float(v), 2) for v in boxes[i]]})
+    for score, label, box in zip(scores[:max_detections].tolist(), labels[:max_detections].tolist(),
+                                 boxes[:max_detections].tolist()):
+        detections.append({"label": int(label), "name": categories.get(int(label), str(int(label))),
+                           "score": round(float(score), 5), "box": [round(float(v), 2) for v in box]})
     return detections
 
 

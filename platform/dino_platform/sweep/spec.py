@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-
 from dino_platform.errors import ConfigError
 from dino_platform.train.config import TrainConfig, load_config
 from dino_platform.yaml_docs import apply_override, apply_preset, read_mapping

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 
 from dino_platform.errors import ConfigError
+from dino_platform.yaml_docs import apply_override, read_mapping
 
 Precision = Literal["fp32", "bf16", "fp16"]
 ZeroStage = Literal[0, 1, 2, 3]
@@ -235,8 +236,6 @@ class TrainConfig:
 
 def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[List[str]] = None) -> TrainConfig:
     """Read a YAML file (or a dict), apply ``a.b=value`` overrides, build and validate the config."""
-    from dino_platform.yaml_docs import apply_override, read_mapping
-
     raw, origin = read_mapping(source, "config file", "model, data, optim, ... sections", label="config")
     try:
         for item in overrides or []:
