@@ -69,7 +69,7 @@ def bench_worker(config: dict) -> None:
 
     import dino_core
     from dino_platform.train.config import load_config
-    from dino_platform.train.engine import build_engine, weighted_loss
+    from dino_platform.train.engine import build_engine
 
     mode = config["mode"]
     rank = ray.train.get_context().get_world_rank()
@@ -85,7 +85,7 @@ def bench_worker(config: dict) -> None:
 
         def step(images, mask, targets):
             losses = criterion(model(images, mask, targets), targets)
-            weighted_loss(losses, criterion.weight_dict).backward()
+            criterion.total_loss(losses).backward()
             grad_on_params[0] = max(grad_on_params[0], sum(_tensor_bytes(p.grad) for p in model.parameters()))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
             optimizer.step()
@@ -112,7 +112,7 @@ def bench_worker(config: dict) -> None:
 
         def step(images, mask, targets):
             losses = criterion(engine(images, mask, targets), targets)
-            engine.backward(weighted_loss(losses, criterion.weight_dict))
+            engine.backward(criterion.total_loss(losses))
             grad_on_params[0] = max(grad_on_params[0],
                                     sum(_tensor_bytes(p.grad) for p in engine.module.parameters()))
             engine.step()

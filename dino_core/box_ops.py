@@ -5,15 +5,9 @@ import torch
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """``(cx, cy, w, h)`` -> ``(x0, y0, x1, y1)``; shape ``[..., 4]`` preserved."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    """``(x0, y0, x1, y1)`` -> ``(cx, cy, w, h)``; shape ``[..., 4]`` preserved."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    """``(cx, cy, w, h)`` -> ``(x0, y0, x1, y1)``; shape ``[..., 4]`` preserved (four ops, no per-coordinate split)."""
+    centre, half = boxes[..., :2], 0.5 * boxes[..., 2:]
+    return torch.cat([centre - half, centre + half], dim=-1)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -33,29 +27,37 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, t
     return inter / (union + 1e-6), union
 
 
-def _well_formed(*boxes: torch.Tensor) -> bool:
-    return all(bool((b[:, 2:] >= b[:, :2]).all()) for b in boxes)
-
-
 def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """Pairwise generalised IoU of xyxy boxes ``[N, 4]`` x ``[M, 4]`` -> ``[N, M]`` in ``[-1, 1]``.
 
-    The ``1e-6`` terms match the official DINO implementation (they matter for parity). Degenerate
-    boxes raise ``ValueError`` on CPU tensors; on an accelerator that check would stall the host
-    (~20 calls per training step), so it is skipped there: a diverged model shows up as non-finite
-    matching costs (the matcher's assignment refuses them) and losses (the training loop stops).
+    The ``1e-6`` terms match the official DINO implementation (they matter for parity). Boxes must be
+    well formed (``x1 >= x0``, ``y1 >= y0``): predictions are by construction (sigmoid sizes), targets
+    are checked where they are read (``dino ingest``, the dataset transforms), not here, because a
+    check on an accelerator would stall the host on every call.
     """
-    if boxes1.device.type == "cpu" and not _well_formed(boxes1, boxes2):
-        raise ValueError(
-            "generalized_box_iou: degenerate boxes (x1 < x0 or y1 < y0, or NaN); "
-            "check the target boxes are (cx, cy, w, h) with w, h >= 0 and that the model did not diverge"
-        )
     iou, union = box_iou(boxes1, boxes2)
     lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
     rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
     wh = (rb - lt).clamp(min=0)
     area = wh[:, :, 0] * wh[:, :, 1]
     return iou - (area - union) / (area + 1e-6)
+
+
+def aligned_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Generalised IoU of matching rows, xyxy ``[..., 4]`` x ``[..., 4]`` -> ``[...]``.
+
+    The diagonal of :func:`generalized_box_iou` without the ``N x M`` matrix: the same operations per
+    pair, so the same values.
+    """
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    inter_wh = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area1 + area2 - inter
+    iou = inter / (union + 1e-6)
+    hull_wh = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return iou - (hull - union) / (hull + 1e-6)
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

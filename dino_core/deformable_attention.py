@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         padding_mask: Optional[torch.Tensor] = None,
+        level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -74,6 +75,7 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)``.
             level_start_index: ``[L]`` int64.
             padding_mask: ``[N, S]`` bool, True on padding (those values are zeroed).
+            level_shapes: ``spatial_shapes`` as Python ints, if known (no read-back from the device).
 
         Returns:
             ``[N, Lq, C]``.
@@ -100,5 +102,5 @@ class MSDeformAttn(nn.Module):
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {reference_points.shape[-1]}")
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, level_shapes)
         return self.output_proj(out)

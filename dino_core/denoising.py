@@ -81,7 +81,10 @@ def prepare_denoising_queries(
         num_queries: matching queries after the denoising part.
         num_classes: labels are drawn from ``[0, num_classes)`` for label noise.
         label_enc: embedding of ``num_classes + 1`` rows for the query content.
-        generator: optional RNG for reproducible noise (CPU generator; noise is drawn on CPU).
+        generator: optional RNG on ``label_enc``'s device for reproducible noise (None: the
+            device's default generator, which ``torch.manual_seed`` seeds). The noise is drawn on
+            the device, in the same order and shapes on every device, so a CPU generator with a
+            given seed reproduces a CPU run exactly.
     """
     device = label_enc.weight.device
     hidden_dim = label_enc.embedding_dim
@@ -93,22 +96,22 @@ def prepare_denoising_queries(
 
     labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.long)
     boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
-    batch_idx = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(counts)]).to(device)
+    batch_idx = torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
     total = labels.numel()
     repeats = 2 * num_groups  # one positive and one negative copy per group
 
     noised_labels = labels.repeat(repeats)
     noised_boxes = boxes.repeat(repeats, 1)
     if label_noise_ratio > 0 and total > 0:
-        p = torch.rand(noised_labels.shape, generator=generator).to(device)
+        p = torch.rand(noised_labels.shape, generator=generator, device=device)
         flip = p < label_noise_ratio * 0.5
-        random_labels = torch.randint(0, num_classes, noised_labels.shape, generator=generator).to(device)
+        random_labels = torch.randint(0, num_classes, noised_labels.shape, generator=generator, device=device)
         noised_labels = torch.where(flip, random_labels, noised_labels)
     if box_noise_scale > 0 and total > 0:
         xyxy = torch.cat([noised_boxes[:, :2] - noised_boxes[:, 2:] / 2, noised_boxes[:, :2] + noised_boxes[:, 2:] / 2], 1)
         half_wh = torch.cat([noised_boxes[:, 2:] / 2, noised_boxes[:, 2:] / 2], 1)
-        sign = torch.randint(0, 2, noised_boxes.shape, generator=generator).to(device, torch.float32) * 2.0 - 1.0
-        magnitude = torch.rand(noised_boxes.shape, generator=generator).to(device)
+        sign = torch.randint(0, 2, noised_boxes.shape, generator=generator, device=device).to(torch.float32) * 2.0 - 1.0
+        magnitude = torch.rand(noised_boxes.shape, generator=generator, device=device)
         # copies are ordered [pos, neg] per group: negatives sit in the odd blocks of `total` rows
         is_negative = (torch.arange(repeats * total, device=device) // total) % 2 == 1
         magnitude = magnitude + is_negative[:, None].float()
@@ -119,7 +122,7 @@ def prepare_denoising_queries(
     boxes_logit = torch.zeros(batch_size, pad_size, 4, device=device)
     if total > 0:
         # position inside the image's block: [0..n_i) + max_gt * copy
-        within = torch.cat([torch.arange(n) for n in counts]).to(device)
+        within = torch.cat([torch.arange(n, device=device) for n in counts])
         slot = (within[None, :] + max_gt * torch.arange(repeats, device=device)[:, None]).flatten()
         rows = batch_idx.repeat(repeats)
         labels_embedded[rows, slot] = label_enc(noised_labels)

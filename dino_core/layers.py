@@ -43,10 +43,30 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def folded(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)``, each ``[1, C, 1, 1]`` in ``dtype``: the affine map this layer applies.
+
+        Folded in float32 from the buffers, then cast once, and cached until a buffer changes (a
+        ``load_state_dict``, ``.to()`` or in-place edit), so a forward costs one multiply and one add.
+        """
+        key = (dtype,) + tuple((b.data_ptr(), b._version) for b in (self.weight, self.bias, self.running_mean,
+                                                                     self.running_var))
+        if getattr(self, "_folded_key", None) != key:
+            with torch.no_grad():
+                scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+                shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+            self._folded = (scale.to(dtype), shift.to(dtype))
+            self._folded_key = key
+        return self._folded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
-        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
-        return x * scale + bias
+        """``x [B, C, H, W]`` -> same shape and dtype (under autocast the conv's bf16 stays bf16).
+
+        NOTE: the official layer computes in the buffers' float32 and so upcasts a bf16 input; here the
+        folded affine map takes the input's dtype instead. Float32 results are unchanged.
+        """
+        scale, shift = self.folded(x.dtype)
+        return x * scale + shift
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:

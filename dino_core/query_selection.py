@@ -1,6 +1,8 @@
 """Two-stage proposals from the encoder and DINO's mixed query selection."""
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple
+
 import torch
 
 from .ops import is_exporting
@@ -39,13 +41,15 @@ def _encoder_proposals_in_graph(padding_mask: torch.Tensor, spatial_shapes: torc
 
 
 def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor,
-                      base_size: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+                      base_size: float = 0.05,
+                      level_shapes: Optional[Sequence[Tuple[int, int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One anchor per encoder token: its cell centre, size ``base_size * 2**level``.
 
     Args:
         memory: ``[bs, S, C]`` encoder output.
         padding_mask: ``[bs, S]`` bool, True on padding.
         spatial_shapes: ``[L, 2]`` ``(H_l, W_l)``.
+        level_shapes: the same as Python ints, if known (otherwise read back from ``spatial_shapes``).
 
     Returns:
         ``memory`` with padded/invalid tokens zeroed ``[bs, S, C]`` and the proposals in logit space
@@ -56,7 +60,7 @@ def encoder_proposals(memory: torch.Tensor, padding_mask: torch.Tensor, spatial_
     bs = memory.shape[0]
     proposals = []
     start = 0
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(spatial_shapes.tolist() if level_shapes is None else level_shapes):
         mask_l = padding_mask[:, start:start + h * w].view(bs, h, w)
         valid_h = torch.sum(~mask_l[:, :, 0], 1)
         valid_w = torch.sum(~mask_l[:, 0, :], 1)

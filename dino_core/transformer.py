@@ -7,12 +7,13 @@ Shapes: ``bs`` batch, ``S = sum(H_l W_l)`` tokens, ``C`` hidden size, ``nq`` que
 from __future__ import annotations
 
 import copy
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import host_transfer
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MSDeformAttn
 from .layers import MLP
@@ -35,10 +36,10 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, level_shapes=None):
         """``src``/``pos`` ``[bs, S, C]``, ``reference_points`` ``[bs, S, L, 2]`` -> ``[bs, S, C]``."""
-        src = self.norm1(src + self.dropout1(
-            self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)))
+        src = self.norm1(src + self.dropout1(self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, level_shapes)))
         src = self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
         return src
 
@@ -51,11 +52,13 @@ class DeformableEncoder(nn.Module):
 
     @staticmethod
     def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor,
-                         num_tokens: Optional[int] = None) -> torch.Tensor:
+                         num_tokens: Optional[int] = None,
+                         level_shapes: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
         """Token centres normalised by the valid region, seen from every level -> ``[bs, S, L, 2]``.
 
         While exporting (``num_tokens`` = S given) the level sizes are read in the graph from
-        ``spatial_shapes``; the result is bit-identical to the eager loop's.
+        ``spatial_shapes``; the result is bit-identical to the eager loop's, which takes them from
+        ``level_shapes`` (Python ints) when given, else reads ``spatial_shapes`` back.
         """
         if is_exporting() and num_tokens is not None:
             level, y, x = token_grid(spatial_shapes, num_tokens)
@@ -64,7 +67,7 @@ class DeformableEncoder(nn.Module):
             ref_x = (x.to(torch.float32) + 0.5)[None] / (valid_ratios[:, level, 0] * sizes[:, 1])
             return torch.stack((ref_x, ref_y), -1)[:, :, None] * valid_ratios[:, None]
         points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(spatial_shapes.tolist() if level_shapes is None else level_shapes):
             ref_y, ref_x = torch.meshgrid(
                 torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
                 torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
@@ -75,12 +78,15 @@ class DeformableEncoder(nn.Module):
             points.append(torch.stack((ref_x, ref_y), -1))
         return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        """``src``/``pos`` ``[bs, S, C]``, ``valid_ratios [bs, L, 2]``, ``padding_mask [bs, S]`` -> ``[bs, S, C]``."""
-        reference_points = self.reference_points(spatial_shapes, valid_ratios, src.shape[1])
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask, level_shapes=None):
+        """``src``/``pos`` ``[bs, S, C]``, ``valid_ratios [bs, L, 2]``, ``padding_mask [bs, S]`` -> ``[bs, S, C]``.
+
+        ``level_shapes``: ``spatial_shapes`` as Python ints, if known.
+        """
+        reference_points = self.reference_points(spatial_shapes, valid_ratios, src.shape[1], level_shapes)
         output = src
         for layer in self.layers:
-            args = (output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            args = (output, pos, reference_points, spatial_shapes, level_start_index, padding_mask, level_shapes)
             if self.use_checkpoint and self.training:
                 output = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -109,18 +115,20 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, memory_padding_mask,
-                level_start_index, spatial_shapes, self_attn_mask=None):
+                level_start_index, spatial_shapes, self_attn_mask=None, level_shapes=None):
         """
         Args:
             tgt, query_pos: ``[nq, bs, C]``.
             reference_points: ``[nq, bs, L, 4]`` boxes scaled by each level's valid ratio.
             memory: ``[S, bs, C]``; memory_padding_mask ``[bs, S]``.
             self_attn_mask: ``[nq, nq]`` bool, True = may not attend (denoising groups).
+            level_shapes: ``spatial_shapes`` as Python ints, if known.
         """
         q = k = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask)[0]))
         attended = self.cross_attn((tgt + query_pos).transpose(0, 1), reference_points.transpose(0, 1).contiguous(),
-                                   memory.transpose(0, 1), spatial_shapes, level_start_index, memory_padding_mask)
+                                   memory.transpose(0, 1), spatial_shapes, level_start_index, memory_padding_mask,
+                                   level_shapes)
         tgt = self.norm1(tgt + self.dropout1(attended.transpose(0, 1)))
         tgt = self.norm3(tgt + self.dropout4(self.linear2(self.dropout3(F.relu(self.linear1(tgt))))))
         return tgt
@@ -143,12 +151,13 @@ class DeformableDecoder(nn.Module):
         self.class_embed: Optional[nn.ModuleList] = None
 
     def forward(self, tgt, memory, memory_padding_mask, refpoints_logit, level_start_index, spatial_shapes,
-                valid_ratios, self_attn_mask=None):
+                valid_ratios, self_attn_mask=None, level_shapes=None):
         """
         Args:
             tgt: ``[nq, bs, C]`` content queries; memory ``[S, bs, C]``.
             refpoints_logit: ``[nq, bs, 4]`` initial anchors in logit space.
             valid_ratios: ``[bs, L, 2]``.
+            level_shapes: ``spatial_shapes`` as Python ints, if known.
 
         Returns:
             hidden states: list of ``num_layers`` ``[bs, nq, C]`` (after the final norm);
@@ -165,7 +174,7 @@ class DeformableDecoder(nn.Module):
             reference_input = reference_points[:, :, None] * ratios
             query_pos = self.ref_point_head(sine_embed_boxes(reference_input[:, :, 0, :], self.d_model // 2))
             args = (output, query_pos, reference_input, memory, memory_padding_mask, level_start_index,
-                    spatial_shapes, self_attn_mask)
+                    spatial_shapes, self_attn_mask, level_shapes)
             if self.use_checkpoint and self.training:
                 output = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
@@ -243,24 +252,30 @@ class DeformableTransformer(nn.Module):
         """
         src_flat, mask_flat, pos_flat, shapes = [], [], [], []
         for level, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
+            shapes.append(tuple(src.shape[-2:]))
             src_flat.append(src.flatten(2).transpose(1, 2))
             mask_flat.append(mask.flatten(1))
             pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
         src_flat = torch.cat(src_flat, 1)
         mask_flat = torch.cat(mask_flat, 1)
         pos_flat = torch.cat(pos_flat, 1)
+        level_shapes = None  # Python level sizes for eager runs: nothing is read back from the device
         if torch.jit.is_tracing():  # read in the graph, so an exported model is not frozen at the traced size
             spatial_shapes = torch.stack([torch._shape_as_tensor(src)[-2:] for src in srcs]).to(src_flat.device)
-        else:  # (torch.export records the symbolic sizes itself)
+        elif is_exporting():  # (torch.export records the symbolic sizes itself)
             spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flat.device)
+        else:
+            level_shapes = [(int(h), int(w)) for h, w in shapes]
+            spatial_shapes = host_transfer.to_device(level_shapes, src_flat.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
 
-        memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat)
+        memory = self.encoder(src_flat, pos_flat, spatial_shapes, level_start_index, valid_ratios, mask_flat,
+                              level_shapes)
 
         # two-stage: score every encoder token as a proposal, keep the top num_queries as anchors
-        output_memory, output_proposals = encoder_proposals(memory, mask_flat, spatial_shapes)
+        output_memory, output_proposals = encoder_proposals(memory, mask_flat, spatial_shapes,
+                                                            level_shapes=level_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_class = self.enc_out_class_embed(output_memory)
         enc_coord_logit = self.enc_out_bbox_embed(output_memory) + output_proposals
@@ -285,5 +300,5 @@ class DeformableTransformer(nn.Module):
 
         hidden, references = self.decoder(
             tgt.transpose(0, 1), memory.transpose(0, 1), mask_flat, refpoints.transpose(0, 1),
-            level_start_index, spatial_shapes, valid_ratios, self_attn_mask=attn_mask)
+            level_start_index, spatial_shapes, valid_ratios, self_attn_mask=attn_mask, level_shapes=level_shapes)
         return hidden, references, enc_hidden, anchors_undetached.sigmoid(), init_proposals

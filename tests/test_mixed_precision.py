@@ -67,9 +67,9 @@ def msda_calls(monkeypatch):
     calls = []
     original = module.ms_deform_attn
 
-    def recording(value, spatial_shapes, level_start_index, locations, weights):
+    def recording(value, spatial_shapes, level_start_index, locations, weights, *level_shapes):
         calls.append({"value": value.dtype, "locations": locations.dtype, "weights": weights.dtype})
-        return original(value, spatial_shapes, level_start_index, locations, weights)
+        return original(value, spatial_shapes, level_start_index, locations, weights, *level_shapes)
 
     monkeypatch.setattr(module, "ms_deform_attn", recording)
     return calls
@@ -130,7 +130,7 @@ def test_bf16_engine_keeps_fp32_parameters_and_autocasts_the_forward(process_gro
 
     from dino_platform.train.config import load_config
     from dino_platform.train.deepspeed_config import build_deepspeed_config
-    from dino_platform.train.engine import skip_cpu_shm_comm_build, weighted_loss
+    from dino_platform.train.engine import build_optimizer, skip_cpu_shm_comm_build
 
     cfg = load_config({"data": {"train_uri": "x"}, "deepspeed": {"zero_stage": 2, "precision": "bf16"},
                        "scaling": {"num_workers": 1, "batch_size_per_worker": 1}})
@@ -139,7 +139,7 @@ def test_bf16_engine_keeps_fp32_parameters_and_autocasts_the_forward(process_gro
     before = {k: v.clone() for k, v in model.state_dict().items()}
     skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model, cfg.optim)  # fused AdamW, as dino train builds it
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=build_deepspeed_config(cfg),
                                       dist_init_required=False)
     images, mask = torch.randn(1, 3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.bool)
@@ -149,7 +149,7 @@ def test_bf16_engine_keeps_fp32_parameters_and_autocasts_the_forward(process_gro
     assert outputs["pred_logits"].dtype == torch.bfloat16  # the class head ran under autocast
     losses = criterion(outputs, targets)
     assert all(v.dtype == torch.float32 for v in losses.values())
-    engine.backward(weighted_loss(losses, criterion.weight_dict))
+    engine.backward(criterion.total_loss(losses))
     engine.step()
     state = engine.module.state_dict()
     assert all(v.dtype == before[k].dtype for k, v in state.items())  # fp32 stays fp32

@@ -10,7 +10,7 @@ from torch import nn
 
 from dino_platform.errors import ConfigError
 from dino_platform.train.config import load_config
-from dino_platform.train.engine import lr_factor, seed_step, set_epoch_lr, weighted_loss
+from dino_platform.train.engine import lr_factor, seed_step, set_epoch_lr
 
 
 def test_step_decay_follows_lr_drop():
@@ -32,9 +32,13 @@ def test_seed_step_replays_exactly_and_differs_across_steps_and_ranks():
     assert not torch.equal(draw(1, 5, 0), draw(1, 5, 1))
 
 
-def test_weighted_loss_uses_only_weighted_terms():
+def test_total_loss_uses_only_weighted_terms():
+    from dino_core.criterion import SetCriterion
+    from dino_core.matcher import HungarianMatcher
+
+    criterion = SetCriterion(91, HungarianMatcher(), {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0})
     losses = {"loss_ce": torch.tensor(2.0), "loss_bbox": torch.tensor(1.0), "cardinality_error": torch.tensor(9.0)}
-    assert weighted_loss(losses, {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}).item() == 7.0
+    assert criterion.total_loss(losses).item() == 7.0
 
 
 def test_epoch_plan_counts_whole_accumulations_and_rejects_tiny_datasets():

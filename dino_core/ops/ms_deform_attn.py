@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, FrozenSet, Iterable, List
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ def ms_deform_attn_reference(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> torch.Tensor:
     """Pure-PyTorch multi-scale deformable attention (bilinear, zero padding, align_corners=False).
 
@@ -62,6 +63,8 @@ def ms_deform_attn_reference(
         sampling_locations: ``[N, Lq, M, L, P, 2]`` ``(x, y)`` in ``[0, 1]`` of the level's map
             (values outside sample zeros).
         attention_weights: ``[N, Lq, M, L, P]`` softmax-normalised over ``L * P``.
+        level_shapes: ``spatial_shapes`` as Python ints, when the caller has them (saves reading
+            the tensor back from the device).
 
     Returns:
         ``[N, Lq, M * D]``, in the promoted dtype of ``value`` and ``sampling_locations``.
@@ -72,11 +75,12 @@ def ms_deform_attn_reference(
     attention_weights = attention_weights.to(dtype)
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split(sizes, dim=1)
+    if level_shapes is None:
+        level_shapes = spatial_shapes.tolist()
+    value_per_level = value.split([int(h) * int(w) for h, w in level_shapes], dim=1)
     grids = 2 * sampling_locations - 1
     sampled = []
-    for level, (h, w) in enumerate(spatial_shapes.tolist()):
+    for level, (h, w) in enumerate(level_shapes):
         # [N, H*W, M, D] -> [N*M, D, H, W]
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(n * m, d, int(h), int(w))
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
@@ -185,8 +189,13 @@ def ms_deform_attn(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    level_shapes: Optional[Sequence[Tuple[int, int]]] = None,
 ) -> torch.Tensor:
-    """Dispatch to the best implementation; shapes as in :func:`ms_deform_attn_reference`."""
+    """Dispatch to the best implementation; shapes as in :func:`ms_deform_attn_reference`.
+
+    ``level_shapes`` (``spatial_shapes`` as Python ints) spares the reference a read-back; the
+    compiled kernels read ``spatial_shapes`` where they run.
+    """
     if is_exporting():
         return ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     impl = selected_implementation(value.device, value.dtype)
@@ -197,7 +206,7 @@ def ms_deform_attn(
                  str(value.dtype).replace("torch.", ""))
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if impl == "pytorch":
-        return ms_deform_attn_reference(*args)
+        return ms_deform_attn_reference(*args, level_shapes)
     if impl in _launched:
         return _KERNELS[impl](*args)
     try:
@@ -211,7 +220,7 @@ def ms_deform_attn(
         log.warning("MSDeformAttn: the %s kernel failed on its first launch (%s); using the PyTorch reference "
                     "on %s from now on. Rebuild the extension for this device (README, Kernels).",
                     impl, _failed_first_launch[impl], value.device.type)
-        return ms_deform_attn_reference(*args)
+        return ms_deform_attn_reference(*args, level_shapes)
     _launched.add(impl)
     return out
 

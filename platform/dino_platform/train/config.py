@@ -136,6 +136,9 @@ class DeepSpeedConfig:
     zero_stage: ZeroStage = 2
     # bf16/fp16: autocast over the forward with fp32 master parameters (docs/train.md, "Precision")
     precision: Precision = "fp32"
+    # fp32 on an Ampere or newer GPU: matmuls and convolutions in TF32 (10-bit mantissa inputs,
+    # fp32 accumulation), as most detection codebases train; false keeps full fp32 arithmetic
+    tf32: bool = True
     # elements per ZeRO-1/2 gradient-reduce and all-gather bucket; DeepSpeed's 5e8 would allocate
     # ~4 GB of buffers per GPU for DINO's ~50M parameters with overlap_comm
     bucket_size: int = 50_000_000

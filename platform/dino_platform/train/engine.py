@@ -81,6 +81,21 @@ def skip_cpu_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def configure_float32_math(cfg: TrainConfig) -> None:
+    """TF32 matmuls and convolutions on CUDA as ``deepspeed.tf32`` says (logged once per worker)."""
+    if not torch.cuda.is_available():
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg.deepspeed.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.deepspeed.tf32
+    log.info("float32 matmuls and convolutions: %s (deepspeed.tf32: %s, precision %s)",
+             "TF32" if cfg.deepspeed.tf32 else "full fp32", cfg.deepspeed.tf32, cfg.deepspeed.precision)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the recipe's groups, fused: one kernel per step and no host-side step counters."""
+    return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig) -> Tuple[object, List[float]]:
     """Wrap ``model`` in a DeepSpeed engine on the process group Ray Train already created.
 
@@ -89,9 +104,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig) -> Tuple[object, List
     import deepspeed
 
     skip_cpu_shm_comm_build()
+    configure_float32_math(cfg)
     # Ray Train has initialised torch.distributed; DeepSpeed adopts that group instead of making one
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(model, cfg.optim)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=build_deepspeed_config(cfg), dist_init_required=False
