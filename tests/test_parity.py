@@ -208,3 +208,34 @@ def test_parity_under_isa(isa):
         if name in ("pytorch", "cpu"):
             for test in ("test_selection_is_the_official_set", "test_eval_outputs_match", "test_postprocess_matches"):
                 assert f"{test}[{name}] PASSED" in proc.stdout, f"{test}[{name}] did not pass under {isa}"
+
+
+def _on(device, tree):
+    """``tree`` (dicts, lists, tensors) with every tensor moved to ``device``."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _on(device, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_on(device, v) for v in tree)
+    return tree
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_outputs_and_losses_match_on_gpu(fixture, parts, official_picks, monkeypatch):
+    """The replayed forward (CUDA MSDA kernel, TF32 off) and every loss, computed on the GPU."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, criterion = copy.deepcopy(parts[0]).cuda(), copy.deepcopy(parts[1]).cuda()
+    with torch.no_grad():
+        out = model(fixture["inputs"]["batch"].cuda(), fixture["inputs"]["mask"].cuda(),
+                    query_indices=official_picks.cuda())
+    _assert_outputs_match(_on("cpu", out), fixture["eval_outputs"])
+    train = fixture["train"]
+    losses = criterion(_on("cuda", train["outputs"]), _on("cuda", train["targets"]))
+    for name, expected in train["losses"].items():
+        got, expected = float(losses[name]), float(expected)
+        assert abs(got - expected) <= 1e-4 * max(abs(expected), 1e-6), f"{name}: {got} vs {expected}"
