@@ -41,10 +41,12 @@ def synthetic_batch(batch: int, h: int, w: int, boxes: int, device: str):
     return images, mask, targets
 
 
-def make_step(preset: str, mode: str, batch: int, h: int, w: int, device: str):
+def make_step(preset: str, mode: str, batch: int, h: int, w: int, device: str, compile_layers: bool = False):
     torch.manual_seed(0)
     model, criterion, _ = dino_core.build_model(preset, num_classes=91)
     model.to(device).train()
+    if compile_layers:
+        dino_core.compile_transformer_layers(model)
     criterion.to(device)
     optimizer = torch.optim.AdamW(dino_core.param_groups(model), lr=1e-4, weight_decay=1e-4, fused=True)
     images, mask, targets = synthetic_batch(batch, h, w, 12, device)
@@ -74,13 +76,14 @@ def _cuda_sync_count(step) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-def measure(preset: str, mode: str, batch: int, h: int, w: int, device: str, iters: int, warmup: int) -> dict:
+def measure(preset: str, mode: str, batch: int, h: int, w: int, device: str, iters: int, warmup: int,
+            compile_layers: bool = False) -> dict:
     cuda = device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
         torch.backends.cudnn.allow_tf32 = mode == "tf32"
         torch.cuda.reset_peak_memory_stats()
-    step = make_step(preset, mode, batch, h, w, device)
+    step = make_step(preset, mode, batch, h, w, device, compile_layers)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         step()
@@ -93,7 +96,7 @@ def measure(preset: str, mode: str, batch: int, h: int, w: int, device: str, ite
         times.append(time.perf_counter() - start)
     with HostSyncAudit() as audit:
         step()
-    row = {"preset": preset, "mode": mode, "batch": batch, "size": f"{h}x{w}", "device": device,
+    row = {"preset": preset, "mode": mode + ("+compile" if compile_layers else ""), "batch": batch, "size": f"{h}x{w}", "device": device,
            "step_s": statistics.median(times), "img_s": batch / statistics.median(times),
            "host_syncs": audit.total_syncs, "sync_kinds": dict(audit.syncs), "aten_ops": audit.ops}
     if cuda:
@@ -127,6 +130,8 @@ def main() -> None:
     parser.add_argument("--modes", default=None, help="comma-separated fp32,tf32,bf16 (default all on CUDA, fp32 on CPU)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer layer "
+                        "(dino_core.compile_transformer_layers); warm-up steps include the compilation")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
@@ -139,12 +144,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         for batch in batches:
-            r = measure(args.preset, mode, batch, h, w, args.device, args.iters, args.warmup)
+            r = measure(args.preset, mode, batch, h, w, args.device, args.iters, args.warmup, args.compile)
             rows.append(r)
             busy = "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
             peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
             syncs = f"{r['host_syncs']}" + (f" ({r['cuda_syncs']} CUDA)" if "cuda_syncs" in r else "")
-            print(f"| {r['preset']} | {mode} | {batch}x{h}x{w} | {r['img_s']:.2f} | {busy} | {syncs} | "
+            print(f"| {r['preset']} | {r['mode']} | {batch}x{h}x{w} | {r['img_s']:.2f} | {busy} | {syncs} | "
                   f"{r['launches']:.0f} | {peak} | {device_name} | {datetime.date.today()} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -402,7 +402,10 @@ std::vector<at::Tensor> backward_cuda(
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
     using acc_t = typename AccType<scalar_t>::type;
-    constexpr int kVec = kVectorBytes / sizeof(scalar_t);
+    // The vector width follows the accumulator, not the value: every lane adds one 16-byte row of
+    // acc_t atomics per corner, so half/bfloat16 run as many lanes per query as float32 does
+    // (a 16-byte half/bfloat16 load would halve the lanes and double each lane's atomic chain).
+    constexpr int kVec = kVectorBytes / sizeof(acc_t);
     const int channels = static_cast<int>(value.size(3));
     const bool vectorised = vector_friendly(value, kVec, channels) && vector_friendly(grad_output, kVec, channels);
     const LaunchShape shape = plan_launch<acc_t>(value, sampling_locations, vectorised ? kVec : 1);

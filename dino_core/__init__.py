@@ -7,6 +7,7 @@
 Imports torch, timm and scipy only (never Ray).
 """
 from .build import build_from_config, build_model
+from .compile import compile_transformer_layers
 from .checkpoint import (CheckpointError, LoadReport, export_official_state_dict, load_official_state_dict,
                          read_checkpoint)
 from .criterion import SetCriterion
@@ -17,7 +18,7 @@ from .postprocess import PostProcess
 from .presets import PRESETS, DinoConfig, get_config
 
 __all__ = [
-    "build_model", "build_from_config", "load_official_state_dict", "export_official_state_dict",
+    "build_model", "build_from_config", "compile_transformer_layers", "load_official_state_dict", "export_official_state_dict",
     "read_checkpoint", "CheckpointError", "LoadReport", "DINO", "SetCriterion", "PostProcess", "PRESETS",
     "DinoConfig", "get_config", "param_groups", "available_implementations", "selected_implementation",
 ]

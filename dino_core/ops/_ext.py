@@ -20,7 +20,6 @@ from types import ModuleType
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .ms_deform_attn import register_kernel
 
@@ -85,17 +84,44 @@ def _load_library() -> ModuleType:
 _lib = _load_library()
 
 
-class _MSDeformAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _lib.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+# The kernels as PyTorch operators (dino_core::ms_deform_attn and its backward): torch.compile
+# and torch.export see one opaque op with a shape-only fake implementation, not a graph break.
+@torch.library.custom_op("dino_core::ms_deform_attn", mutates_args=())
+def _forward_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    return _lib.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_value, grad_locations, grad_weights = _lib.backward(*ctx.saved_tensors, grad_output)
-        return grad_value, None, None, grad_locations, grad_weights
+
+@_forward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    n, _, heads, channels = value.shape
+    return value.new_empty(n, sampling_locations.shape[1], heads * channels)
+
+
+@torch.library.custom_op("dino_core::ms_deform_attn_backward", mutates_args=())
+def _backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                 sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                 grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_value, grad_locations, grad_weights = _lib.backward(value, spatial_shapes, level_start_index,
+                                                             sampling_locations, attention_weights, grad_output)
+    return grad_value, grad_locations, grad_weights
+
+
+@_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    grad_value, grad_locations, grad_weights = _backward_op(*ctx.saved_tensors, grad_output.contiguous())
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ms_deform_attn_compiled(
@@ -112,7 +138,7 @@ def ms_deform_attn_compiled(
     gradients back.
     """
     coord_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    return _MSDeformAttnFunction.apply(
+    return _forward_op(
         value,
         spatial_shapes.long(),
         level_start_index.long(),

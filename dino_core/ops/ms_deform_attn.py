@@ -199,12 +199,14 @@ def ms_deform_attn(
     if is_exporting():
         return ms_deform_attn_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     impl = selected_implementation(value.device, value.dtype)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if torch.compiler.is_compiling():  # traced into a graph: the kernel is one custom op, nothing to log
+        return ms_deform_attn_reference(*args, level_shapes) if impl == "pytorch" else _KERNELS[impl](*args)
     key = (impl, value.device.type, value.dtype)
     if key not in _announced:
         _announced.add(key)
         log.info("MSDeformAttn: using the %s implementation on %s (%s)", impl, value.device.type,
                  str(value.dtype).replace("torch.", ""))
-    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if impl == "pytorch":
         return ms_deform_attn_reference(*args, level_shapes)
     if impl in _launched:
