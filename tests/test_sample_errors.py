@@ -1,8 +1,8 @@
 """A sample that cannot be transformed: named (fail) or left out, counted and listed (skip).
 
-The slow test is the issue's reproduction, made cheap: it trains through the augmentation plan
-that used to crash (``ValueError: box offset can't be negative`` in PIL) and through a shard row
-whose image no longer matches its recorded size, with ``data.on_sample_error: skip``.
+The slow test trains through an augmentation plan whose flipped crop touches the right edge (where a
+float mapping of the crop gives PIL a negative box offset unless the geometry clamps it) and through a
+shard row whose image does not match its recorded size, with ``data.on_sample_error: skip``.
 """
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ def test_predict_names_an_image_it_cannot_read_or_skips_it(tmp_path):
 SEED = 44  # with these 32 images, epoch 0 draws the plan that crashed PIL (asserted below)
 
 
-def _formerly_crashing(images, epochs):
-    """(epoch, image id) whose flipped crop touched the right edge, where the old float mapping put
-    the source box's near edge below 0 (PIL: "box offset can't be negative")."""
+def _right_edge_flips(images, epochs):
+    """(epoch, image id) whose flipped crop touches the right edge, where a float mapping puts the
+    source box's near edge below 0 (PIL: "box offset can't be negative")."""
     hits = []
     for epoch in range(epochs):
         for image in images:
@@ -110,11 +110,10 @@ def _formerly_crashing(images, epochs):
 
 
 @pytest.mark.slow
-def test_training_passes_the_formerly_crashing_plan_and_skips_a_broken_row(ray_local, tmp_path):
-    """The issue's run (240 images, 14 epochs: ~3,400 plans, ~2 of them crashing) cut to 32 images x
-    2 epochs with the seed chosen so that a crashing plan falls in epoch 0: the same code path for
-    a fraction of the CI time. Trade-off: it shows the plans that did crash now train; the
-    property sweep (test_transform_geometry) covers the plans this run does not draw.
+def test_training_passes_a_right_edge_flipped_crop_and_skips_a_broken_row(ray_local, tmp_path):
+    """32 images x 2 epochs, the seed chosen so that a right-edge flipped crop falls in epoch 0 (about
+    2 in 3,400 plans are such crops): the training path through those plans for a fraction of the CI
+    time; the property sweep (test_transform_geometry) covers the plans this run does not draw.
     Measured: 1,048 s wall on the shared 2-core machine at load average 50-75 (seven engineers'
     jobs); the run itself is 8 optimizer steps, so an unloaded machine needs a small fraction of that.
     """
@@ -131,7 +130,7 @@ def test_training_passes_the_formerly_crashing_plan_and_skips_a_broken_row(ray_l
     ingest(IngestConfig(format="coco", annotations_uri=str(raw / "annotations.json"), images_uri=str(raw / "images"),
                         out_uri=str(tmp_path / "shards"), parallel=False))
     images = json.loads((raw / "annotations.json").read_text())["images"]
-    hits = _formerly_crashing(images, epochs=2)
+    hits = _right_edge_flips(images, epochs=2)
     assert hits and hits[0][0] == 0, hits
 
     # a row whose picture no longer has its recorded size (e.g. replaced after ingest)
@@ -154,7 +153,7 @@ def test_training_passes_the_formerly_crashing_plan_and_skips_a_broken_row(ray_l
         "scaling": {"num_workers": 2, "batch_size_per_worker": 4},
         "deepspeed": {"zero_stage": 0, "precision": "fp32"},
         "checkpoint": {"every_n_epochs": 2},
-        "run": {"name": "crashing-plans", "storage_path": str(tmp_path / "runs"), "seed": SEED},
+        "run": {"name": "right-edge-flips", "storage_path": str(tmp_path / "runs"), "seed": SEED},
         "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
     })
     outcome = run_training(cfg)

@@ -31,8 +31,8 @@ def _sizes(rng: np.random.Generator, n: int) -> np.ndarray:
     return sizes
 
 
-def _old_far_edge(width: int, rw: int, left: int, cw: int) -> float:
-    """The right edge of the crop as the old code computed it (the float that overshot ``width``)."""
+def _float_far_edge(width: int, rw: int, left: int, cw: int) -> float:
+    """The right edge of the crop mapped back in floats, ``(left + cw) * width / rw``: it can overshoot ``width``."""
     return (left + cw) * (width / rw)
 
 
@@ -42,7 +42,7 @@ def test_every_plan_is_inside_the_picture_and_has_the_planned_size():
     configs = [TrainTransformConfig.scaled(f) for f in SCALES]
     rects, outs, pictures = np.empty((NUM_PLANS, 4)), np.empty((NUM_PLANS, 2)), sizes.astype(float)
     seen = set()
-    formerly_crashing = 0
+    overshooting = 0
     for i, (width, height) in enumerate(sizes.tolist()):
         k = i % len(configs)
         plan = sample_train_plan(width, height, configs[k], sample_rng(7, i // 1000, i))
@@ -53,12 +53,12 @@ def test_every_plan_is_inside_the_picture_and_has_the_planned_size():
         if branch:
             rw, _ = plan.crop_resize
             left, _, cw, _ = plan.crop
-            # the old code raised for these: a far edge past ``width`` mirrored to a negative offset
-            formerly_crashing += plan.flip and _old_far_edge(width, rw, left, cw) > width
+            # a far edge past ``width`` mirrors to a negative offset unless the geometry clamps it
+            overshooting += plan.flip and _float_far_edge(width, rw, left, cw) > width
             assert 0 <= left and left + cw <= plan.crop_resize[0] and 0 <= plan.crop[1]
             assert plan.crop[1] + plan.crop[3] <= plan.crop_resize[1]
     assert len(seen) == 4 * len(configs), "every scale x branch x flip combination is drawn"
-    assert formerly_crashing > 0, "the sweep must contain the plans the old geometry crashed on"
+    assert overshooting > 0, "the sweep must contain plans whose float far edge overshoots the picture"
     x0, y0, x1, y1 = rects.T
     assert np.all(x0 >= 0) and np.all(y0 >= 0), "near edge below 0"
     assert np.all(x1 <= pictures[:, 0]) and np.all(y1 <= pictures[:, 1]), "far edge past the picture"
@@ -137,8 +137,8 @@ def test_rendered_boxes_land_where_transform_boxes_says():
     assert measured > 400 and flips > 100 and crops > 100 and drafted >= 20
 
 
-def test_formerly_crashing_plans_render():
-    """Crop plans touching the right edge with a flip, where the old float mapping overshot."""
+def test_flipped_crops_at_the_right_edge_render():
+    """Crop plans touching the right edge with a flip, where a float mapping of the far edge overshoots."""
     rng = np.random.default_rng(5)
     cfg = TrainTransformConfig.scaled(0.2)
     found = 0
@@ -148,7 +148,7 @@ def test_formerly_crashing_plans_render():
         if plan.crop is None or not plan.flip:
             continue
         left, _, cw, _ = plan.crop
-        if _old_far_edge(width, plan.crop_resize[0], left, cw) <= width:
+        if _float_far_edge(width, plan.crop_resize[0], left, cw) <= width:
             continue
         box = (width // 4, height // 4, width // 4 * 3, height // 4 * 3)
         _check_box_lands(_picture_with_box(width, height, box, "PNG"), width, height, box, plan)
