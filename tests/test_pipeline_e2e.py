@@ -143,7 +143,7 @@ def _state(output_root: Path) -> dict:
 
 
 def _resumable_finetune(output_root: Path) -> bool:
-    from dino_platform.pipeline.stages import latest_checkpoint
+    from dino_platform.pipeline.stages.train import latest_checkpoint
     from dino_platform.storage import resolve
 
     return any(latest_checkpoint(resolve(str(d))) is not None for d in (output_root / "train").glob("finetune-*"))

@@ -19,7 +19,7 @@ SPEC = REPO / "pipelines" / "o365_pretrain_coco_ft.yaml"
 
 
 def smoke(tmp_path, *overrides, preset="smoke"):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
 
     return load_spec(SPEC, preset=preset, overrides=[f"output_root={tmp_path / 'out'}", *overrides])
 
@@ -114,7 +114,7 @@ def test_unknown_preset_is_named(tmp_path, capsys):
 
 
 def test_a_stage_declared_twice_is_an_error_not_silently_dropped(tmp_path):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
 
     text = SPEC.read_text().replace("  evaluate:\n", "  finetune:\n    kind: train\n    train_data: coco_train\n"
                                                    "  evaluate:\n", 1)
@@ -124,7 +124,8 @@ def test_a_stage_declared_twice_is_an_error_not_silently_dropped(tmp_path):
 
 
 def test_shipped_specs_are_valid(monkeypatch):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
+    from dino_platform.pipeline.stages.train import train_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the real specs write to S3
     for path in [REPO / "pipelines" / f"{n}.yaml" for n in ("o365_pretrain_coco_ft", "coco_finetune", "coco_eval")]:
@@ -132,13 +133,13 @@ def test_shipped_specs_are_valid(monkeypatch):
             spec = load_spec(path, preset=preset)
             assert spec.stages, path
     spec = load_spec(SPEC)
-    assert spec.train_config("pretrain").model.preset == "dino_swinl_4scale"
-    assert spec.train_config("pretrain").model.num_classes == 366
-    assert spec.train_config("finetune").model.init_class_map  # Objects365 -> COCO rows
+    assert train_config(spec, "pretrain").model.preset == "dino_swinl_4scale"
+    assert train_config(spec, "pretrain").model.num_classes == 366
+    assert train_config(spec, "finetune").model.init_class_map  # Objects365 -> COCO rows
 
 
 def test_s3_output_without_a_reachable_tracking_store_is_rejected(monkeypatch):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=r"tracking\.uri: required when output_root .* is not local"):
@@ -146,9 +147,11 @@ def test_s3_output_without_a_reachable_tracking_store_is_rejected(monkeypatch):
 
 
 def test_overrides_and_presets_merge_as_documented(tmp_path):
+    from dino_platform.pipeline.stages.train import train_config
+
     spec = smoke(tmp_path, "stages.finetune.schedule.max_steps=3", "stages.pretrain.resources.workers=1")
-    assert spec.train_config("finetune").optim.max_steps == 3
-    assert spec.train_config("pretrain").scaling.num_workers == 1
+    assert train_config(spec, "finetune").optim.max_steps == 3
+    assert train_config(spec, "pretrain").scaling.num_workers == 1
     # the preset replaced the raw sources by synthetic ones and kept the rest of the dataset entry
     assert spec.datasets["o365_train"].synth.kind == "o365" and spec.datasets["o365_train"].annotations is None
     assert spec.datasets["o365_train"].format == "o365"
@@ -259,8 +262,8 @@ def test_ingest_runs_once_then_skips_and_redoes_missing_shards(tiny):
 
 
 def test_fingerprints_follow_config_and_data(tiny):
-    from dino_platform.pipeline.model_stages import EVALUATE
-    from dino_platform.pipeline.stages import TRAIN
+    from dino_platform.pipeline.stages.evaluate import KIND as EVALUATE
+    from dino_platform.pipeline.stages.train import KIND as TRAIN
 
     tmp_path, overrides = tiny
 
@@ -319,12 +322,13 @@ def test_init_weights_transfers_the_objects365_head_to_coco(tmp_path):
     import torch
 
     from dino_platform.data.categories import o365_to_coco_ids
+    from dino_platform.pipeline.stages.train import train_config
     from dino_platform.storage import resolve
     from dino_platform.train.engine import init_weights
 
     checkpoint = _tiny_checkpoint(tmp_path / "o365", num_classes=366)
     spec = smoke(tmp_path, f"stages.finetune.init={{uri: {checkpoint}, class_map: o365_to_coco}}")
-    model_cfg = spec.train_config("finetune", init_from=checkpoint).model
+    model_cfg = train_config(spec, "finetune", init_from=checkpoint).model
     assert model_cfg.init_class_map == o365_to_coco_ids()
     model, _, _ = dino_core.build_model("dino_tiny", num_classes=91)
     fresh = model.class_embed[0].weight.detach().clone()

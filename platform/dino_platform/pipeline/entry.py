@@ -31,7 +31,7 @@ def main(argv: Optional[List[str]] = None, default_spec: Optional[Path] = None) 
     args = build_parser(default_spec).parse_args(argv)
     setup_logging(args.verbose)
     from dino_platform.errors import UserError
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline.loader import load_spec
 
     try:
         spec = load_spec(args.spec, preset=args.preset, overrides=args.overrides)

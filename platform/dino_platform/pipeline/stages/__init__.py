@@ -1,0 +1,15 @@
+"""The stage kinds, one module each (``kind.StageKind``); the loader, preflight and runner loop over ``KINDS``."""
+from __future__ import annotations
+
+from typing import Dict
+
+from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.stages import evaluate, infer, ingest, predict, register, train
+
+KINDS: Dict[str, StageKind] = {m.KIND.name: m.KIND for m in (ingest, train, evaluate, register, predict, infer)}
+
+
+def register_kind(kind: StageKind) -> StageKind:
+    """Add a stage kind defined outside this package (a plugin, a test); returns it."""
+    KINDS[kind.name] = kind
+    return kind
