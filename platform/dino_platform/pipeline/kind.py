@@ -27,6 +27,7 @@ def _nothing(*_args) -> None:
 
 
 class WorkerGroup(NamedTuple):
+    where: str  # the field that sets it, for errors (``config.scaling``)
     workers: int
     cpus: float  # per worker
     gpus: int  # per worker

@@ -3,8 +3,8 @@ needs no storage and no cluster (the spec's own, then each stage kind's, in the 
 
     spec = load_spec("pipelines/o365_pretrain_coco_ft.yaml", preset="smoke", overrides=["output_root=/tmp/x"])
 
-Every error names the file and the field (``stages.finetune.schedule.lrr: unknown field ...; did
-you mean stages.finetune.schedule.lr?``).
+Every error names the file and the field (``unknown field stages.finetune.config.optim.lrr; ...;
+did you mean stages.finetune.config.optim.lr?``).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def load_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = 
     try:
         raw = apply_preset(raw, preset)
         for item in overrides or []:
-            apply_override(raw, item, "stages.pretrain.schedule.max_steps=100")
+            apply_override(raw, item, "stages.pretrain.config.optim.max_steps=100")
         spec = _build_spec(raw)
         spec.source, spec.preset = origin, preset
         validate_spec(spec)
@@ -95,4 +95,7 @@ def _build_stage(name: str, value: Any) -> Any:
     if kind not in KINDS:
         raise ConfigError(f"{where}.kind: {kind!r} is not a stage kind{did_you_mean(kind, KINDS)}; "
                           f"one of {', '.join(KINDS)}")
+    moved = getattr(KINDS[kind].spec, "MOVED", {})
+    for key in [k for k in value if k in moved]:
+        raise ConfigError(f"{where}.{key}: this key moved to {where}.{moved[key]} (see docs/pipelines.md)")
     return parse_section(KINDS[kind].spec, {**value, "kind": kind}, where)

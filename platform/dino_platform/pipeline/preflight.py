@@ -1,6 +1,6 @@
 """Checks that need the cluster or storage, run after connecting to Ray and before the first stage.
 
-- Resources: every stage whose kind runs a worker group (train, evaluate): its ``workers x cpus/gpus_per_worker`` must fit the cluster:
+- Resources: every stage that runs a worker group (its kind's ``workers``) must fit the cluster:
   its autoscaling limits when it has them (a launcher cluster whose GPU nodes start on demand),
   else ``ray.cluster_resources()``; one worker must fit on one node; and on a fixed cluster the
   training workers must leave a CPU for Ray Data to read with (else the job waits forever).
@@ -52,7 +52,7 @@ def check_resources(spec: PipelineSpec, total: Dict[str, float], nodes: List[Dic
         if group is None:
             continue
         workers, cpus, gpus = group.workers, group.cpus, group.gpus
-        field = f"stages.{name}.resources"
+        field = f"stages.{name}.{group.where}"
         for resource, per_worker in (("CPU", cpus), ("GPU", gpus)):
             need = workers * per_worker
             have = float(capacity.get(resource, 0))

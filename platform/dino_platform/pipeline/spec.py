@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Union
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -58,26 +58,6 @@ class SourceRef:
     stage: Optional[str] = None  # e.g. finetune (reads its checkpoint)
     uri: Optional[str] = None  # checkpoint dir, model.pt, or an official DINO .pth (local or s3://)
     model: Optional[str] = None  # models:/dino-coco@champion or models:/dino-coco/3
-
-
-@dataclass
-class ModelSpec:
-    preset: str = "dino_tiny"
-    num_classes: int = 91  # max category id + 1 (COCO: 91, Objects365: 366)
-    overrides: Dict[str, Any] = field(default_factory=dict)  # dino_core DinoConfig fields
-
-
-@dataclass
-class ResourcesSpec:
-    """Ray Train workers of a stage; unset fields keep ``dino train``'s defaults."""
-
-    workers: Optional[Union[int, List[int]]] = None  # or [min, max]: an elastic group (train stages)
-    placement_strategy: Optional[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = None
-    cpus_per_worker: Optional[float] = None
-    gpus_per_worker: int = 0  # 0 (CPU) or 1 (one process per GPU)
-    zero_stage: Optional[Literal[0, 1, 2, 3]] = None
-    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None
-    max_failures: Optional[int] = None  # worker-group restarts from the last checkpoint
 
 
 @dataclass

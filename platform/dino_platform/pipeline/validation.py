@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Set, Tuple
 
 from dino_platform.errors import ConfigError
-from dino_platform.pipeline.spec import NAME_PATTERN, DatasetSpec, ModelSpec, PipelineSpec, ResourcesSpec, SourceRef
+from dino_platform.pipeline.spec import NAME_PATTERN, DatasetSpec, PipelineSpec, SourceRef
 from dino_platform.yaml_docs import did_you_mean
 
 _MODEL_URI = re.compile(r"^models:/[^/@]+(@[A-Za-z0-9_-]+|/\d+)$")
@@ -106,7 +106,8 @@ def _dataset_ref(spec: PipelineSpec, where: str, name: str, ingested: Optional[s
                           "ingest (and drop its annotations/images/synth)")
 
 
-def validate_model(where: str, model: ModelSpec) -> None:
+def validate_model(where: str, model) -> None:
+    """``model.preset`` is a dino_core preset, its ``overrides`` fit it, ``num_classes`` >= 1."""
     import dino_core
 
     if model.preset not in dino_core.PRESETS:
@@ -118,18 +119,3 @@ def validate_model(where: str, model: ModelSpec) -> None:
         raise ConfigError(f"{where}.overrides: {exc}") from None
     if model.num_classes < 1:
         raise ConfigError(f"{where}.num_classes: {model.num_classes} must be >= 1 (max category id + 1)")
-
-
-def validate_resources(where: str, res: ResourcesSpec, elastic: bool = False) -> None:
-    if res.gpus_per_worker not in (0, 1):
-        raise ConfigError(f"{where}.gpus_per_worker: {res.gpus_per_worker} must be 0 or 1 (one worker process "
-                          "per GPU; use more workers for more GPUs)")
-    if isinstance(res.workers, list):
-        if not elastic:
-            raise ConfigError(f"{where}.workers: {res.workers}: a [min, max] range is for train stages; "
-                              "an evaluation runs at one size, give an integer")
-        # train stages: the range is checked as the `dino train` config's scaling.num_workers
-    elif res.workers is not None and res.workers < 1:
-        raise ConfigError(f"{where}.workers: {res.workers} must be >= 1")
-    if res.cpus_per_worker is not None and res.cpus_per_worker <= 0:
-        raise ConfigError(f"{where}.cpus_per_worker: {res.cpus_per_worker} must be > 0")

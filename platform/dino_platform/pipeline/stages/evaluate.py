@@ -11,12 +11,28 @@ from dino_platform.errors import ConfigError, DataError
 from dino_platform.evaluation.coco_eval import EvalProtocol
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
 from dino_platform.pipeline.kind import StageKind, WorkerGroup, stage_config_dict
-from dino_platform.pipeline.spec import ModelSpec, PipelineSpec, ResourcesSpec, SourceRef
+from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
-from dino_platform.pipeline.validation import validate_model, validate_resources
+from dino_platform.pipeline.validation import validate_model
 from dino_platform.storage import resolve
 
 log = logging.getLogger("dino.pipeline")
+
+
+@dataclass
+class ModelSpec:
+    """The model of weights that do not record it (official .pth files): as ``dino train``'s model section."""
+
+    preset: str = "dino_tiny"
+    num_classes: int = 91  # max category id + 1 (COCO: 91, Objects365: 366)
+    overrides: Dict[str, Any] = field(default_factory=dict)  # dino_core DinoConfig fields
+
+
+@dataclass
+class Resources:
+    workers: int = 1
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: int = 0  # 0 (CPU) or 1 (one process per GPU)
 
 
 @dataclass
@@ -27,7 +43,7 @@ class EvaluateStage:
     # needed only for weights that do not record their model (official .pth files)
     model: Optional[ModelSpec] = None
     transform: Optional[Dict[str, Any]] = None
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    resources: Resources = field(default_factory=Resources)
     batch_size: int = 2
     # the COCO AP protocol, as in `dino train`'s eval section (evaluation.coco_eval.EvalProtocol):
     # null = official DINO (all num_select detections), 100 = COCO-challenge top 100 per image
@@ -42,7 +58,13 @@ def _validate(scope, name: str, stage: EvaluateStage) -> None:
     scope.dataset(f"{where}.data", stage.data)
     if stage.model is not None:
         validate_model(f"{where}.model", stage.model)
-    validate_resources(f"{where}.resources", stage.resources)
+    r = stage.resources
+    if r.gpus_per_worker not in (0, 1):
+        raise ConfigError(f"{where}.resources.gpus_per_worker: {r.gpus_per_worker} must be 0 or 1 (one worker "
+                          "process per GPU; use more workers for more GPUs)")
+    if r.workers < 1 or r.cpus_per_worker <= 0:
+        raise ConfigError(f"{where}.resources: workers ({r.workers}) must be >= 1 and cpus_per_worker "
+                          f"({r.cpus_per_worker}) > 0")
     if stage.batch_size < 1:
         raise ConfigError(f"{where}.batch_size: must be >= 1")
     try:
@@ -53,7 +75,7 @@ def _validate(scope, name: str, stage: EvaluateStage) -> None:
 
 def _workers(spec: PipelineSpec, name: str, stage: EvaluateStage) -> WorkerGroup:
     r = stage.resources
-    return WorkerGroup(r.workers or 1, r.cpus_per_worker or 0.5, r.gpus_per_worker)
+    return WorkerGroup("resources", r.workers, r.cpus_per_worker, r.gpus_per_worker)
 
 
 def _fingerprint(ctx, name: str, stage: EvaluateStage) -> str:
@@ -87,10 +109,10 @@ def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
-    result = run_evaluation(checkpoint, data_uri, num_workers=r.workers or 1, batch_size=stage.batch_size,
+    result = run_evaluation(checkpoint, data_uri, num_workers=r.workers, batch_size=stage.batch_size,
                             detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
                             engine=stage.engine, model=model_section, transform=transform,
-                            use_gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker or 0.5)
+                            use_gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker)
     stats = result["stats"]
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
                "configs": {**lineage.get("configs", {}), name: fingerprint(stage_config_dict(stage))}}

@@ -6,16 +6,16 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
 from dino_platform.pipeline.kind import StageKind, WorkerGroup
-from dino_platform.pipeline.spec import ModelSpec, PipelineSpec, ResourcesSpec, SourceRef, class_maps
+from dino_platform.pipeline.spec import PipelineSpec, SourceRef, class_maps
 from dino_platform.pipeline.state import fingerprint
-from dino_platform.pipeline.validation import validate_model, validate_resources
+from dino_platform.pipeline.validation import validate_model
 from dino_platform.storage import resolve
-from dino_platform.train.config import TrainConfig, load_config
+from dino_platform.train.config import TrainConfig, parse_section, validate
 from dino_platform.yaml_docs import deep_merge, did_you_mean
 
 log = logging.getLogger("dino.pipeline")
@@ -37,33 +37,26 @@ class InitSpec:
 
 
 @dataclass
-class ScheduleSpec:
-    """Optimisation schedule; unset fields keep the official recipe (see ``train/config.py``)."""
-
-    epochs: Optional[int] = None
-    lr_drop: Optional[int] = None
-    lr: Optional[float] = None
-    lr_backbone: Optional[float] = None
-    weight_decay: Optional[float] = None
-    clip_max_norm: Optional[float] = None
-    max_steps: Optional[int] = None
-    batch_size_per_worker: Optional[int] = None
-    accumulation_steps: Optional[int] = None
-
-
-@dataclass
 class TrainStage:
     kind: str = "train"
     train_data: str = ""
     eval_data: Optional[str] = None
-    model: ModelSpec = field(default_factory=ModelSpec)
     init: Optional[InitSpec] = None
-    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    transform: Dict[str, Any] = field(default_factory=dict)  # data.transform of `dino train`
-    seed: int = 42
-    # further `dino train` config sections (eval, checkpoint, ...), merged over the above
-    train_config: Dict[str, Any] = field(default_factory=dict)
+    # a `dino train` config (train/config.py): the same sections, field names and checks; the
+    # pipeline fills in what it owns (_OWNED) and unset fields keep the official recipe
+    config: Dict[str, Any] = field(default_factory=dict)
+
+    # the keys of the pipeline dialect before 2026-12 -> where they went (a clear error, not a silent drop)
+    MOVED: ClassVar[Dict[str, str]] = {
+        "model": "config.model", "transform": "config.data.transform", "seed": "config.run.seed",
+        "train_config": "config", "schedule": "config.optim (epochs, lr, ...) and config.scaling "
+        "(batch_size_per_worker, accumulation_steps)", "resources": "config.scaling (num_workers, "
+        "cpus_per_worker, use_gpu), config.deepspeed (zero_stage, precision) and config.run.max_failures"}
+
+
+# where the pipeline puts data, runs and logs, and the weights a stage starts from
+_OWNED = {"data": ("train_uri", "eval_uri"), "run": ("name", "storage_path"), "tracking": ("experiment", "tracking_uri"),
+          "model": ("init_from", "init_class_map", "init_strict")}
 
 
 def _validate(scope, name: str, stage: TrainStage) -> None:
@@ -77,54 +70,45 @@ def _validate(scope, name: str, stage: TrainStage) -> None:
             raise ConfigError(f"{where}.init.class_map: {stage.init.class_map!r} is not a shipped class map"
                               f"{did_you_mean(stage.init.class_map, class_maps())}; "
                               f"one of {', '.join(class_maps())}")
-    validate_model(f"{where}.model", stage.model)
-    validate_resources(f"{where}.resources", stage.resources, elastic=True)
-    train_config(scope.spec, name)  # everything `dino train` checks
+    for section, keys in _OWNED.items():
+        for key in keys:
+            if key in (stage.config.get(section) or {}):
+                raise ConfigError(f"{where}.config.{section}.{key}: set by the pipeline (from train_data, "
+                                  "eval_data, init, output_root and tracking); remove it")
+    validate_model(f"{where}.config.model", train_config(scope.spec, name).model)  # and all `dino train` checks
 
 
 def train_config(spec: PipelineSpec, stage_name: str, run_name: str = "pending",
                  init_from: Optional[str] = None) -> TrainConfig:
-    """The ``dino train`` config of train stage ``stage_name`` (validated by train.config)."""
+    """The ``dino train`` config of train stage ``stage_name``: its ``config`` plus what the pipeline owns."""
     stage = spec.stages[stage_name]
-    s, r = stage.schedule, stage.resources
-
-    def given(**values):
-        return {k: v for k, v in values.items() if v is not None}
-
-    model: Dict[str, Any] = {"preset": stage.model.preset, "num_classes": stage.model.num_classes,
-                             "overrides": dict(stage.model.overrides)}
+    model: Dict[str, Any] = {}
     if stage.init is not None:
         # the real location is known once the upstream stage has run; validation needs a stand-in
         model["init_from"] = init_from or f"<output of {stage.init.stage or stage.init.uri or stage.init.model}>"
         model["init_strict"] = stage.init.strict
         if stage.init.class_map:
             model["init_class_map"] = class_maps()[stage.init.class_map]()
-    raw = {
-        "model": model,
-        "optim": given(epochs=s.epochs, lr_drop=s.lr_drop, lr=s.lr, lr_backbone=s.lr_backbone,
-                       weight_decay=s.weight_decay, clip_max_norm=s.clip_max_norm, max_steps=s.max_steps),
-        "scaling": given(num_workers=r.workers, placement_strategy=r.placement_strategy, cpus_per_worker=r.cpus_per_worker, use_gpu=r.gpus_per_worker > 0,
-                         batch_size_per_worker=s.batch_size_per_worker, accumulation_steps=s.accumulation_steps),
-        "deepspeed": given(zero_stage=r.zero_stage, precision=r.precision),
-        "data": {"train_uri": spec.shards_uri(stage.train_data),
-                 "eval_uri": spec.shards_uri(stage.eval_data) if stage.eval_data else None,
-                 "transform": dict(stage.transform)},
-        "run": given(name=run_name, storage_path=spec.train_storage, seed=stage.seed, max_failures=r.max_failures),
-        "tracking": {"experiment": spec.experiment, "tracking_uri": spec.tracking_uri()},
-    }
-    raw = deep_merge(raw, stage.train_config)
+    owned = {"model": model,
+             "data": {"train_uri": spec.shards_uri(stage.train_data),
+                      "eval_uri": spec.shards_uri(stage.eval_data) if stage.eval_data else None},
+             "run": {"name": run_name, "storage_path": spec.train_storage},
+             "tracking": {"experiment": spec.experiment, "tracking_uri": spec.tracking_uri()}}
+    where = f"stages.{stage_name}.config"
     try:
-        return load_config(raw)
+        cfg = parse_section(TrainConfig, deep_merge(stage.config, owned), where)
+        validate(cfg)
     except ConfigError as exc:
         text = str(exc)
-        text = text[len("config: "):] if text.startswith("config: ") else text
-        raise ConfigError(f"stages.{stage_name} (as a `dino train` config): {text}") from None
+        raise ConfigError(text if text.startswith(("unknown field", where)) else f"{where}.{text}") from None
+    return cfg
 
 
 def _workers(spec: PipelineSpec, name: str, stage: TrainStage) -> WorkerGroup:
     scaling = train_config(spec, name).scaling
     # an elastic group must fit at its minimum size; it grows into whatever else there is
-    return WorkerGroup(scaling.min_workers, scaling.cpus_per_worker, 1 if scaling.use_gpu else 0, streams_data=True)
+    return WorkerGroup("config.scaling", scaling.min_workers, scaling.cpus_per_worker, int(scaling.use_gpu),
+                       streams_data=True)
 
 
 def _preflight(spec: PipelineSpec, name: str, stage: TrainStage) -> None:
