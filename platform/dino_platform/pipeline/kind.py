@@ -1,24 +1,20 @@
-"""The one protocol a stage kind implements; ``pipeline/stages/<kind>.py`` holds one each.
+"""The one protocol a stage kind implements; ``pipeline/stages/<kind>.py`` holds one each, listed in
+``stages/__init__.py``. The loader, the preflight and the runner only loop over them.
 
-A kind is its spec dataclass plus the functions below. The loader, the preflight and the runner
-only loop over the registry (``pipeline.stages.KINDS``), so adding a kind is one new file ending
-in ``KIND = StageKind(...)`` and its name in ``stages/__init__.py`` (or ``register(KIND)``).
-
-- ``validate(scope, name, stage)``: cross-field checks without storage or a cluster (``scope``
-  resolves dataset and stage references, ``validation.Scope``); raise ConfigError naming the field;
-- ``fingerprint(ctx, name, stage)``: hash of the stage's config, the digests of the datasets it
-  reads and the fingerprints (or content hashes) of the weights it reads;
-- ``run(ctx, name, stage, fp) -> (outputs, details)``: do the work; ``outputs`` go to the state file
-  and to later stages, ``details`` to the run log (e.g. ``{"action": "resumed", "resumed_from_step": 4}``);
+- ``validate(scope, name, stage)``: checks without storage or a cluster; ``scope`` (``validation.Scope``)
+  resolves dataset and stage references; raise ConfigError naming the field;
+- ``fingerprint(ctx, name, stage)``: hash of the config, the digests of the datasets and the identity
+  of the weights it reads;
+- ``run(ctx, name, stage, fp) -> (outputs, details)``: ``outputs`` go to the state file and to later
+  stages, ``details`` to the run log (e.g. ``{"action": "resumed", "resumed_from_step": 4}``);
 - ``outputs_exist(ctx, outputs)``: whether a recorded result can still be used;
-- ``summary(outputs)``: the stage's line in the pipeline summary;
-- ``preflight(spec, name, stage)``: checks that need storage (inputs that must exist);
-- ``workers(spec, name, stage)``: the ``WorkerGroup`` the cluster must fit, or None;
-- ``datasets(stage)``: the datasets it names (a kind producing ``shards`` ingests them, others read them).
+- ``summary(outputs)``: its line in the pipeline summary (None: no line);
+- ``preflight(spec, name, stage)``: checks that need storage; ``workers(spec, name, stage)``: the
+  ``WorkerGroup`` the cluster must fit; ``datasets(stage)``: the datasets it names (ingested by a
+  kind that outputs ``shards``, read by the others).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 
@@ -47,7 +43,3 @@ class StageKind(NamedTuple):
     workers: Callable[[Any, str, Any], Optional[WorkerGroup]] = _nothing
     datasets: Callable[[Any], List[str]] = lambda stage: []
 
-
-def stage_config_dict(stage: Any) -> Dict[str, Any]:
-    """The stage's declaration as plain data (for fingerprints and logs)."""
-    return dataclasses.asdict(stage)

@@ -44,7 +44,16 @@ class Scope:
 
     def dataset(self, where: str, name: str, ingested: bool = True) -> None:
         """``name`` is a dataset; with ``ingested``, one an earlier stage ingests (or already sharded)."""
-        _dataset_ref(self.spec, where, name, self.ingested if ingested else None)
+        spec = self.spec
+        if not name:
+            raise ConfigError(f"{where}: name a dataset (one of {', '.join(spec.datasets)})")
+        if name not in spec.datasets:
+            raise ConfigError(f"{where}: no dataset named {name!r}{did_you_mean(name, spec.datasets)}; "
+                              f"datasets: {', '.join(spec.datasets)}")
+        if ingested and spec.datasets[name].has_raw_source and name not in self.ingested:
+            raise ConfigError(f"{where}: dataset {name} is raw data that no earlier ingest stage lists; add it to "
+                              f"an ingest stage before this one, or point datasets.{name}.shards at an existing "
+                              "ingest (and drop its annotations/images/synth)")
 
     def source(self, where: str, ref: SourceRef, outputs: Tuple[str, ...]) -> None:
         """Exactly one of stage / uri / model; the stage an earlier one producing one of ``outputs``."""
@@ -92,18 +101,6 @@ def _validate_dataset(name: str, ds: DatasetSpec) -> None:
             raise ConfigError(f"{where}.synth: images >= 1 and size [width, height] of at least 64 each")
     if ds.shard_size < 1:
         raise ConfigError(f"{where}.shard_size: {ds.shard_size} must be >= 1")
-
-
-def _dataset_ref(spec: PipelineSpec, where: str, name: str, ingested: Optional[set]) -> None:
-    if not name:
-        raise ConfigError(f"{where}: name a dataset (one of {', '.join(spec.datasets)})")
-    if name not in spec.datasets:
-        raise ConfigError(f"{where}: no dataset named {name!r}{did_you_mean(name, spec.datasets)}; "
-                          f"datasets: {', '.join(spec.datasets)}")
-    if ingested is not None and spec.datasets[name].has_raw_source and name not in ingested:
-        raise ConfigError(f"{where}: dataset {name} is raw data that no earlier ingest stage lists; add it to "
-                          f"an ingest stage before this one, or point datasets.{name}.shards at an existing "
-                          "ingest (and drop its annotations/images/synth)")
 
 
 def validate_model(where: str, model) -> None:

@@ -1,4 +1,6 @@
-"""The stage kinds, one module each (``kind.StageKind``); the loader, preflight and runner loop over ``KINDS``."""
+"""The stage kinds, one module each (``kind.StageKind``); the loader, preflight and runner loop over ``KINDS``.
+
+A new kind: one module ending in ``KIND = StageKind(...)``, added to the tuple below."""
 from __future__ import annotations
 
 from typing import Dict
@@ -8,8 +10,3 @@ from dino_platform.pipeline.stages import evaluate, infer, ingest, predict, regi
 
 KINDS: Dict[str, StageKind] = {m.KIND.name: m.KIND for m in (ingest, train, evaluate, register, predict, infer)}
 
-
-def register_kind(kind: StageKind) -> StageKind:
-    """Add a stage kind defined outside this package (a plugin, a test); returns it."""
-    KINDS[kind.name] = kind
-    return kind

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
-from dino_platform.errors import ConfigError, DataError
+from dino_platform.errors import ConfigError
 from dino_platform.evaluation.coco_eval import EvalProtocol
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
-from dino_platform.pipeline.kind import StageKind, WorkerGroup, stage_config_dict
+from dino_platform.pipeline.kind import StageKind, WorkerGroup
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
@@ -79,18 +79,15 @@ def _workers(spec: PipelineSpec, name: str, stage: EvaluateStage) -> WorkerGroup
 
 
 def _fingerprint(ctx, name: str, stage: EvaluateStage) -> str:
-    return fingerprint("evaluate", stage_config_dict(stage), ctx.dataset_digest(stage.data),
+    return fingerprint("evaluate", asdict(stage), ctx.dataset_digest(stage.data),
                        weights_identity(ctx, stage.checkpoint))
 
 
 def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     from dino_platform.evaluation.runner import run_evaluation
-    from dino_platform.train.checkpoint import read_train_config
 
     checkpoint, lineage = weights_source(ctx, stage.checkpoint)
-    recorded = read_train_config(checkpoint) or {}
-    model = dict(recorded.get("model") or {})
-    transform = (recorded.get("data") or {}).get("transform") or {}
+    model, transform = None, None  # None: what the checkpoint's train_config.json records
     if stage.checkpoint.model:  # a registered version records its model beside the weights
         from dino_platform.registry.models import CONFIG_FILE
 
@@ -98,28 +95,23 @@ def _run(ctx, name: str, stage: EvaluateStage, fp: str):
         model = {"preset": config["preset"], "num_classes": config["num_classes"], "overrides": config["overrides"]}
         transform = config.get("transform", {})
     if stage.model is not None:
-        model = {"preset": stage.model.preset, "num_classes": stage.model.num_classes,
-                 "overrides": dict(stage.model.overrides)}
+        model = asdict(stage.model)
     if stage.transform is not None:
         transform = dict(stage.transform)
-    if not model:
-        raise DataError(f"stages.{name}.model: {checkpoint} does not record its model (no train_config.json "
-                        "beside it, e.g. an official .pth); give model: {preset: ..., num_classes: ...}")
-    model_section = {k: model[k] for k in ("preset", "num_classes", "overrides") if k in model}
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
     result = run_evaluation(checkpoint, data_uri, num_workers=r.workers, batch_size=stage.batch_size,
                             detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
-                            engine=stage.engine, model=model_section, transform=transform,
+                            engine=stage.engine, model=model, transform=transform,
                             use_gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker)
     stats = result["stats"]
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
-               "configs": {**lineage.get("configs", {}), name: fingerprint(stage_config_dict(stage))}}
+               "configs": {**lineage.get("configs", {}), name: fingerprint(asdict(stage))}}
     run_id = _log_evaluation(ctx, name, stage, checkpoint, result, lineage, fp)
     log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], run_id)
-    outputs = {"checkpoint": checkpoint, "metrics": stats, "run_id": run_id, "model": model_section,
-               "transform": transform, "data": stage.data, "lineage": lineage, "protocol": result["protocol"]}
+    outputs = {"checkpoint": checkpoint, "metrics": stats, "run_id": run_id, "model": result["model"],
+               "transform": result["transform"], "data": stage.data, "lineage": lineage, "protocol": result["protocol"]}
     return outputs, {"AP": stats["AP"], "AP50": stats["AP50"]}
 
 

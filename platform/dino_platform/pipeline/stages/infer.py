@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, model_reference
-from dino_platform.pipeline.kind import StageKind, stage_config_dict
+from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
@@ -60,7 +60,7 @@ def _fingerprint(ctx, name: str, stage: InferStage) -> str:
         data = ctx.dataset_digest(stage.dataset)
     else:  # the listing: new or changed images under the prefix re-run the stage (finished parts are kept)
         data = fingerprint(sorted(resolve(stage.images).file_sizes().items()))
-    return fingerprint("infer", stage_config_dict(stage), identity, data)
+    return fingerprint("infer", asdict(stage), identity, data)
 
 
 def _run(ctx, name: str, stage: InferStage, fp: str):

@@ -1,14 +1,13 @@
 """Stage kind ``ingest``: raw data (or ``dino synth``) -> shards, only where shards are missing."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
 from dino_platform.errors import ConfigError, DataError, StorageError
-from dino_platform.pipeline.kind import StageKind, stage_config_dict
+from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
 
@@ -56,8 +55,8 @@ def _preflight(spec, name: str, stage: IngestStage) -> None:
 
 def _fingerprint(ctx, name: str, stage: IngestStage) -> str:
     spec = ctx.spec
-    return fingerprint("ingest", stage_config_dict(stage),
-                       {d: [dataclasses.asdict(spec.datasets[d]), spec.shards_uri(d)] for d in stage.datasets})
+    return fingerprint("ingest", asdict(stage),
+                       {d: [asdict(spec.datasets[d]), spec.shards_uri(d)] for d in stage.datasets})
 
 
 def _run(ctx, name: str, stage: IngestStage, fp: str):

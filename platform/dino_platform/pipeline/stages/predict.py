@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, model_reference
-from dino_platform.pipeline.kind import StageKind, stage_config_dict
+from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
@@ -53,7 +53,7 @@ def _preflight(spec: PipelineSpec, name: str, stage: PredictStage) -> None:
 def _fingerprint(ctx, name: str, stage: PredictStage) -> str:
     _, identity = model_reference(ctx, stage.model)
     data = ctx.dataset_digest(stage.dataset) if stage.dataset else None
-    return fingerprint("predict", stage_config_dict(stage), identity, data)
+    return fingerprint("predict", asdict(stage), identity, data)
 
 
 def _run(ctx, name: str, stage: PredictStage, fp: str):

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Literal
 
 from dino_platform.errors import ConfigError
-from dino_platform.pipeline.kind import StageKind, stage_config_dict
+from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.spec import NAME_PATTERN
 from dino_platform.pipeline.state import fingerprint
 
@@ -35,7 +35,7 @@ def _validate(scope, name: str, stage: RegisterStage) -> None:
 
 
 def _fingerprint(ctx, name: str, stage: RegisterStage) -> str:
-    config = stage_config_dict(stage)
+    config = asdict(stage)
     if not config["export"]:  # specs written before register.export existed keep their fingerprint
         del config["export"]
     return fingerprint("register", config, ctx.fingerprints[stage.evaluation])
