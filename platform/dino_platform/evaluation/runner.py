@@ -185,7 +185,8 @@ def run_evaluation(
     from dino_platform.data.streaming import build_eval_dataset
     from dino_platform.data.transforms import transform_configs
     from dino_platform.train.checkpoint import read_train_config, weights_location
-    from dino_platform.train.config import ModelConfig, parse_section
+    from dino_platform.train.config import ModelConfig
+    from dino_platform.typed_config import parse_section
     from dino_platform.data.sharding import OrderedShards
 
     protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}

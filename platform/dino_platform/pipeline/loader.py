@@ -16,7 +16,7 @@ from dino_platform.pipeline.spec import NAME_PATTERN, DatasetSpec, PipelineSpec,
 from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.validation import Scope, validate_spec
 from dino_platform.storage import output_root as storage_output_root
-from dino_platform.train.config import parse_section
+from dino_platform.typed_config import parse_section
 from dino_platform.yaml_docs import apply_override, apply_preset, did_you_mean, read_mapping
 
 _TOP_LEVEL = ("name", "description", "output_root", "ray", "tracking", "datasets", "stages", "presets")

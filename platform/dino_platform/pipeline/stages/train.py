@@ -15,7 +15,8 @@ from dino_platform.pipeline.spec import PipelineSpec, SourceRef, class_maps
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
 from dino_platform.storage import resolve
-from dino_platform.train.config import TrainConfig, parse_section, validate
+from dino_platform.train.config import TrainConfig, validate
+from dino_platform.typed_config import parse_section
 from dino_platform.yaml_docs import deep_merge, did_you_mean
 
 log = logging.getLogger("dino.pipeline")
