@@ -18,10 +18,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 
-def _nothing(*_args) -> None:
-    return None
-
-
 class WorkerGroup(NamedTuple):
     where: str  # the field that sets it, for errors (``config.scaling``)
     workers: int
@@ -39,7 +35,7 @@ class StageKind(NamedTuple):
     run: Callable[[Any, str, Any, str], Tuple[Dict[str, Any], Dict[str, Any]]]
     outputs_exist: Callable[[Any, Dict[str, Any]], bool]
     summary: Callable[[Dict[str, Any]], str]
-    preflight: Callable[[Any, str, Any], None] = _nothing
-    workers: Callable[[Any, str, Any], Optional[WorkerGroup]] = _nothing
+    preflight: Callable[[Any, str, Any], None] = lambda spec, name, stage: None
+    workers: Callable[[Any, str, Any], Optional[WorkerGroup]] = lambda spec, name, stage: None
     datasets: Callable[[Any], List[str]] = lambda stage: []
 

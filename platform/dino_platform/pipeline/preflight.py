@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -18,8 +17,6 @@ from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
 from dino_platform.ray_session import init_local_ray, state_api_runtime_env
-
-log = logging.getLogger("dino.pipeline")
 
 
 def connect_ray(spec: PipelineSpec) -> str:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
 
@@ -12,8 +11,6 @@ from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
-
-log = logging.getLogger("dino.pipeline")
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Stage kind ``predict``: drawn PNGs + ``detections.json`` for a few images (``dino predict``)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -12,8 +11,6 @@ from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
-
-log = logging.getLogger("dino.pipeline")
 
 
 @dataclass
