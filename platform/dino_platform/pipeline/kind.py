@@ -34,7 +34,7 @@ class StageKind(NamedTuple):
     fingerprint: Callable[[Any, str, Any], str]
     run: Callable[[Any, str, Any, str], Tuple[Dict[str, Any], Dict[str, Any]]]
     outputs_exist: Callable[[Any, Dict[str, Any]], bool]
-    summary: Callable[[Dict[str, Any]], str]
+    summary: Callable[[Dict[str, Any]], Optional[str]]
     preflight: Callable[[Any, str, Any], None] = lambda spec, name, stage: None
     workers: Callable[[Any, str, Any], Optional[WorkerGroup]] = lambda spec, name, stage: None
     datasets: Callable[[Any], List[str]] = lambda stage: []
