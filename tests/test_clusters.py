@@ -565,11 +565,12 @@ def kuberay_problems(doc: dict) -> list[str]:
 
 
 def test_rayjob_worker_group_spans_the_pipelines_elastic_training_range(monkeypatch):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
+    from dino_platform.pipeline.stages.train import train_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the RayJob's secret, on a cluster
     spec = load_spec(REPO / PIPELINE_SPEC)
-    scalings = [spec.train_config(name).scaling for name, stage in spec.stages.items() if stage.kind == "train"]
+    scalings = [train_config(spec, name).scaling for name, stage in spec.stages.items() if stage.kind == "train"]
     elastic = [s for s in scalings if s.elastic]
     assert elastic, "the headline job trains elastically"
     low, high = min(s.min_workers for s in elastic), max(s.max_workers for s in elastic)

@@ -26,7 +26,8 @@ def test_the_demo_finetune_recipe_reaches_a_useful_ap50(ray_local, tmp_path):
     measured 297 s alone and 298 s in a full `make test` on the 2-core machine."""
     from dino_platform.data.ingest import IngestConfig, ingest
     from dino_platform.data.synth import SynthConfig, generate
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
+    from dino_platform.pipeline.stages.train import train_config
     from dino_platform.train.trainer import run_training
 
     spec = load_spec(SPEC, preset="smoke", overrides=[f"output_root={tmp_path}", "stages.finetune.init=null"])
@@ -38,7 +39,7 @@ def test_the_demo_finetune_recipe_reaches_a_useful_ap50(ray_local, tmp_path):
         ingest(IngestConfig(format=spec.datasets[name].format, annotations_uri=str(raw / "annotations.json"),
                             images_uri=str(raw / "images"), out_uri=spec.shards_uri(name),
                             shard_size=spec.datasets[name].shard_size, parallel=False))
-    cfg = spec.train_config("finetune", run_name="recipe")
+    cfg = train_config(spec, "finetune", run_name="recipe")
     outcome = run_training(cfg)
     ap50 = outcome.metrics["eval/AP50"]
     print(f"fine-tune recipe from scratch: AP {outcome.metrics['eval/AP']:.4f} AP50 {ap50:.4f}")

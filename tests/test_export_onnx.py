@@ -258,10 +258,9 @@ def test_register_export_and_dino_predict_onnx_draw_what_pytorch_draws(tmp_path,
 
     from dino_platform.cli import main
     from dino_platform.data.synth import SynthConfig, generate
-    from dino_platform.pipeline.model_stages import _attach_export
-    from dino_platform.pipeline.spec import RegisterStage
+    from dino_platform.pipeline.stages.register import RegisterStage, _attach_export
     from dino_platform.registry.models import register_evaluated
-    from dino_platform.train.config import parse_section
+    from dino_platform.typed_config import parse_section
 
     assert parse_section(RegisterStage, {"evaluation": "evaluate", "export": ["onnx"]}, "stages.register").export == ["onnx"]
     with pytest.raises(Exception, match="stages.register.export"):

@@ -181,7 +181,8 @@ SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "o365_pretrain_coco_f
 
 def test_pipeline_infer_stage_is_typed_and_validated(tmp_path):
     from dino_platform.errors import ConfigError
-    from dino_platform.pipeline.spec import InferStage, load_spec
+    from dino_platform.pipeline import load_spec
+    from dino_platform.pipeline.stages.infer import InferStage
 
     def spec(*overrides):
         return load_spec(SPEC, preset="smoke", overrides=[f"output_root={tmp_path / 'out'}", *overrides])

@@ -32,8 +32,8 @@ VENV_BIN = Path(sys.executable).parent
 # the smoke preset cut to a few steps (the demo's full schedule is tested in test_demo_recipe.py),
 # with a fine-tune checkpoint every 2 steps to stop in and resume from
 ENTRY = ["python", "pipelines/o365_pretrain_coco_ft.py", "--preset", "smoke",
-         "--set", "stages.pretrain.schedule.max_steps=4", "--set", "stages.finetune.schedule.max_steps=6",
-         "--set", "stages.finetune.train_config.checkpoint={every_n_steps: 2, num_to_keep: 2}"]
+         "--set", "stages.pretrain.config.optim.max_steps=4", "--set", "stages.finetune.config.optim.max_steps=6",
+         "--set", "stages.finetune.config.checkpoint={every_n_steps: 2, num_to_keep: 2}"]
 
 
 def _free_ports(n: int):
@@ -143,7 +143,7 @@ def _state(output_root: Path) -> dict:
 
 
 def _resumable_finetune(output_root: Path) -> bool:
-    from dino_platform.pipeline.stages import latest_checkpoint
+    from dino_platform.pipeline.stages.train import latest_checkpoint
     from dino_platform.storage import resolve
 
     return any(latest_checkpoint(resolve(str(d))) is not None for d in (output_root / "train").glob("finetune-*"))

@@ -19,7 +19,7 @@ SPEC = REPO / "pipelines" / "o365_pretrain_coco_ft.yaml"
 
 
 def smoke(tmp_path, *overrides, preset="smoke"):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
 
     return load_spec(SPEC, preset=preset, overrides=[f"output_root={tmp_path / 'out'}", *overrides])
 
@@ -35,10 +35,10 @@ def run_entry(tmp_path, *args) -> int:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages.pretrain.schedule.lrr=0.1",
-     r"unknown field stages\.pretrain\.schedule\.lrr; .*did you mean stages\.pretrain\.schedule\.lr\?"),
-    ("stages.finetune.resoures={workers: 2}",
-     r"unknown field stages\.finetune\.resoures; .*did you mean stages\.finetune\.resources\?"),
+    ("stages.pretrain.config.optim.lrr=0.1",
+     r"unknown field stages\.pretrain\.config\.optim\.lrr; .*did you mean stages\.pretrain\.config\.optim\.lr\?"),
+    ("stages.finetune.confg={optim: {lr: 0.1}}",
+     r"unknown field stages\.finetune\.confg; .*did you mean stages\.finetune\.config\?"),
     ("datasets.coco_val.annotation=x.json",
      r"unknown field datasets\.coco_val\.annotation; .*did you mean datasets\.coco_val\.annotations\?"),
     ("output_rot=/tmp/x", r"unknown field output_rot \(did you mean output_root\?\)"),
@@ -90,14 +90,20 @@ def test_a_stage_reading_an_output_no_earlier_stage_produces_is_rejected(tmp_pat
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages.pretrain.model.preset=dino_swinl_4scal", r"stages\.pretrain\.model\.preset: .dino_swinl_4scal. is not a dino_core "
-                                                r"preset \(did you mean dino_swinl_4scale\?\)"),
+    ("stages.pretrain.config.model.preset=dino_swinl_4scal",
+     r"stages\.pretrain\.config\.model\.preset: .dino_swinl_4scal. is not a dino_core preset \(did you mean "
+     r"dino_swinl_4scale\?\)"),
     ("stages.finetune.init.class_map=o365_to_cooc", r"stages\.finetune\.init\.class_map: 'o365_to_cooc' is not a "
                                                     r"shipped class map \(did you mean o365_to_coco\?\)"),
-    ("stages.pretrain.model.overrides={hidden_dm: 64}", r"stages\.pretrain\.model\.overrides: unknown model config"),
-    ("stages.pretrain.resources.zero_stage=4", r"stages\.pretrain\.resources\.zero_stage: 4 is not allowed"),
-    ("stages.pretrain.resources.gpus_per_worker=2", r"stages\.pretrain\.resources\.gpus_per_worker: 2 must be 0 or 1"),
-    ("stages.pretrain.resources.precision=fp16", r"stages\.pretrain \(as a `dino train` config\): deepspeed\.precision"),
+    ("stages.pretrain.config.model.overrides={hidden_dm: 64}",
+     r"stages\.pretrain\.config\.model\.overrides: unknown model config"),
+    ("stages.pretrain.config.deepspeed.zero_stage=4", r"stages\.pretrain\.config\.deepspeed\.zero_stage: 4 is not allowed"),
+    ("stages.pretrain.config.scaling.use_gpu=2", r"stages\.pretrain\.config\.scaling\.use_gpu: expected true or false"),
+    ("stages.pretrain.config.deepspeed.precision=fp16", r"stages\.pretrain\.config\.deepspeed\.precision: fp16 needs"),
+    ("stages.evaluate.resources.gpus_per_worker=2", r"stages\.evaluate\.resources\.gpus_per_worker: 2 must be 0 or 1"),
+    # the pipeline dialect before the train stage embedded a `dino train` config
+    ("stages.pretrain.schedule={lr: 0.1}", r"stages\.pretrain\.schedule: this key moved to stages\.pretrain\.config\.optim"),
+    ("stages.pretrain.config.data.train_uri=/x", r"stages\.pretrain\.config\.data\.train_uri: set by the pipeline"),
     ("stages.ingest.kind=injest", r"stages\.ingest\.kind: 'injest' is not a stage kind \(did you mean ingest\?\)"),
     ("stages.register.alias=latest", r"stages\.register\.alias: 'latest' must be a name like champion"),
 ])
@@ -114,7 +120,7 @@ def test_unknown_preset_is_named(tmp_path, capsys):
 
 
 def test_a_stage_declared_twice_is_an_error_not_silently_dropped(tmp_path):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
 
     text = SPEC.read_text().replace("  evaluate:\n", "  finetune:\n    kind: train\n    train_data: coco_train\n"
                                                    "  evaluate:\n", 1)
@@ -124,7 +130,8 @@ def test_a_stage_declared_twice_is_an_error_not_silently_dropped(tmp_path):
 
 
 def test_shipped_specs_are_valid(monkeypatch):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
+    from dino_platform.pipeline.stages.train import train_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the real specs write to S3
     for path in [REPO / "pipelines" / f"{n}.yaml" for n in ("o365_pretrain_coco_ft", "coco_finetune", "coco_eval")]:
@@ -132,13 +139,13 @@ def test_shipped_specs_are_valid(monkeypatch):
             spec = load_spec(path, preset=preset)
             assert spec.stages, path
     spec = load_spec(SPEC)
-    assert spec.train_config("pretrain").model.preset == "dino_swinl_4scale"
-    assert spec.train_config("pretrain").model.num_classes == 366
-    assert spec.train_config("finetune").model.init_class_map  # Objects365 -> COCO rows
+    assert train_config(spec, "pretrain").model.preset == "dino_swinl_4scale"
+    assert train_config(spec, "pretrain").model.num_classes == 366
+    assert train_config(spec, "finetune").model.init_class_map  # Objects365 -> COCO rows
 
 
 def test_s3_output_without_a_reachable_tracking_store_is_rejected(monkeypatch):
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline import load_spec
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=r"tracking\.uri: required when output_root .* is not local"):
@@ -146,9 +153,11 @@ def test_s3_output_without_a_reachable_tracking_store_is_rejected(monkeypatch):
 
 
 def test_overrides_and_presets_merge_as_documented(tmp_path):
-    spec = smoke(tmp_path, "stages.finetune.schedule.max_steps=3", "stages.pretrain.resources.workers=1")
-    assert spec.train_config("finetune").optim.max_steps == 3
-    assert spec.train_config("pretrain").scaling.num_workers == 1
+    from dino_platform.pipeline.stages.train import train_config
+
+    spec = smoke(tmp_path, "stages.finetune.config.optim.max_steps=3", "stages.pretrain.config.scaling.num_workers=1")
+    assert train_config(spec, "finetune").optim.max_steps == 3
+    assert train_config(spec, "pretrain").scaling.num_workers == 1
     # the preset replaced the raw sources by synthetic ones and kept the rest of the dataset entry
     assert spec.datasets["o365_train"].synth.kind == "o365" and spec.datasets["o365_train"].annotations is None
     assert spec.datasets["o365_train"].format == "o365"
@@ -163,8 +172,9 @@ def test_impossible_resources_fail_before_any_work(tmp_path, ray_local):
     """4 workers x 1 CPU on the 2-CPU session cluster: refused by the preflight, nothing written."""
     from dino_platform.pipeline.runner import run_pipeline
 
-    spec = smoke(tmp_path, "stages.finetune.resources.workers=4", "stages.finetune.resources.cpus_per_worker=1")
-    with pytest.raises(ConfigError, match=r"stages\.finetune\.resources: 4 workers x 1 CPU = 4 CPU, but the cluster "
+    spec = smoke(tmp_path, "stages.finetune.config.scaling.num_workers=4",
+                 "stages.finetune.config.scaling.cpus_per_worker=1")
+    with pytest.raises(ConfigError, match=r"stages\.finetune\.config\.scaling: 4 workers x 1 CPU = 4 CPU, but the cluster "
                                           r"has 2 \(ray\.cluster_resources\(\)\)"):
         run_pipeline(spec)
     assert not (tmp_path / "out").exists()
@@ -198,10 +208,10 @@ def test_resource_rules(tmp_path):
 
     spec = smoke(tmp_path)  # 2 workers x 0.5 CPU per train stage
     check_resources(spec, {"CPU": 2.0}, [{"CPU": 2.0}], None)
-    with pytest.raises(ConfigError, match=r"stages\.pretrain\.resources: 2 workers x 0.5 CPU leave 0.5 of the "
+    with pytest.raises(ConfigError, match=r"stages\.pretrain\.config\.scaling: 2 workers x 0.5 CPU leave 0.5 of the "
                                           r"cluster's 1.5 CPUs for Ray Data"):
         check_resources(spec, {"CPU": 1.5}, [{"CPU": 1.5}], None)
-    big = smoke(tmp_path, "stages.pretrain.resources={workers: 16, cpus_per_worker: 16, gpus_per_worker: 1}")
+    big = smoke(tmp_path, "stages.pretrain.config.scaling={num_workers: 16, cpus_per_worker: 16, use_gpu: true}")
     # a launcher cluster with no GPU node up yet, but up to 8 nodes x 8 GPUs: fine
     check_resources(big, {"CPU": 0.0}, [{"CPU": 0.0}], {"CPU": 1536.0, "GPU": 64.0})
     with pytest.raises(ConfigError, match=r"16 workers x 1 GPU = 16 GPU, but the cluster has 8 \(the autoscaler's"):
@@ -259,8 +269,8 @@ def test_ingest_runs_once_then_skips_and_redoes_missing_shards(tiny):
 
 
 def test_fingerprints_follow_config_and_data(tiny):
-    from dino_platform.pipeline.model_stages import EVALUATE
-    from dino_platform.pipeline.stages import TRAIN
+    from dino_platform.pipeline.stages.evaluate import KIND as EVALUATE
+    from dino_platform.pipeline.stages.train import KIND as TRAIN
 
     tmp_path, overrides = tiny
 
@@ -271,11 +281,11 @@ def test_fingerprints_follow_config_and_data(tiny):
 
     base = train_fp()
     assert train_fp() == base
-    assert train_fp("stages.pretrain.schedule.lr=1.0e-3") != base
-    assert train_fp("stages.pretrain.resources.workers=1") != base  # the total batch changes the result
-    assert train_fp("stages.pretrain.transform={scale: 0.25}") != base
+    assert train_fp("stages.pretrain.config.optim.lr=1.0e-3") != base
+    assert train_fp("stages.pretrain.config.scaling.num_workers=1") != base  # the total batch changes the result
+    assert train_fp("stages.pretrain.config.data.transform={scale: 0.25}") != base
     # where logs go and how often failures are retried do not change what is trained
-    assert train_fp("stages.pretrain.resources.max_failures=3") == base
+    assert train_fp("stages.pretrain.config.run.max_failures=3") == base
     assert train_fp("tracking.experiment=elsewhere") == base
 
     # downstream stages change with their upstream stage's fingerprint
@@ -284,7 +294,7 @@ def test_fingerprints_follow_config_and_data(tiny):
     ctx.fingerprints["pretrain"] = base
     ctx.fingerprints["finetune"] = ft = TRAIN.fingerprint(ctx, "finetune", spec.stages["finetune"])
     ev = EVALUATE.fingerprint(ctx, "evaluate", spec.stages["evaluate"])
-    ctx.fingerprints["pretrain"] = train_fp("stages.pretrain.schedule.lr=1.0e-3")
+    ctx.fingerprints["pretrain"] = train_fp("stages.pretrain.config.optim.lr=1.0e-3")
     assert TRAIN.fingerprint(ctx, "finetune", spec.stages["finetune"]) != ft
     ctx.fingerprints["finetune"] = "something else"
     assert EVALUATE.fingerprint(ctx, "evaluate", spec.stages["evaluate"]) != ev
@@ -319,12 +329,13 @@ def test_init_weights_transfers_the_objects365_head_to_coco(tmp_path):
     import torch
 
     from dino_platform.data.categories import o365_to_coco_ids
+    from dino_platform.pipeline.stages.train import train_config
     from dino_platform.storage import resolve
     from dino_platform.train.engine import init_weights
 
     checkpoint = _tiny_checkpoint(tmp_path / "o365", num_classes=366)
     spec = smoke(tmp_path, f"stages.finetune.init={{uri: {checkpoint}, class_map: o365_to_coco}}")
-    model_cfg = spec.train_config("finetune", init_from=checkpoint).model
+    model_cfg = train_config(spec, "finetune", init_from=checkpoint).model
     assert model_cfg.init_class_map == o365_to_coco_ids()
     model, _, _ = dino_core.build_model("dino_tiny", num_classes=91)
     fresh = model.class_embed[0].weight.detach().clone()

@@ -299,7 +299,7 @@ def test_interrupted_smoke_sweep_resumes_without_registering(tmp_path):
 
     from mlflow import MlflowClient
 
-    from dino_platform.pipeline.stages import latest_checkpoint
+    from dino_platform.pipeline.stages.train import latest_checkpoint
     from dino_platform.storage import resolve
 
     # FIFO: no early stop can end the second trial before the interrupt lands

@@ -174,7 +174,8 @@ def run_evaluation(
     ``model``/``transform`` default to those recorded in a platform checkpoint
     (``train_config.json``); an official ``.pth`` needs ``model`` (preset, num_classes).
     ``detections_per_image``/``max_dets``/``engine``: the ``EvalProtocol`` (default: official DINO).
-    Returns the COCO eval JSON (``protocol``, ``stats``, ``per_class``, ``detections``).
+    Returns the COCO eval JSON (``protocol``, ``stats``, ``per_class``, ``detections``) and the ``model``
+    (preset, num_classes, overrides) and ``transform`` it evaluated with.
     """
     import ray
     import ray.train
@@ -184,7 +185,8 @@ def run_evaluation(
     from dino_platform.data.streaming import build_eval_dataset
     from dino_platform.data.transforms import transform_configs
     from dino_platform.train.checkpoint import read_train_config, weights_location
-    from dino_platform.train.config import ModelConfig, parse_section
+    from dino_platform.train.config import ModelConfig
+    from dino_platform.typed_config import parse_section
     from dino_platform.data.sharding import OrderedShards
 
     protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}
@@ -196,8 +198,9 @@ def run_evaluation(
     recorded = read_train_config(checkpoint_uri) or {}
     model_section = {**recorded.get("model", {}), **(model or {})}
     if not model_section:
-        raise DataError(f"{checkpoint_uri}: no train_config.json beside the weights; name the model "
-                        "(--preset and --num-classes) to evaluate an official checkpoint")
+        raise DataError(f"{checkpoint_uri}: no train_config.json beside the weights; name the model to evaluate "
+                        "an official checkpoint (dino eval --preset and --num-classes; a pipeline evaluate stage's "
+                        "model: {preset: ..., num_classes: ...})")
     model_cfg = parse_section(ModelConfig, model_section, "model")
     transform = transform if transform is not None else recorded.get("data", {}).get("transform", {})
     _, eval_transform = transform_configs(transform)
@@ -220,4 +223,6 @@ def run_evaluation(
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as directory:
-            return json.loads((Path(directory) / RESULT_FILE).read_text())
+            evaluation = json.loads((Path(directory) / RESULT_FILE).read_text())
+    used = {"preset": model_cfg.preset, "num_classes": model_cfg.num_classes, "overrides": model_cfg.overrides}
+    return {**evaluation, "model": used, "transform": transform}

@@ -3,10 +3,12 @@
     spec = load_spec("pipelines/o365_pretrain_coco_ft.yaml", preset="smoke", overrides=["output_root=/tmp/x"])
     result = run_pipeline(spec)
 
-``spec`` validates everything that can be checked without touching storage or the cluster;
+``load_spec`` validates everything that can be checked without touching storage or the cluster;
 ``run_pipeline`` checks the rest (cluster resources, datasets that must already exist) before the
-first stage starts. See ``docs/pipelines.md``.
+first stage starts. Each stage kind is one module in ``pipeline/stages/`` (``kind.StageKind``). See
+``docs/pipelines.md``.
 """
-from dino_platform.pipeline.spec import PipelineSpec, load_spec
+from dino_platform.pipeline.loader import load_spec
+from dino_platform.pipeline.spec import PipelineSpec
 
 __all__ = ["PipelineSpec", "load_spec"]

@@ -1,18 +1,10 @@
-"""What stages share in one run, and how a stage's reference to weights is resolved and fingerprinted.
-
-Every kind of stage is an ``Executor`` of three functions:
-
-- ``fingerprint(ctx, name, stage)``: hash of the stage's config, the digests of the datasets it
-  reads and the fingerprints (or content hashes) of the weights it reads;
-- ``run(ctx, name, stage, fp) -> (outputs, details)``: do the work; ``outputs`` go to the state file
-  and to later stages, ``details`` to the run log (e.g. ``{"action": "resumed", "resumed_from_step": 4}``);
-- ``outputs_exist(ctx, outputs)``: whether a recorded result can still be used.
-"""
+"""What stages share in one run, and how a stage's reference to weights is resolved, fingerprinted
+and checked (the stage kinds' protocol is in ``kind.py``)."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Dict, Tuple
 
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import PipelineState
@@ -57,12 +49,6 @@ class StageContext:
         return self._content[uri]
 
 
-class Executor(NamedTuple):
-    fingerprint: Callable[[StageContext, str, Any], str]
-    run: Callable[[StageContext, str, Any, str], Tuple[Dict[str, Any], Dict[str, Any]]]
-    outputs_exist: Callable[[StageContext, Dict[str, Any]], bool]
-
-
 def weights_identity(ctx: StageContext, ref: SourceRef) -> Dict[str, Any]:
     """What identifies the weights ``ref`` names: the producing stage's fingerprint, a content hash, a version."""
     if ref.stage:
@@ -73,6 +59,21 @@ def weights_identity(ctx: StageContext, ref: SourceRef) -> Dict[str, Any]:
 
     version = resolve_version(ref.model, ctx.tracking_uri)
     return {"model": ref.model, "version": version.version, "run_id": version.run_id}
+
+
+def model_reference(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:
+    """(model reference for load_detector, what identifies it) of a predict/infer stage's ``model``."""
+    if ref.stage and "alias_uri" in ctx.outputs[ref.stage]:  # a register stage: its alias
+        from dino_platform.registry.models import resolve_version
+
+        uri = ctx.outputs[ref.stage]["alias_uri"]
+        version = resolve_version(uri, ctx.tracking_uri)
+        return uri, {"model": uri, "version": version.version}
+    if ref.stage:
+        return ctx.outputs[ref.stage]["checkpoint"], weights_identity(ctx, ref)
+    if ref.uri:
+        return ref.uri, weights_identity(ctx, ref)
+    return ref.model, weights_identity(ctx, ref)
 
 
 def weights_source(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:
@@ -101,3 +102,20 @@ def _registry_weights(ctx: StageContext, model_uri: str) -> str:
             for file in (CONFIG_FILE, WEIGHTS_FILE):  # config first: weights present = copy complete
                 target.child(file).write_bytes(Path(local, file).read_bytes())
     return target.child(WEIGHTS_FILE).uri
+
+
+def check_source_exists(spec: PipelineSpec, where: str, ref: SourceRef) -> None:
+    """Preflight: the checkpoint URI or registry model ``ref`` names exists (an earlier stage's is made here)."""
+    from dino_platform.errors import StorageError
+
+    if ref.uri:
+        from dino_platform.train.checkpoint import weights_location
+
+        try:
+            weights_location(ref.uri)
+        except StorageError as exc:
+            raise StorageError(f"{where}.uri: {exc}") from None
+    if ref.model:
+        from dino_platform.registry.models import resolve_version
+
+        resolve_version(ref.model, spec.tracking_uri(), field=f"{where}.model")

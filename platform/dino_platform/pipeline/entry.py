@@ -11,7 +11,7 @@ from dino_platform.spec_cli import setup_logging, spec_parser
 EPILOG = """\
 examples:
   python pipelines/o365_pretrain_coco_ft.py --preset smoke
-  python pipelines/o365_pretrain_coco_ft.py --set output_root=s3://bucket/p --set stages.pretrain.resources.workers=32
+  python pipelines/o365_pretrain_coco_ft.py --set output_root=s3://bucket/p --set stages.pretrain.config.scaling.num_workers=32
   ray job submit --working-dir . --runtime-env clusters/job_runtime_env.yaml -- \\
       python pipelines/o365_pretrain_coco_ft.py --spec pipelines/o365_pretrain_coco_ft.yaml
   python pipelines/coco_eval.py --check            # validate the spec and print the stages, run nothing
@@ -23,7 +23,7 @@ stage continues from its last checkpoint. State: <output_root>/pipeline_state.js
 
 def build_parser(default_spec: Optional[Path]) -> argparse.ArgumentParser:
     return spec_parser("Run a declarative DINO pipeline (ingest, train, evaluate, register, predict) on Ray.",
-                       EPILOG, default_spec, "pipeline", "stages.finetune.schedule.max_steps=100",
+                       EPILOG, default_spec, "pipeline", "stages.finetune.config.optim.max_steps=100",
                        "validate the spec and print the plan; run nothing")
 
 
@@ -31,7 +31,7 @@ def main(argv: Optional[List[str]] = None, default_spec: Optional[Path] = None) 
     args = build_parser(default_spec).parse_args(argv)
     setup_logging(args.verbose)
     from dino_platform.errors import UserError
-    from dino_platform.pipeline.spec import load_spec
+    from dino_platform.pipeline.loader import load_spec
 
     try:
         spec = load_spec(args.spec, preset=args.preset, overrides=args.overrides)

@@ -17,18 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from dino_platform.pipeline.context import Executor, StageContext
-from dino_platform.pipeline.model_stages import EVALUATE, INFER, PREDICT, REGISTER
+from dino_platform.pipeline.context import StageContext
 from dino_platform.pipeline.preflight import connect_ray, preflight
 from dino_platform.pipeline.spec import PipelineSpec
-from dino_platform.pipeline.stages import INGEST, TRAIN
+from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.state import PipelineState
 
 log = logging.getLogger("dino.pipeline")
-
-EXECUTORS: Dict[str, Executor] = {"ingest": INGEST, "train": TRAIN, "evaluate": EVALUATE, "register": REGISTER,
-                                  "predict": PREDICT, "infer": INFER}
-
 
 @dataclass
 class PipelineResult:
@@ -47,38 +42,21 @@ class PipelineResult:
                  f"{self.seconds:.0f} s: " + ", ".join(f"{n} {a['action']}" for n, a in self.actions.items())]
         lines.append(f"  state file:   {self.state_uri}")
         for name, out in self.outputs.items():
-            kind = spec.stages[name].kind
-            if kind == "train":
-                restarts = ""
-                if out.get("restarts"):
-                    sizes = " -> ".join(map(str, out.get("world_sizes") or []))
-                    restarts = f"  ({out['restarts']} restarts, {out.get('resizes', 0)} resizes: workers {sizes})"
-                lines.append(f"  {name + ':':<13} {out['checkpoint']}{restarts}")
-            elif kind == "evaluate":
-                m = out["metrics"]
-                lines.append(f"  {name + ':':<13} AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  (MLflow run {out['run_id']})")
-            elif kind == "register":
-                lines.append(f"  {name + ':':<13} {out['version_uri']} (AP {out['AP']:.4f}); @{out['alias']} -> "
-                             f"version {out['champion_version']} ({out['decision']})")
-            elif kind == "predict":
-                lines.append(f"  {name + ':':<13} {out['out']}  ({', '.join(Path(p).name for p in out['pngs'])}, "
-                             "detections.json)")
-            elif kind == "infer":
-                c = out["counts"]
-                lines.append(f"  {name + ':':<13} {out['out']}  ({c['images']} images, {c['detections']} detections, "
-                             f"{c['failed']} unreadable; manifest.json)")
+            line = KINDS[spec.stages[name].kind].summary(out)
+            if line is not None:
+                lines.append(f"  {name + ':':<13} {line}")
         lines.append(f"  MLflow:       {self.tracking_uri} (experiment {spec.experiment})")
         if self.tracking_uri.startswith("sqlite:"):
             mlflow_bin = Path(sys.executable).parent / "mlflow"
             command = str(mlflow_bin) if mlflow_bin.exists() else "mlflow"
             lines.append(f"  MLflow UI:    {command} ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 "
                          "--port 5000   # then open http://127.0.0.1:5000")
-        registered = [o for n, o in self.outputs.items() if spec.stages[n].kind == "register"]
+        registered = [o for o in self.outputs.values() if "alias_uri" in o]
         if registered:
             lines.append(f"  try it:       MLFLOW_TRACKING_URI={self.tracking_uri} dino predict --model "
                          f"{registered[-1]['alias_uri']} IMAGE... --out predictions/")
         # the last lines: the result, and the picture of how training got there
-        evaluated = [(n, o["metrics"]) for n, o in self.outputs.items() if spec.stages[n].kind == "evaluate"]
+        evaluated = [(n, o["metrics"]) for n, o in self.outputs.items() if "metrics" in o]
         for name, m in evaluated[-1:]:
             lines.append(f"result ({name}): AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}")
         if self.curves_png:
@@ -153,11 +131,11 @@ def _training_curves(ctx: StageContext) -> Optional[str]:
 
 
 def _run_stage(ctx: StageContext, name: str, stage) -> None:
-    executor = EXECUTORS[stage.kind]
-    fp = executor.fingerprint(ctx, name, stage)
+    kind = KINDS[stage.kind]
+    fp = kind.fingerprint(ctx, name, stage)
     record = ctx.state.stage(name) or {}
     if record.get("fingerprint") == fp and record.get("status") == "done" and \
-            executor.outputs_exist(ctx, record["outputs"]):
+            kind.outputs_exist(ctx, record["outputs"]):
         log.info("stage %s: skipped (fingerprint %s matches a finished run; outputs exist)", name, fp[:12])
         ctx.state.note(name, "skipped", fingerprint=fp)
         ctx.outputs[name], ctx.fingerprints[name] = record["outputs"], fp
@@ -175,7 +153,7 @@ def _run_stage(ctx: StageContext, name: str, stage) -> None:
     ctx.fingerprints[name] = fp
     started = time.time()
     try:
-        outputs, details = executor.run(ctx, name, stage, fp)
+        outputs, details = kind.run(ctx, name, stage, fp)
     except BaseException as exc:
         # `ray job stop` and Ctrl-C arrive as SystemExit / KeyboardInterrupt: interrupted, not failed
         status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"

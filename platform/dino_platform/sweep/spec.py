@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from dino_platform.errors import ConfigError
 from dino_platform.train.config import TrainConfig, load_config
+from dino_platform.typed_config import parse_section
 from dino_platform.yaml_docs import apply_override, apply_preset, read_mapping
 
 DOMAIN_KINDS = ("loguniform", "uniform", "choice", "randint")
@@ -180,9 +181,9 @@ def _build(raw: Dict[str, Any]) -> SweepSpec:
         name=_text(raw["name"], "name"), output_root=_text(raw["output_root"], "output_root"),
         train=copy.deepcopy(raw["train"]), search_space=parse_search_space(raw["search_space"]),
         tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment") or raw["name"],
-        scheduler=_section(SchedulerSpec, raw.get("scheduler"), "scheduler"),
-        budget=_section(BudgetSpec, raw.get("budget"), "budget"),
-        register=_section(RegisterSpec, raw.get("register"), "register"),
+        scheduler=parse_section(SchedulerSpec, raw.get("scheduler") or {}, "scheduler"),
+        budget=parse_section(BudgetSpec, raw.get("budget") or {}, "budget"),
+        register=parse_section(RegisterSpec, raw.get("register") or {}, "register"),
         synth=raw.get("synth"), ray=dict(raw.get("ray") or {}),
     )
     _validate(spec)
@@ -193,12 +194,6 @@ def _text(value: Any, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
     return value
-
-
-def _section(cls: type, raw: Any, prefix: str) -> Any:
-    from dino_platform.train.config import parse_section
-
-    return parse_section(cls, raw or {}, prefix)
 
 
 def parse_search_space(raw: Any) -> Dict[str, Domain]:

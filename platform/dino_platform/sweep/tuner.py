@@ -291,19 +291,14 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     from dino_platform.evaluation.coco_eval import protocol_tags
     from dino_platform.evaluation.runner import run_evaluation
     from dino_platform.registry.models import git_commit, register_evaluated
-    from dino_platform.train.checkpoint import read_train_config
 
     base = spec.base_config()
     data_uri = spec.register.eval_data or base.data.eval_uri
     if not data_uri:
         raise DataError("register.eval_data: no evaluation data (set it or train.data.eval_uri)")
-    recorded = read_train_config(best.checkpoint) or {}
-    model = {k: recorded["model"][k] for k in ("preset", "num_classes", "overrides")}
-    transform = (recorded.get("data") or {}).get("transform") or {}
     result = run_evaluation(best.checkpoint, data_uri, num_workers=spec.register.eval_workers,
                             batch_size=base.eval.batch_size, detections_per_image=base.eval.detections_per_image,
                             max_dets=base.eval.max_dets, engine=base.eval.engine,
-                            model=model, transform=transform,
                             cpus_per_worker=spec.register.eval_cpus_per_worker)
     stats = result["stats"]
     client = MlflowClient(tracking_uri)
@@ -320,7 +315,7 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     tags = {"sweep": spec.name, "sweep_run": parent_run_id, "sweep_trial": best.trial_id, "git_commit": git_commit(),
             **{f"sweep.{k}": str(v) for k, v in best.config.items()}}
     registration = register_evaluated(tracking_uri, spec.register.model_name, spec.register.alias, run_id,
-                                      best.checkpoint, model, transform, categories, stats, tags,
+                                      best.checkpoint, result["model"], result["transform"], categories, stats, tags,
                                       protocol=result["protocol"])
     return stats, {"name": registration.name, "version": registration.version, "alias": registration.alias,
                    "promoted": registration.promoted, "champion_version": registration.champion_version,

@@ -1,0 +1,119 @@
+"""Stage kind ``register``: an evaluated checkpoint becomes a registry version; the alias moves only when AP improves."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Literal
+
+from dino_platform.errors import ConfigError
+from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.spec import NAME_PATTERN
+from dino_platform.pipeline.state import fingerprint
+
+log = logging.getLogger("dino.pipeline")
+
+
+@dataclass
+class RegisterStage:
+    kind: str = "register"
+    evaluation: str = ""  # an earlier evaluate stage: only evaluated checkpoints are registered
+    model_name: str = "dino-coco"
+    alias: str = "champion"  # moves to a new version only when its AP beats the alias holder's
+    export: List[Literal["onnx"]] = field(default_factory=list)  # exports logged beside the weights (model/model.onnx)
+
+
+def _validate(scope, name: str, stage: RegisterStage) -> None:
+    where = f"stages.{name}"
+    if scope.earlier.get(stage.evaluation) != "evaluate":
+        scope.missing_stage(f"{where}.evaluation", stage.evaluation, "evaluate", ("metrics",))
+    if not stage.model_name or "/" in stage.model_name or "@" in stage.model_name:
+        raise ConfigError(f"{where}.model_name: {stage.model_name!r} must be non-empty, without '/' or '@'")
+    if not NAME_PATTERN.match(stage.alias) or stage.alias == "latest" or re.fullmatch(r"[vV]\d+", stage.alias):
+        raise ConfigError(f"{where}.alias: {stage.alias!r} must be a name like champion "
+                          "(not 'latest' or v<number>, which MLflow reserves)")
+
+
+def _fingerprint(ctx, name: str, stage: RegisterStage) -> str:
+    config = asdict(stage)
+    if not config["export"]:  # specs written before register.export existed keep their fingerprint
+        del config["export"]
+    return fingerprint("register", config, ctx.fingerprints[stage.evaluation])
+
+
+def _run(ctx, name: str, stage: RegisterStage, fp: str):
+    from dino_platform.data.manifest import read_manifest
+    from dino_platform.registry.models import register_evaluated
+
+    evaluation = ctx.outputs[stage.evaluation]
+    lineage = evaluation["lineage"]
+    tags = {
+        "pipeline": ctx.spec.name, "pipeline_fingerprint": fp, "git_commit": ctx.git_commit,
+        "config_hash": fingerprint(lineage.get("configs", {})),
+        **{f"data_digest.{d}": digest for d, digest in lineage.get("datasets", {}).items()},
+        **{f"parent_run.{s}": run for s, run in lineage.get("runs", {}).items() if run},
+    }
+    if lineage.get("registry"):
+        tags["parent_model"] = lineage["registry"]
+    categories = read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories
+    registration = register_evaluated(
+        ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"], evaluation["checkpoint"],
+        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags,
+        protocol=evaluation.get("protocol"))
+    exports = {fmt: _attach_export(ctx, registration, evaluation["run_id"], fmt) for fmt in stage.export}
+    outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
+               "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
+               "champion_version": registration.champion_version, "promoted": registration.promoted,
+               "decision": registration.decision, "AP": evaluation["metrics"]["AP"],
+               "AP50": evaluation["metrics"]["AP50"], "exports": exports}
+    return outputs, {"version": registration.version, "decision": registration.decision}
+
+
+def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
+    """Export the registered version (``register.export: [onnx]``) into its artifact directory, once.
+
+    The file lands next to ``weights.pt`` (``runs:/<eval run>/model/model.onnx``) and the version is
+    tagged ``export.onnx`` with that URI; a version that already has it is not exported again.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from dino_platform.registry.export import ONNX_FILE, export_model
+    from dino_platform.registry.models import MODEL_DIR
+
+    client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+    version = client.get_model_version(registration.name, registration.version)
+    uri = f"runs:/{eval_run_id}/{MODEL_DIR}/{ONNX_FILE}"
+    if version.tags.get(f"export.{fmt}") == uri:
+        log.info("%s: version %s already has its %s export", registration.name, registration.version, fmt)
+        return uri
+    with tempfile.TemporaryDirectory(prefix="dino-export-") as staging:
+        path = Path(staging) / ONNX_FILE
+        export_model(registration.version_uri, str(path), fmt=fmt, tracking_uri=ctx.tracking_uri,
+                     with_postprocess=True)
+        client.log_artifact(eval_run_id, str(path), MODEL_DIR)
+    client.set_model_version_tag(registration.name, registration.version, f"export.{fmt}", uri)
+    log.info("%s: version %s exported to %s (%s)", registration.name, registration.version, fmt, uri)
+    return uri
+
+
+def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri).get_model_version(
+            outputs["model_name"], outputs["version"])
+        return True
+    except (MlflowException, KeyError):
+        return False
+
+
+def _summary(out: Dict[str, Any]) -> str:
+    return (f"{out['version_uri']} (AP {out['AP']:.4f}); @{out['alias']} -> version {out['champion_version']} "
+            f"({out['decision']})")
+
+
+KIND = StageKind("register", RegisterStage, ("model",), _validate, _fingerprint, _run, _outputs_exist, _summary)
