@@ -83,25 +83,6 @@ def read_metadata(path: str) -> Dict[str, Any]:
                       "export it with `dino export --model ... --format onnx`")
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def postprocess_numpy(logits: np.ndarray, boxes: np.ndarray, target_size: Tuple[int, int],
-                      num_select: int) -> Dict[str, np.ndarray]:
-    """:class:`dino_core.PostProcess` for one image in NumPy (a graph exported without it)."""
-    flat = _sigmoid(logits.astype(np.float32)).reshape(-1)
-    k = min(num_select, flat.size)
-    index = np.argsort(-flat, kind="stable")[:k]
-    num_classes = logits.shape[-1]
-    query, labels = index // num_classes, index % num_classes
-    cx, cy, w, h = boxes[query].T
-    xyxy = np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
-    height, width = target_size
-    return {"scores": flat[index], "labels": labels, "boxes": xyxy * np.array([width, height, width, height],
-                                                                              dtype=np.float32)}
-
-
 @dataclass
 class OnnxDetector:
     """An exported graph run by onnxruntime; ``detect`` as :class:`dino_platform.registry.predict.Detector`."""
@@ -123,8 +104,13 @@ class OnnxDetector:
             _, _, scores, labels, boxes = self.session.run(None, feeds)
             result = {"scores": scores[0], "labels": labels[0], "boxes": boxes[0].copy()}
         else:
+            import dino_core  # the graph was exported without post-processing: dino_core's, on its outputs
+            import torch
+
             logits, pred_boxes = self.session.run(None, feeds)
-            result = postprocess_numpy(logits[0], pred_boxes[0], (height, width), int(self.metadata["num_select"]))
+            outputs = {"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(pred_boxes)}
+            post = dino_core.PostProcess(int(self.metadata["num_select"]))
+            result = {k: v.numpy() for k, v in post(outputs, [[height, width]])[0].items()}
         return picture, format_detections(result["scores"], result["labels"], result["boxes"], width, height,
                                           self.categories, max_detections)
 
