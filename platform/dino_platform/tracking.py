@@ -55,32 +55,42 @@ def start_or_resume_run(
     logged as an artifact instead (``config.yaml``, then ``config_resume_<n>.yaml``).
     """
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         location = artifact_dir.resolve().as_uri() if artifact_dir is not None and tracking_uri.startswith("sqlite:") else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
+        client.create_experiment(experiment, artifact_location=location)
+    run_id, created = find_or_create_run(tracking_uri, experiment, run_key, run_name, params, config_yaml)
+    if created:
+        log.info("MLflow run %s (%s)", run_id, tracking_uri)
     else:
-        experiment_id = found.experiment_id
-    escaped = run_key.replace("'", "\\'")
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
-    if existing:
-        run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         starts = len([a for a in client.list_artifacts(run_id) if a.path.startswith("config")])
         client.log_text(run_id, config_yaml, f"config_resume_{starts}.yaml")
         log.info("continuing MLflow run %s (%s)", run_id, tracking_uri)
-    else:
-        run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key})
-        run_id = run.info.run_id
-        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            client.log_batch(run_id, params=items[i : i + 100])
-        client.log_text(run_id, config_yaml, "config.yaml")
-        log.info("MLflow run %s (%s)", run_id, tracking_uri)
     return TrackingTarget(tracking_uri, run_id)
+
+
+def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, params: Mapping[str, str],
+                       config_yaml: str, tags: Optional[Mapping[str, str]] = None) -> Tuple[str, bool]:
+    """``(run id, created)``: the run tagged ``run_key`` in ``experiment``, or a new one with ``tags``,
+    ``params`` (logged once: MLflow refuses to change a param) and ``config.yaml``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    escaped = run_key.replace("'", "\\'")
+    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
+    if existing:
+        return existing[0].info.run_id, False
+    run_id = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})}).info.run_id
+    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id, True
 
 
 class MetricsLogger:

@@ -32,7 +32,8 @@ from dino_platform.errors import DataError
 from dino_platform.storage import resolve
 from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
-from dino_platform.tracking import RUN_KEY_TAG
+from dino_platform.ray_session import init_ray
+from dino_platform.tracking import find_or_create_run
 
 log = logging.getLogger("dino.sweep")
 
@@ -95,7 +96,7 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     # progress reports between evaluations carry no eval/AP: only the scheduler needs it (ASHA skips those)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if not ray.is_initialized():
-        _start_ray(spec.ray)
+        init_ray(spec.ray)  # the dashboard on: stopped trials give their CPUs back (ray_session)
     _prepare_synthetic_data(spec)
     tracking_uri = _tracking_uri(spec)
     parent_run_id = _parent_run(spec, tracking_uri)
@@ -170,14 +171,6 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     return outcome
 
 
-def _start_ray(options: Dict[str, Any]) -> None:
-    """Connect to (or start) Ray with what a sweep's stopped trials need to give their CPUs back
-    (see :mod:`dino_platform.ray_session`: the dashboard on, and a local instance's State API named)."""
-    from dino_platform.ray_session import init_ray
-
-    init_ray(options)
-
-
 # ---------------------------------------------------------------------------------------------
 # one trial (runs in a Tune trial process)
 
@@ -202,8 +195,10 @@ def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str,
     lineage = {} if start_from is None else {CLONED_FROM_TAG: pointer["trial_id"], "dino.started_from": start_from}
     if start_from is not None:
         log.info("trial %s: continuing trial %s's checkpoint %s with %s", trial_id, pointer["trial_id"], start_from, values)
-    _nested_trial_run(tracking_uri, experiment, run_key, cfg.run.name, parent_run_id, trial_id, values,
-                      flat_params(cfg), cfg.to_yaml(), lineage)
+    # the trial's MLflow run, nested under the sweep's (once); the training job then continues it
+    tags = {"mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **lineage,
+            **{f"sweep.{k}": str(v) for k, v in values.items()}}
+    find_or_create_run(tracking_uri, experiment, run_key, cfg.run.name, flat_params(cfg), cfg.to_yaml(), tags)
     fit_and_report(lambda callbacks: run_training(cfg, callbacks=callbacks, start_from=start_from),
                    trial_id, run_name, trials_root)
 
@@ -218,29 +213,6 @@ def trial_run(trial_id: str, pointer: Optional[Dict[str, Any]]):
     if pointer is None or pointer["trial_id"] == trial_id:
         return (pointer or {}).get("run_name") or f"trial_{trial_id}", None
     return f"trial_{trial_id}_from_{pointer['trial_id']}_step{int(pointer['step']):07d}", pointer["uri"]
-
-
-def _nested_trial_run(tracking_uri: str, experiment: str, run_key: str, run_name: str, parent_run_id: str,
-                      trial_id: str, values: Dict[str, Any], params: Dict[str, str], config_yaml: str,
-                      lineage: Dict[str, str]) -> str:
-    """Create the trial's MLflow run under the sweep's run (once); the training job then continues it."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    escaped = run_key.replace("'", "\\'")
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
-    if existing:
-        return existing[0].info.run_id
-    tags = {RUN_KEY_TAG: run_key, "mlflow.parentRunId": parent_run_id, TRIAL_TAG: trial_id, **lineage,
-            **{f"sweep.{k}": str(v) for k, v in values.items()}}
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
-    client.log_text(run_id, config_yaml, "config.yaml")
-    return run_id
 
 
 # ---------------------------------------------------------------------------------------------
