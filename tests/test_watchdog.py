@@ -77,3 +77,21 @@ def test_stall_timeout_is_validated():
         load_config(cfg)
     cfg["run"]["stall_timeout_s"] = 30
     assert load_config(cfg).run.stall_timeout_s == 30
+
+
+def test_watch_ends_a_stalled_worker_thread():
+    caught = []
+
+    def job():
+        try:
+            with watchdog.watch("pipeline stage infer", 0.3):
+                for _ in range(300):
+                    time.sleep(0.1)  # a wait that returns to Python now and then, as Ray's do
+        except StallError as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(15)
+    assert not thread.is_alive()
+    assert len(caught) == 1 and "pipeline stage infer made no progress" in caught[0].report

@@ -12,12 +12,13 @@ exception can reach, so the two actions offered end the wait from outside:
 - ``exit_process``: the report goes to the log and to ``report_sink``, then ``os._exit``. A Ray
   Train worker dies, Ray Train counts a worker-group failure and restarts from the last checkpoint
   (``run.max_failures``); the driver reads the sink and puts the report in its error.
-- ``interrupt_main``: raises ``KeyboardInterrupt`` in the main thread; ``watch`` turns it into a
-  ``StallError`` carrying the report (driver-side jobs: ingest, infer).
+- ``interrupt``: raises ``KeyboardInterrupt`` in the watched thread; ``watch`` turns it into a
+  ``StallError`` carrying the report (driver-side jobs: ``dino infer``, also inside the pipeline runner).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -122,13 +123,21 @@ def exit_process(report_sink: Optional[Callable[[str], None]] = None) -> Callabl
     return act
 
 
-def interrupt_main(report: str) -> None:
-    """on_stall action: raise KeyboardInterrupt in the main thread (``watch`` turns it into StallError).
+def interrupt(thread_id: int) -> Callable[[str], None]:
+    """on_stall action: raise KeyboardInterrupt in thread ``thread_id`` (``watch`` turns it into StallError).
 
-    A real SIGINT to the main thread, not ``_thread.interrupt_main``: the signal also ends a blocking
-    system call (a sleep, a socket wait), where a simulated one would wait for it to return.
+    In the main thread a real SIGINT, not ``_thread.interrupt_main``: the signal also ends a blocking
+    system call (a sleep, a socket wait). Another thread gets the exception when it next runs
+    Python code (a Ray wait loops in Python between short waits).
     """
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def act(report: str) -> None:
+        if thread_id == threading.main_thread().ident:
+            signal.pthread_kill(thread_id, signal.SIGINT)
+        else:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(KeyboardInterrupt))
+
+    return act
 
 
 @contextlib.contextmanager
@@ -139,7 +148,7 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
             for batch in batches:
                 heartbeat.beat()
     """
-    heartbeat = Heartbeat(name, timeout_s, interrupt_main, details).start()
+    heartbeat = Heartbeat(name, timeout_s, interrupt(threading.get_ident()), details).start()
     try:
         yield heartbeat
     except KeyboardInterrupt:
