@@ -36,6 +36,7 @@ DATA_TASK_CPUS = 1.0
 DEFAULT_STALL_TIMEOUT_S = 600.0
 STEP_TIMES_PER_TIMEOUT = 20
 STALL_EXIT_CODE = 75
+REPORT_PART_TIMEOUT_S = 20.0
 
 T = TypeVar("T")
 
@@ -106,8 +107,8 @@ class Heartbeat:
         lines = [f"STALL: {self.name} made no progress for {waited:.0f} s (stall timeout {timeout:.0f} s) "
                  f"while {phase!r}"]
         if self._details is not None:
-            lines.append(_safely(self._details))
-        lines.append(_safely(cluster_report))
+            lines.append(_bounded(self._details))
+        lines.append(_bounded(cluster_report))
         return "\n".join(line for line in lines if line)
 
 
@@ -231,6 +232,16 @@ def cluster_report() -> str:
     if diagnosis:
         lines.append(diagnosis)
     return "\n".join(lines)
+
+
+def _bounded(make: Callable[[], Optional[str]], seconds: float = REPORT_PART_TIMEOUT_S) -> str:
+    """``make()`` in a thread of its own, given up after ``seconds``: a report about a stalled process
+    must not stall in turn (e.g. on a Ray call to the very actor that is stuck)."""
+    result: List[str] = []
+    thread = threading.Thread(target=lambda: result.append(_safely(make)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return result[0] if result else f"({getattr(make, '__name__', 'report part')} did not answer in {seconds:g} s)"
 
 
 def _safely(make: Callable[[], Optional[str]]) -> str:
