@@ -147,7 +147,7 @@ def _train(loop_config: Dict[str, Any], cfg: TrainConfig, plan: EpochPlan, rank:
     if rank == 0:
         _warn_if_data_starved(cfg)
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_uri else None
     evaluator = None
     if eval_shard is not None:
@@ -242,6 +242,7 @@ class _TrainHeartbeat:
         self.step_times: List[float] = []
         self.longest_evaluation = 0.0
         self.last_step = None
+        self.shard = None  # the training data shard, once the loop holds it (its stats go in a report)
         self._watchdog = watchdog
         self._heartbeat = watchdog.Heartbeat(name, self.timeout, watchdog.exit_process(report_sink), details)
 
@@ -287,11 +288,14 @@ def _start_heartbeat(cfg: TrainConfig, loop_config: Dict[str, Any], rank: int) -
             name = f"{STALLS_DIR}/{session}-{time.time_ns()}-rank{rank}.txt"
             run_location.child(name).write_bytes(report.encode())
 
-    def details() -> str:
-        shard = ray.train.get_dataset_shard("train")
-        return f"training data pipeline (rank {rank}'s shard):\n{shard.stats()}"
+    heartbeat = _TrainHeartbeat(cfg, f"training worker rank {rank}", sink, lambda: _data_stats(heartbeat.shard, rank))
+    return heartbeat.start()
 
-    return _TrainHeartbeat(cfg, f"training worker rank {rank}", sink, details).start()
+
+def _data_stats(shard, rank: int) -> str:
+    if shard is None:
+        return "training data pipeline: not requested yet"
+    return f"training data pipeline (rank {rank}'s shard):\n{shard.stats()}"
 
 
 def _warn_if_data_starved(cfg: TrainConfig) -> None:
