@@ -95,3 +95,13 @@ def test_watch_ends_a_stalled_worker_thread():
     thread.join(15)
     assert not thread.is_alive()
     assert len(caught) == 1 and "pipeline stage infer made no progress" in caught[0].report
+
+
+def test_collectives_time_out_after_the_watchdog():
+    from dino_platform.train.trainer import collective_timeout_s
+
+    cfg = TrainConfig().to_dict()
+    cfg["data"]["train_uri"] = "/tmp/shards"
+    assert collective_timeout_s(load_config(cfg)) == 900  # unset: 1.5 x the 600 s floor
+    cfg["run"]["stall_timeout_s"] = 30
+    assert collective_timeout_s(load_config(cfg)) == 45
