@@ -188,6 +188,8 @@ def test_a_starved_data_pipeline_restarts_from_the_checkpoint_then_fails_with_th
     reports = sorted((run_dir / "stalls").glob("*.txt"))
     assert len(reports) == 2, output[-6000:]  # the first attempt's and the restart's (max_failures 1)
     assert all("STALL: training worker rank 0" in r.read_text() for r in reports)
+    assert "Ray Data operators of unfinished passes" in reports[-1].read_text()
+    assert "ListFiles" in reports[-1].read_text()  # the stalled operator, in the pass's operator list
     assert "resumed at step" in output  # the restart continued from the last checkpoint
     assert "waiting for micro-batch 0 of this pass" in output
     assert "starved resource: CPU" in output

@@ -213,11 +213,34 @@ def pending_tasks(limit: int = 20) -> List[str]:
     return [f"{t.name}: {getattr(t, 'required_resources', None) or '?'}" for t in tasks]
 
 
+def data_operators() -> List[str]:
+    """'dataset: operator STATE (progress, total, queued blocks)' for every Ray Data execution not finished,
+    from Ray Data's stats actor (one per cluster); an operator short of progress is where a pass waits."""
+    import ray
+    from ray.data._internal.stats import STATS_ACTOR_NAME, STATS_ACTOR_NAMESPACE
+
+    actor = ray.get_actor(STATS_ACTOR_NAME, namespace=STATS_ACTOR_NAMESPACE)
+    lines = []
+    for tag, dataset in ray.get(actor.get_datasets.remote(), timeout=10).items():
+        if dataset.get("state") in ("FINISHED", "FAILED"):
+            continue
+        for operator, state in dataset.get("operators", {}).items():
+            numbers = ", ".join(f"{key} {state[key]}" for key in ("progress", "total", "queued_blocks") if key in state)
+            lines.append(f"{tag}: {operator} {state.get('state', '?')}" + (f" ({numbers})" if numbers else ""))
+    return lines
+
+
 def cluster_report() -> str:
     free = free_cpus_per_node()
     if not free:
         return ""
     lines = ["free CPUs per node: " + ", ".join(f"{node[:12]} {cpus:g}" for node, cpus in sorted(free.items()))]
+    try:
+        operators = data_operators()
+        if operators:
+            lines.append("Ray Data operators of unfinished passes:\n  " + "\n  ".join(operators))
+    except Exception as exc:  # no Ray Data in this job, or its stats actor is gone
+        lines.append(f"(Ray Data operators unavailable: {type(exc).__name__}: {exc})")
     with contextlib.suppress(Exception):
         import ray
 
