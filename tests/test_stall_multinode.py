@@ -149,6 +149,7 @@ def test_three_one_cpu_nodes_lose_a_worker_node_and_never_hang(shards, tmp_path)
         assert "starved resource: CPU" in output
         assert "largest free amount on any node is 0.5 CPU" in output
         assert "scaling.cpus_per_worker" in output
+        assert "stalled operator: ListFiles" in output
 
 
 def test_a_starved_data_pipeline_restarts_from_the_checkpoint_then_fails_with_the_report(shards, tmp_path):
@@ -189,7 +190,8 @@ def test_a_starved_data_pipeline_restarts_from_the_checkpoint_then_fails_with_th
     assert len(reports) == 2, output[-6000:]  # the first attempt's and the restart's (max_failures 1)
     assert all("STALL: training worker rank 0" in r.read_text() for r in reports)
     assert "Ray Data operators of unfinished passes" in reports[-1].read_text()
-    assert "ListFiles" in reports[-1].read_text()  # the stalled operator, in the pass's operator list
+    assert "stalled operator: ListFiles" in reports[-1].read_text()
+    assert "stalled operator: ListFiles" in output  # the final error carries the last report
     assert "resumed at step" in output  # the restart continued from the last checkpoint
     assert "waiting for micro-batch 0 of this pass" in output
     assert "starved resource: CPU" in output
