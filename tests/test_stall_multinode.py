@@ -4,7 +4,8 @@ Real Ray clusters on loopback (``ray.cluster_utils.Cluster``); ``dino train`` ru
 process, as a user runs it.
 
 - Three 1-CPU raylets, the head allowed to host a training worker, ``num_workers: [1, 2]`` with
-  ``STRICT_SPREAD`` and the default 0.5 CPU per worker. After the first checkpoint the node of a
+  ``STRICT_SPREAD`` and the default 0.5 CPU per worker; ``max_failures: 1`` (the issue's report had
+  5: each further restart only repeats the same stall, and CI time counts). After the first checkpoint the node of a
   worker (not the head) is removed, not gracefully. The restarted group (head + survivor) leaves two
   free halves of a CPU and no whole one, which Ray Data's ListFiles task needs. The run either
   finishes (world sizes in the checkpoints) or fails within the watchdog's time with a report
@@ -12,6 +13,9 @@ process, as a user runs it.
 - One node with 2 CPUs; after the first checkpoint another job takes the CPU the data pipeline was
   using. The next pass cannot start: the watchdog fires, the attempt restarts from the last
   checkpoint, and the final failure's report says where the worker waited and what is starved.
+
+Wall time on 2 shared CPU cores: 382 s for the layout test with max_failures 5 (six attempts),
+129 s for the starved-pipeline test.
 """
 from __future__ import annotations
 
@@ -126,7 +130,7 @@ def test_three_one_cpu_nodes_lose_a_worker_node_and_never_hang(shards, tmp_path)
     cluster.wait_for_nodes()
     try:
         job = _job(shards, tmp_path, "layout", {"num_workers": [1, 2], "placement_strategy": "STRICT_SPREAD"},
-                   max_failures=5, epochs=3)
+                   max_failures=1, epochs=3)
         run_dir = tmp_path / "runs" / "layout"
         process = _start(job, cluster.address)
         try:
@@ -134,8 +138,9 @@ def test_three_one_cpu_nodes_lose_a_worker_node_and_never_hang(shards, tmp_path)
             hosting = _worker_nodes(cluster.address)
             victim = next(n for n in nodes if n.node_id in hosting)
             cluster.remove_node(victim, allow_graceful=False)
-            # five restarts allowed: each may wait out the group start (60 s) and one stall
-            output = _finish(process, job, within_s=5 * (60 + STALL_TIMEOUT_S) + 300)
+            # the lost node spends the one restart allowed; the restarted group may wait out the
+            # group start (60 s), then stalls once
+            output = _finish(process, job, within_s=FAIL_WITHIN_S)
         finally:
             if process.poll() is None:
                 process.kill()
