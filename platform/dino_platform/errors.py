@@ -19,3 +19,11 @@ class DataError(UserError, ValueError):
 
 class TrainingError(UserError, RuntimeError):
     """Training stopped for good (e.g. a node was lost and ``run.max_failures`` allowed no restart)."""
+
+
+class StallError(UserError, RuntimeError):
+    """A job made no progress for longer than its stall timeout; the message is the watchdog's report."""
+
+    def __init__(self, report: str):
+        super().__init__(report)
+        self.report = report

@@ -43,7 +43,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
     manifest = ingest(IngestConfig(format=args.format, annotations_uri=args.annotations,
                                    images_uri=args.images, out_uri=args.out,
-                                   shard_size=args.shard_size, parallel=not args.no_ray))
+                                   shard_size=args.shard_size, parallel=not args.no_ray,
+                                   stall_timeout_s=args.stall_timeout_s))
     summary = {"out": args.out, "images": manifest.images, "annotations": manifest.annotations,
                "shards": len(manifest.shards), "quarantined": len(manifest.quarantined),
                "quarantined_by_reason": manifest.stats.get("quarantined_by_reason", {}),
@@ -74,6 +75,8 @@ def add_parser(sub) -> None:
     ingest.add_argument("--images", required=True, help="URI of the folder holding the images")
     ingest.add_argument("--out", required=True, help="URI of the shard directory to write")
     ingest.add_argument("--shard-size", type=int, default=512, help="images per shard (default 512)")
+    ingest.add_argument("--stall-timeout-s", type=float, default=600.0,
+                        help="fail with a report of where it waits when no shard finishes for this long (default 600)")
     ingest.add_argument("--no-ray", action="store_true",
                         help="build shards one after another in this process instead of as Ray tasks")
     ingest.set_defaults(func=_ingest)

@@ -46,7 +46,7 @@ from dino_platform.data.manifest import (
     MANIFEST_NAME, SHARD_FORMAT_VERSION, Manifest, ShardInfo, content_digest, encode_shard,
     read_manifest, shard_name, verify_shards,
 )
-from dino_platform.errors import ConfigError, DataError
+from dino_platform.errors import ConfigError, DataError, StallError
 from dino_platform.storage import Location, StorageNotFoundError, resolve
 
 try:  # ijson's C parser (yajl2_c); its pure-Python fallback is correct but ~30x slower
@@ -91,12 +91,16 @@ class IngestConfig:
     out_uri: str
     shard_size: int = 512
     parallel: bool = True  # Ray tasks over the cluster's CPUs; False: one after another, here
+    # seconds without a finished shard task before the job reports where it waits and fails
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.format not in ("coco", "o365"):
             raise ConfigError(f"format: {self.format!r} is not one of 'coco', 'o365'")
         if self.shard_size < 1:
             raise ConfigError(f"shard_size: must be >= 1, got {self.shard_size}")
+        if not self.stall_timeout_s > 0:
+            raise ConfigError(f"stall_timeout_s: must be > 0, got {self.stall_timeout_s}")
 
 
 @dataclass
@@ -784,7 +788,7 @@ def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
 
 
 def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Location,
-                parallel: bool) -> List[ShardResult]:
+                parallel: bool, stall_timeout_s: float = 600.0) -> List[ShardResult]:
     from tqdm import tqdm
 
     results: List[ShardResult] = []
@@ -807,11 +811,21 @@ def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Locatio
         while queue and len(pending) < window:
             index = queue.pop(0)
             pending.append(remote.remote(index, ray.put(plan.shard(index)), images_ref, out_ref))
-        finished, pending = ray.wait(pending, num_returns=1)
+        finished, pending = ray.wait(pending, num_returns=1, timeout=stall_timeout_s)
+        if not finished:
+            raise _stalled(len(pending), len(queue), len(results), stall_timeout_s)
         results.extend(ray.get(finished))
         progress.update(len(finished))
     progress.close()
     return results
+
+
+def _stalled(running: int, queued: int, done: int, timeout_s: float) -> StallError:
+    from dino_platform.watchdog import cluster_report
+
+    return StallError(f"STALL: dino ingest: no shard task finished in {timeout_s:.0f} s (stall_timeout_s); "
+                      f"{running} shard tasks submitted and unfinished, {queued} queued, {done} done. Each shard task "
+                      f"asks for 1 CPU.\n{cluster_report()}".rstrip())
 
 
 def ingest(cfg: IngestConfig) -> Manifest:
@@ -852,7 +866,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
     log.info("%d images in %d shards (%d already done) -> %s", plan.images, plan.num_shards,
              plan.num_shards - len(todo), out.uri)
     results = {r.info.name: r for r in done.values()}
-    results.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel)})
+    results.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel, cfg.stall_timeout_s)})
     shard_results = [results[shard_name(k)] for k in range(plan.num_shards)]
 
     wanted = {r.info.name for r in shard_results}

@@ -39,6 +39,8 @@ def add_parser(sub) -> None:
                        help="one GPU per actor (default: when the cluster has GPUs)")
     infer.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU actors even on a GPU cluster")
     infer.add_argument("--coco-json", action="store_true", help="also write OUT/coco_results.json")
+    infer.add_argument("--stall-timeout-s", type=float, default=600.0,
+                       help="fail with a report of where it waits when no batch arrives for this long (default 600)")
     infer.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
     infer.add_argument("--preset", help="dino_core preset, for official .pth files")
     infer.add_argument("--num-classes", type=int, help="class-head size, for official .pth files")
@@ -52,7 +54,8 @@ def _infer(args: argparse.Namespace) -> int:
         model=args.model, out=args.out, images=args.images, shards=args.shards, threshold=args.threshold,
         concurrency=args.concurrency, batch_size=args.batch_size, part_size=args.part_size,
         cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu, coco_json=args.coco_json,
-        tracking_uri=args.tracking_uri, preset=args.preset, num_classes=args.num_classes))
+        tracking_uri=args.tracking_uri, preset=args.preset, num_classes=args.num_classes,
+        stall_timeout_s=args.stall_timeout_s))
     counts = manifest["counts"]
     print(f"{counts['images']} images, {counts['detections']} detections, {counts['failed']} unreadable, "
           f"{counts['parts']} parts; digest {manifest['digest']}")

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from dino_platform.errors import ConfigError, DataError
 from dino_platform.storage import Location, resolve
+from dino_platform.watchdog import watch, watched
 
 log = logging.getLogger("dino.infer")
 
@@ -75,6 +76,8 @@ class InferConfig:
     tracking_uri: Optional[str] = None  # for models:/ URIs (default $MLFLOW_TRACKING_URI)
     preset: Optional[str] = None  # official .pth files only
     num_classes: Optional[int] = None
+    # seconds without a predicted batch (the first one included) before the job reports and fails
+    stall_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if (self.images is None) == (self.shards is None):
@@ -93,7 +96,7 @@ class InferConfig:
         for name in ("concurrency", "batch_size", "part_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)} must be >= 1")
-        for name in ("cpus_per_actor", "cpus_per_decode_task"):
+        for name in ("cpus_per_actor", "cpus_per_decode_task", "stall_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: {getattr(self, name)} must be > 0")
 
@@ -265,17 +268,19 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
         pending: Dict[int, List[pa.Table]] = {p.index: [] for p in todo}
         seen = {p.index: 0 for p in todo}
         finished_images = sum(d["images"] + len(d["failed"]) for d in done.values())
-        for batch in predicted.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for index in set(batch.column("part").to_pylist()):
-                rows = batch.filter(pc.equal(batch.column("part"), index))
-                pending[index].append(rows)
-                seen[index] += rows.num_rows
-                if seen[index] == by_index[index].rows:
-                    done[index] = _write_part(out.child(by_index[index].name), by_index[index],
-                                              pa.concat_tables(pending.pop(index)))
-                    finished_images += by_index[index].rows
-                    log.info("infer: %s written (%d/%d images, %d parts to go)", by_index[index].name,
-                             finished_images, total, len(pending))
+        batches = predicted.iter_batches(batch_size=None, batch_format="pyarrow")
+        with watch("dino infer", cfg.stall_timeout_s, details=lambda: f"pipeline:\n{predicted.stats()}") as beat:
+            for batch in watched(batches, beat, "predicted batch"):
+                for index in set(batch.column("part").to_pylist()):
+                    rows = batch.filter(pc.equal(batch.column("part"), index))
+                    pending[index].append(rows)
+                    seen[index] += rows.num_rows
+                    if seen[index] == by_index[index].rows:
+                        done[index] = _write_part(out.child(by_index[index].name), by_index[index],
+                                                  pa.concat_tables(pending.pop(index)))
+                        finished_images += by_index[index].rows
+                        log.info("infer: %s written (%d/%d images, %d parts to go)", by_index[index].name,
+                                 finished_images, total, len(pending))
         if pending:
             raise DataError(f"infer: parts {sorted(pending)} received fewer rows than planned; re-run to finish")
     manifest = _manifest(cfg, source, settings, parts, done, time.time() - started)

@@ -39,6 +39,7 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 DATA_POSITION_FILE = "data_position.json"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+STALLS_DIR = "stalls"  # <run_dir>/stalls/<session>-<time>-rank<r>.txt: the stall watchdog's reports
 WORKER_GROUPS_DIR = "worker_groups"  # <run_dir>/worker_groups/start-*.json: one record per worker-group start
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "train_state.json"

@@ -186,6 +186,10 @@ class RunConfig:
     # restarts of the worker group from the latest checkpoint after a worker dies
     max_failures: int = 0
     seed: int = 42
+    # seconds without a completed optimizer step, batch or phase change before the stall watchdog
+    # reports where the job waits and fails the attempt (see docs/train.md, "Stall watchdog").
+    # None: the larger of 600 s and 20 measured step times. Also the collectives' timeout.
+    stall_timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -296,6 +300,8 @@ def validate(cfg: TrainConfig) -> None:
     if not _RUN_NAME.match(cfg.run.name):
         raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
     _non_negative("run.max_failures", cfg.run.max_failures)
+    if cfg.run.stall_timeout_s is not None:
+        _positive("run.stall_timeout_s", cfg.run.stall_timeout_s)
     _positive("tracking.log_every_n_steps", cfg.tracking.log_every_n_steps)
     if not cfg.run.storage_path:
         raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")

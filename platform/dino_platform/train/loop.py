@@ -24,6 +24,7 @@ import torch
 from dino_core.distributed import collective_device
 
 from dino_platform.train.checkpoint import (
+    STALLS_DIR,
     WORKER_GROUPS_DIR,
     TrainState,
     consolidated_optimizer_state,
@@ -86,7 +87,19 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     cfg = load_config(loop_config["config"]).at_world_size(world_size)
     plan = plan_epochs(loop_config["num_train_images"], cfg)
     device = ray.train.torch.get_device()
+    heartbeat = _start_heartbeat(cfg, loop_config, rank)
+    try:
+        _train(loop_config, cfg, plan, rank, world_size, device, heartbeat)
+    finally:
+        heartbeat.stop()
+
+
+def _train(loop_config: Dict[str, Any], cfg: TrainConfig, plan: EpochPlan, rank: int, world_size: int, device,
+           heartbeat: "_TrainHeartbeat") -> None:
+    import ray.train
+
     tracker = _rank0_tracker(loop_config.get("tracking"), rank)
+    heartbeat.phase("building model")
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
     model, criterion, postprocessor = build_model(cfg.model)
@@ -105,6 +118,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     saved: Optional[TrainState] = None
     consumed_before: List[int] = []  # images of the current epoch trained on before this group started
     with contextlib.ExitStack() as stack:
+        heartbeat.phase("restoring checkpoint" if checkpoint is not None else "building DeepSpeed engine")
         directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
         if directory is not None:
             saved = read_state(directory)
@@ -130,8 +144,10 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         if tracker is not None:
             tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
     _record_worker_group(loop_config, rank, state.step, world_size, saved, tracker)
+    if rank == 0:
+        _warn_if_data_starved(cfg)
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_uri else None
     evaluator = None
     if eval_shard is not None:
@@ -152,7 +168,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
                                  first_index=state.batches_in_epoch if redeal else 0)
         redeal = False
         epoch_started = state.epoch
-        for images, mask, targets in batches:
+        for images, mask, targets in heartbeat.watched(batches, f"epoch {state.epoch}: waiting for micro-batch"):
+            heartbeat.phase(f"train step {state.step + 1} (micro-batch {state.batches_in_epoch})")
             seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
             consumed.add(targets)
             images, mask, targets = _to_device(images, mask, targets, device)
@@ -168,6 +185,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
             state.step += 1
             state.steps_in_epoch += 1
+            heartbeat.step_done()
             consumed.step_done(state)
             if state.batches_in_epoch == plan.micro_batches_per_epoch:
                 state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
@@ -181,10 +199,14 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
             model_state = None
             if evaluator is not None and (finished or (end_of_epoch and _every(cfg.eval.every_n_epochs, state.epoch))):
+                heartbeat.phase(f"evaluating at step {state.step}")
+                started = time.monotonic()
                 model_state = consolidated_state_dict(engine)
                 # eval/AP etc. go into Ray Train's report too (a Tune sweep schedules on them)
                 metrics = {**(metrics or {}), **evaluator.run(model_state, state.step, state.epoch)}
+                heartbeat.evaluation_done(time.monotonic() - started)
             if finished or _checkpoint_due(cfg, state, end_of_epoch):
+                heartbeat.phase(f"checkpointing at step {state.step}")
                 model_state = model_state if model_state is not None else consolidated_state_dict(engine)
                 _save(engine, state, model_state, cfg, metrics or {}, consumed)
                 last_checkpoint_step = state.step
@@ -197,8 +219,95 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
     if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
+        heartbeat.phase(f"checkpointing at step {state.step}")
         # consolidating is a collective under ZeRO: every rank calls it
         _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# stall watchdog
+
+
+class _TrainHeartbeat:
+    """The worker's stall watchdog (``dino_platform.watchdog``) with its timeout sized from measured times.
+
+    ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times, and
+    at least twice the longest evaluation measured (an evaluation is one phase without beats).
+    """
+
+    def __init__(self, cfg: TrainConfig, name: str, report_sink, details):
+        from dino_platform import watchdog
+
+        self.configured = cfg.run.stall_timeout_s
+        self.step_times: List[float] = []
+        self.longest_evaluation = 0.0
+        self.last_step = None
+        self.shard = None  # the training data shard, once the loop holds it (its stats go in a report)
+        self._watchdog = watchdog
+        self._heartbeat = watchdog.Heartbeat(name, self.timeout, watchdog.exit_process(report_sink), details)
+
+    def timeout(self) -> float:
+        if self.configured is not None:
+            return float(self.configured)
+        return max(self._watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+
+    def start(self) -> "_TrainHeartbeat":
+        self._heartbeat.start()
+        return self
+
+    def stop(self) -> None:
+        self._heartbeat.stop()
+
+    def phase(self, text: str) -> None:
+        self._heartbeat.phase(text)
+
+    def watched(self, items, phase: str):
+        return self._watchdog.watched(items, self._heartbeat, phase)
+
+    def step_done(self) -> None:
+        now = time.monotonic()
+        if self.last_step is not None:
+            self.step_times = (self.step_times + [now - self.last_step])[-50:]
+        self.last_step = now
+        self._heartbeat.beat()
+
+    def evaluation_done(self, seconds: float) -> None:
+        self.longest_evaluation = max(self.longest_evaluation, seconds)
+        self.last_step = None  # the next step's time does not include the evaluation
+
+
+def _start_heartbeat(cfg: TrainConfig, loop_config: Dict[str, Any], rank: int) -> _TrainHeartbeat:
+    """Start this worker's watchdog; its report is written under ``<run>/stalls/`` for the driver."""
+    import ray.train
+
+    run_location = loop_config.get("run_location")
+    session = loop_config.get("session") or "session"
+
+    def sink(report: str) -> None:
+        if run_location is not None:
+            name = f"{STALLS_DIR}/{session}-{time.time_ns()}-rank{rank}.txt"
+            run_location.child(name).write_bytes(report.encode())
+
+    heartbeat = _TrainHeartbeat(cfg, f"training worker rank {rank}", sink, lambda: _data_stats(heartbeat.shard, rank))
+    return heartbeat.start()
+
+
+def _data_stats(shard, rank: int) -> str:
+    if shard is None:
+        return "training data pipeline: not requested yet"
+    return f"training data pipeline (rank {rank}'s shard):\n{shard.stats()}"
+
+
+def _warn_if_data_starved(cfg: TrainConfig) -> None:
+    """Rank 0, at every group start: warn when the group's reservations leave no node a whole CPU."""
+    from dino_platform.watchdog import data_pipeline_starvation, free_cpus_per_node
+
+    diagnosis = data_pipeline_starvation(
+        free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
+                              "or keep training workers off one node, so it keeps a whole CPU free.")
+    if diagnosis:
+        log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
+                    diagnosis)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from dino_platform.data.sharding import OrderedShards
-from dino_platform.errors import ConfigError, TrainingError
+from dino_platform.errors import ConfigError, StallError, TrainingError
 from dino_platform.storage import resolve
 from dino_platform.train.config import TrainConfig, flat_params
 from dino_platform.train.loop import plan_epochs, train_loop_per_worker
@@ -115,7 +116,8 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
             "start_location": start.location if start is not None else None,
         },
         scaling_config=ray_scaling_config(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                 timeout_s=collective_timeout_s(cfg)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage.path,
@@ -144,6 +146,9 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     except Exception as exc:  # TrainingFailedError: workers failed more than max_failures times
         checkpoint, metrics, error = None, None, exc
     skipped = _skipped_samples(error_log)
+    stalls = stall_reports(storage.child(cfg.run.name), session)
+    for report in stalls:
+        log.error("run %s: a worker stalled; its watchdog reported:\n%s", cfg.run.name, report)
     groups = worker_groups(storage.child(cfg.run.name), session)
     if tracking is not None:
         from dino_platform.tracking import MetricsLogger, finish_run
@@ -158,6 +163,12 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     if groups and (outcome.restarts or outcome.resizes):
         log.info("run %s: %d worker-group restarts, %d resizes (%s)", cfg.run.name, outcome.restarts,
                  outcome.resizes, " -> ".join(str(g["world_size"]) for g in groups))
+    if error is not None and stalls:
+        raise StallError(
+            f"run {cfg.run.name}: training failed after {len(stalls)} stall(s) (run.max_failures is "
+            f"{cfg.run.max_failures}; run.stall_timeout_s is {cfg.run.stall_timeout_s or 'sized from step times'}). "
+            f"The run continues from its last checkpoint in {run_dir} when started again. Last report:\n"
+            f"{stalls[-1]}") from error
     if error is not None:
         lost = lost_nodes(error) or _nodes_lost_since(nodes_at_start, error)
         if lost:
@@ -168,6 +179,26 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
                 "set run.max_failures > 0 and scaling.num_workers: [min, max]") from error
         raise error
     return outcome
+
+
+def collective_timeout_s(cfg: TrainConfig) -> int:
+    """The process group's timeout: past the stall timeout, so a collective waiting on a lost peer
+    errors instead of hanging, after the watchdog has had the chance to report where it waited."""
+    from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
+
+    stall = cfg.run.stall_timeout_s if cfg.run.stall_timeout_s is not None else DEFAULT_STALL_TIMEOUT_S
+    return int(math.ceil(1.5 * stall))
+
+
+def stall_reports(run_location, session: str) -> List[str]:
+    """The stall watchdog reports the workers of this ``run_training`` call wrote, oldest first."""
+    from dino_platform.train.checkpoint import STALLS_DIR
+
+    folder = run_location.child(STALLS_DIR)
+    if not folder.exists():
+        return []
+    names = sorted(name for name in folder.list_files(recursive=False) if name.startswith(f"{session}-"))
+    return [folder.child(name).read_bytes().decode() for name in names]
 
 
 def _skipped_samples(error_log) -> List[Dict[str, Any]]:
