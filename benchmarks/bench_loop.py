@@ -45,7 +45,8 @@ def loop_throughput(args, shards: str, workdir: Path) -> dict:
     outcome = run_training(cfg)
     if outcome.error is not None:
         raise outcome.error
-    return {"images_per_s": outcome.metrics["images_per_s"], "job_s": time.perf_counter() - started}
+    return {"images_per_s": outcome.metrics["images_per_s"], "data_wait": outcome.metrics["data_wait_fraction"],
+            "job_s": time.perf_counter() - started}
 
 
 def bare_throughput(args, shards: str) -> dict:
@@ -120,10 +121,10 @@ def main() -> None:
         ray.shutdown()
     load = os.getloadavg()[0]
     device = torch.cuda.get_device_name() if args.gpu else f"CPU x{os.cpu_count()}"
-    print("| preset | batch | precision | ZeRO | loop img/s | bare step img/s | loop / bare | device | load | date |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| preset | batch | precision | ZeRO | loop img/s | loop's data wait | bare step img/s | loop / bare | device | load | date |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.preset} (scale {args.scale}) | {args.batch} | {args.precision} | {args.zero} | "
-          f"{loop['images_per_s']:.2f} | {bare['images_per_s']:.2f} | {loop['images_per_s'] / bare['images_per_s']:.2f} | "
+          f"{loop['images_per_s']:.2f} | {loop['data_wait']:.0%} | {bare['images_per_s']:.2f} | {loop['images_per_s'] / bare['images_per_s']:.2f} | "
           f"{device} | {load:.1f} | {datetime.date.today()} |")
 
 

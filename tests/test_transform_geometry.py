@@ -14,8 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from dino_platform.data.transforms import (
-    EvalTransformConfig, GeometricPlan, TrainTransformConfig, eval_plan, make_sample, render, resized_size,
-    sample_rng, sample_train_plan, source_rectangle, transform_boxes,
+    EvalTransformConfig, GeometricPlan, TrainTransformConfig, eval_plan, make_sample, render, sample_rng, sample_train_plan, source_rectangle, transform_boxes,
 )
 
 # the factors the presets and docs use, and the official recipe itself (1.0)

@@ -113,8 +113,3 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig) -> Tuple[object, List
         model=model, optimizer=optimizer, config=build_deepspeed_config(cfg), dist_init_required=False
     )
     return engine, base_lrs
-
-
-def weighted_loss(losses: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
-    """The training objective: sum of the weighted loss terms (unweighted terms are logged only)."""
-    return sum(losses[k] * w for k, w in weight_dict.items() if k in losses)

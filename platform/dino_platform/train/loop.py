@@ -43,7 +43,6 @@ from dino_platform.train.engine import (
     init_weights,
     seed_step,
     set_epoch_lr,
-    weighted_loss,
 )
 
 log = logging.getLogger("dino.train")
@@ -169,13 +168,14 @@ def _train(loop_config: Dict[str, Any], cfg: TrainConfig, plan: EpochPlan, rank:
         redeal = False
         epoch_started = state.epoch
         for images, mask, targets in heartbeat.watched(batches, f"epoch {state.epoch}: waiting for micro-batch"):
+            progress.batch_arrived()
             heartbeat.phase(f"train step {state.step + 1} (micro-batch {state.batches_in_epoch})")
             seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
             consumed.add(targets)
             images, mask, targets = _to_device(images, mask, targets, device)
             outputs = engine(images, mask, targets)
             losses = criterion(outputs, targets)
-            loss = weighted_loss(losses, criterion.weight_dict)
+            loss = criterion.total_loss(losses)
             engine.backward(loss)
             engine.step()
             state.batches_in_epoch += 1
@@ -278,7 +278,6 @@ class _TrainHeartbeat:
 
 def _start_heartbeat(cfg: TrainConfig, loop_config: Dict[str, Any], rank: int) -> _TrainHeartbeat:
     """Start this worker's watchdog; its report is written under ``<run>/stalls/`` for the driver."""
-    import ray.train
 
     run_location = loop_config.get("run_location")
     session = loop_config.get("session") or "session"
@@ -379,10 +378,13 @@ def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dic
 
 
 class _Progress:
-    """Loss terms averaged over workers and micro-batches; steps/s and images/s since the last report.
+    """Loss terms averaged over workers and micro-batches; throughput since the last report.
 
     The terms are summed as tensors where they were computed: reading one (``float``, ``.item()``)
     would wait for the GPU at every micro-batch; only a report step copies them to the host.
+    Besides steps/s and images/s a report says how much of the time the loop waited for its next
+    batch (``data_wait_fraction``: near 0 when the data pipeline keeps up) and, on a GPU, the peak
+    memory allocated so far (``peak_gpu_memory_gib``).
     """
 
     MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
@@ -394,21 +396,26 @@ class _Progress:
 
     def _reset(self) -> None:
         self.sums: Dict[str, torch.Tensor] = {}
-        self.micro_batches, self.steps, self.busy = 0, 0, 0.0
+        self.micro_batches, self.steps, self.busy, self.data_wait = 0, 0, 0.0, 0.0
         self.mark()
 
     def mark(self) -> None:
         """Start timing from now: evaluation and checkpoint time stay out of the throughput."""
         self.last = time.perf_counter()
 
+    def batch_arrived(self) -> None:
+        """The loop holds its next micro-batch: the time since the last mark was spent waiting for it."""
+        self.data_wait += time.perf_counter() - self.last
+
     def add_micro_batch(self, loss: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
         now = time.perf_counter()
         self.busy += now - self.last  # data loading + forward + backward + optimizer step
         self.last = now
-        terms = {"loss": loss, **{name: losses[name] for name in self.MAIN_TERMS if name in losses}}
-        for name, value in terms.items():
-            value = value.detach().to(torch.float64)
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        names = ["loss", *(name for name in self.MAIN_TERMS if name in losses)]
+        values = torch.stack([loss, *(losses[name] for name in names[1:])]).detach().to(torch.float64)
+        if list(self.sums) == names:  # one stacked add per micro-batch, not one per term
+            values = values + torch.stack(list(self.sums.values()))
+        self.sums = dict(zip(names, values))
         self.micro_batches += 1
 
     def mean_over_workers(self) -> Dict[str, float]:
@@ -436,7 +443,10 @@ class _Progress:
             "steps_per_s": self.steps / elapsed,
             "images_per_s": self.micro_batches * self.batch_size * self.world_size / elapsed,
             "world_size": float(self.world_size),
+            "data_wait_fraction": self.data_wait / elapsed,
         })
+        if torch.cuda.is_available():  # the allocator's counter: no device sync
+            metrics["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if not all(math.isfinite(v) for v in metrics.values()):
             raise FloatingPointError(f"step {state.step}: non-finite training metrics {metrics}")
         ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
