@@ -1,4 +1,5 @@
 """The stall watchdog: it fires only without progress, names the phase, and ends a blocked wait."""
+import signal
 import threading
 import time
 
@@ -40,6 +41,27 @@ def test_watch_ends_a_blocked_main_thread_with_the_report():
     assert time.monotonic() - started < 10
     assert "reading shard 7" in caught.value.report
     assert "operator ReadShards: 3 tasks pending" in str(caught.value)
+
+
+def test_watch_fires_under_a_process_sigint_handler_and_restores_it():
+    """A driver that ran a Ray Train job has Ray's SIGINT handler installed (it only aborts its own
+    run): the stall still ends the block, and the handler is back afterwards."""
+    calls = []
+
+    def swallowing_handler(signum, frame):
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGINT, swallowing_handler)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StallError, match="reading shard 2"):
+            with watchdog.watch("dino ingest", 0.5) as heartbeat:
+                heartbeat.phase("reading shard 2")
+                time.sleep(30)
+        assert time.monotonic() - started < 10
+        assert calls == [] and signal.getsignal(signal.SIGINT) is swallowing_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_watched_iterator_reports_the_awaited_item():

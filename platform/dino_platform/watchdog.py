@@ -149,7 +149,21 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
             for batch in batches:
                 heartbeat.beat()
     """
-    heartbeat = Heartbeat(name, timeout_s, interrupt(threading.get_ident()), details).start()
+    heartbeat = Heartbeat(name, timeout_s, interrupt(threading.get_ident()), details)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+
+    def on_sigint(signum, frame):
+        # the stall's SIGINT is ours whatever handler the process had (Ray Train installs one that
+        # only aborts its own run); any other SIGINT goes where it went before
+        if heartbeat.report is not None or previous in (signal.SIG_DFL, None):
+            raise KeyboardInterrupt
+        if callable(previous):
+            previous(signum, frame)
+
+    if in_main:
+        signal.signal(signal.SIGINT, on_sigint)
+    heartbeat.start()
     try:
         yield heartbeat
     except KeyboardInterrupt:
@@ -158,6 +172,8 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
         raise StallError(heartbeat.report) from None
     finally:
         heartbeat.stop()
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def watched(items: Iterable[T], heartbeat: Heartbeat, phase: str) -> Iterator[T]:
