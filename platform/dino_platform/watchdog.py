@@ -150,18 +150,18 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
                 heartbeat.beat()
     """
     heartbeat = Heartbeat(name, timeout_s, interrupt(threading.get_ident()), details)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    own_handler = previous is not None  # None: a handler set outside Python, which could not be put back
 
     def on_sigint(signum, frame):
         # the stall's SIGINT is ours whatever handler the process had (Ray Train installs one that
         # only aborts its own run); any other SIGINT goes where it went before
-        if heartbeat.report is not None or previous in (signal.SIG_DFL, None):
+        if heartbeat.report is not None or previous == signal.SIG_DFL:
             raise KeyboardInterrupt
         if callable(previous):
             previous(signum, frame)
 
-    if in_main:
+    if own_handler:
         signal.signal(signal.SIGINT, on_sigint)
     heartbeat.start()
     try:
@@ -172,7 +172,7 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
         raise StallError(heartbeat.report) from None
     finally:
         heartbeat.stop()
-        if in_main:
+        if own_handler:
             signal.signal(signal.SIGINT, previous)
 
 
