@@ -23,7 +23,7 @@ FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-8} \
 log "built in $((SECONDS - start)) s; implementations: $($PYTHON -c 'import dino_core; print(dino_core.available_implementations())')"
 
 log "pytest -m gpu (kernels, GPU parity)"
-$PYTHON -m pytest -m gpu -q -p no:cacheprovider tests/test_msda_kernels.py tests/test_parity.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
+$PYTHON -m pytest -m gpu -q -p no:cacheprovider tests/core/test_msda_kernels.py tests/core/test_parity.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
 grep -q " passed" "$OUT/pytest_gpu.log" && ! grep -q " failed" "$OUT/pytest_gpu.log"
 
 log "MSDeformAttn kernels, fp32 and bf16"

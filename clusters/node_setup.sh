@@ -12,7 +12,7 @@ REPO_DIR="${DINO_REPO_DIR:-$HOME/dino-platform}"
 VENV_DIR="${DINO_VENV_DIR:-$HOME/dino-venv}"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
 TORCH_INDEX="https://download.pytorch.org/whl/cu130"
-# Equal to the pins in pyproject.toml (tests/test_clusters.py checks it).
+# Equal to the pins in pyproject.toml (tests/clusters/ checks it).
 TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 # A100 (sm_80) and H100 (sm_90), the GPUs of the launcher configs, plus PTX for newer GPUs.
 ARCH_LIST="8.0;9.0+PTX"

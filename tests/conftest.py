@@ -9,13 +9,12 @@ from typing import Any, Iterator
 
 import pytest
 
+from support.s3 import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY, create_bucket
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-S3_TEST_ACCESS_KEY = "AKIATESTDINOPLATFORM"
-S3_TEST_SECRET_KEY = "test-secret-dino-0123456789abcdef"  # tests assert it never leaks
 
 
 def _free_port() -> int:
@@ -57,14 +56,6 @@ def s3_endpoint(_moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     yield _moto_server
-
-
-def create_bucket(endpoint: str, name: str) -> str:
-    """Create bucket ``name`` on ``endpoint`` (credentials from the environment); return ``s3://name``."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
 
 
 @pytest.fixture

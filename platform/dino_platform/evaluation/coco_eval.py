@@ -9,7 +9,7 @@ The protocol (``EvalProtocol``) is the official DINO one by default: every post-
 (``num_select``, 300 for the presets) goes to the evaluator, whose ``maxDets`` (100) caps detections
 per image *per category*. The COCO-challenge rule (at most 100 per image across classes) is
 ``detections_per_image=100``. Two engines compute the same numbers: ``faster_coco_eval`` (C++,
-the default) and ``pycocotools`` (the reference); tests/test_eval_engines.py holds them to 1e-9.
+the default) and ``pycocotools`` (the reference); tests/platform/evaluation/test_eval_engines.py holds them to 1e-9.
 """
 from __future__ import annotations
 

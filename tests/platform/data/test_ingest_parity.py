@@ -1,7 +1,7 @@
 """The streaming ingest writes, byte for byte, what the in-memory ingest wrote on the same inputs.
 
 The reference outputs (``fixtures/ingest_reference.json``) were written by the ingest that parsed
-the whole JSON with ``json.loads`` (commit e41e98d); ``tests/ingest_reference.py`` regenerates them.
+the whole JSON with ``json.loads`` (commit e41e98d); ``tests/support/ingest_reference.py`` regenerates them.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dino_platform.data.ingest import IngestConfig, ingest
 from dino_platform.data.manifest import SHARD_FORMAT_VERSION, read_manifest
 from dino_platform.errors import DataError
 from dino_platform.storage import resolve
-from ingest_reference import CASES, FIXTURE, output_digests, run_case
+from support.ingest_reference import CASES, FIXTURE, output_digests, run_case
 
 REFERENCE = json.loads(FIXTURE.read_text())
 
@@ -33,7 +33,7 @@ def test_same_shards_manifest_and_digest_as_the_in_memory_ingest(case, sources):
     expected = REFERENCE[case]
     assert result["inputs"] == expected["inputs"], (
         "the synthetic inputs differ from those the reference was made from (another Pillow or "
-        "numpy?): regenerate the fixture as tests/ingest_reference.py says")
+        "numpy?): regenerate the fixture as tests/support/ingest_reference.py says")
     assert result["outputs"] == expected["outputs"]
     assert result["digest"] == expected["digest"]
     # the plan digest: sha256 over the annotation file's bytes, then the shaping settings

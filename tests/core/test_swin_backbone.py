@@ -1,7 +1,6 @@
 """The Swin backbone computes what the official DINO Swin backbone computes, and Swin-L checkpoints
 in the official layout load, export and re-load exactly (fixtures: ``tests/fixtures/swin_parity``)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ from torch import nn
 import dino_core
 from dino_core.backbone import Backbone, SwinBackbone
 from dino_core.checkpoint import export_official_state_dict, load_official_state_dict, swin_timm_to_official
-from parity import official_state_dict
+from support import FIXTURES
+from support.parity import official_state_dict
 
-FIXTURE_DIR = Path(__file__).parent / "fixtures" / "swin_parity"
+FIXTURE_DIR = FIXTURES / "swin_parity"
 ATOL = 1e-4
 
 

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import dino_core
-from parity import all_proposal_boxes, load_fixture, official_state_dict, token_indices, unmatched_detections
+from support.parity import all_proposal_boxes, load_fixture, official_state_dict, token_indices, unmatched_detections
+from support import REPO
 
 # How far a proposal score may move between CPUs / MSDA cores and still count as "the same"
 # (measured: <= 1.3e-5 under SSE41/AVX2/AVX-512 with either core).
@@ -199,7 +200,7 @@ def test_parity_under_isa(isa):
     rounding, hence the order of near-tied proposals) with every MSDA core. Measured: ~60 s of CPU
     per ISA (56 s user + 5 s sys for AVX2; 3.4 min wall on a 2-core machine shared with other jobs)."""
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(Path(__file__)), "-v", "-p", "no:cacheprovider", "-k", "not under_isa"],
         cwd=root, env=env, capture_output=True, text=True, timeout=900)

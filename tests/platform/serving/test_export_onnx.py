@@ -17,7 +17,7 @@ import torch
 import dino_core
 import dino_core.transformer as transformer_module
 from dino_core.export import ExportError, check_exportable, export_onnx
-from parity import load_fixture, official_state_dict
+from support.parity import load_fixture, official_state_dict
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

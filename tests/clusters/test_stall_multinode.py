@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 STALL_TIMEOUT_S = 30
 # worker-group start timeout after a lost node (Ray Train, 60 s), two stalls, report and restart margins
 FAIL_WITHIN_S = 60 + 2 * STALL_TIMEOUT_S + 240
@@ -207,7 +207,6 @@ def test_a_starved_data_pipeline_restarts_from_the_checkpoint_then_fails_with_th
 
 def test_ingest_with_no_cpu_for_its_shard_tasks_fails_with_a_stall_report(tmp_path):
     import ray
-
     from dino_platform.data.ingest import IngestConfig, ingest
     from dino_platform.data.synth import SynthConfig, generate
     from dino_platform.errors import StallError

@@ -27,7 +27,7 @@ TRANSFORM = {"scale": 0.15}  # short side 96 px: the official recipe scaled down
 @pytest.fixture(scope="module")
 def s3_env(_moto_server):
     """AWS_* pointing at the moto server for the whole module (the per-test fixture resets moto)."""
-    from conftest import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY
+    from support.s3 import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY
 
     patch = pytest.MonkeyPatch()
     for name in [n for n in os.environ if n.startswith("AWS_")]:
@@ -44,7 +44,7 @@ def s3_env(_moto_server):
 @pytest.fixture(scope="module")
 def shards(s3_env, tmp_path_factory):
     """Synthetic COCO-like train (8 images) and val (4 images) shards in a bucket on the test endpoint."""
-    from conftest import create_bucket
+    from support.s3 import create_bucket
     from dino_platform.data.ingest import IngestConfig, ingest
     from dino_platform.data.synth import SynthConfig, generate
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 from typing import Dict
 
 import torch
 
-FIXTURE_DIR = Path(__file__).parent / "fixtures" / "dino_parity"
+from support import FIXTURES
+
+FIXTURE_DIR = FIXTURES / "dino_parity"
 
 
 def load_fixture(name: str = "r50_4scale") -> Dict:

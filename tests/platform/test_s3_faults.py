@@ -1,4 +1,4 @@
-"""The platform through a flaky object store: a fault-injecting proxy (tests/s3_fault_proxy.py) on
+"""The platform through a flaky object store: a fault-injecting proxy (tests/support/s3_fault_proxy.py) on
 127.0.0.1 in front of the moto server fails 30% of S3 requests (503 SlowDown before forwarding, 500
 after the request landed, dropped connections). With ``AWS_MAX_ATTEMPTS=10`` ingest, a 2-worker
 training that streams its shards from S3 and writes checkpoints there, and evaluation must give
@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from conftest import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY, create_bucket
-from s3_fault_proxy import FAULT_KINDS, FaultProxy
+from support.s3 import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY, create_bucket
+from support.s3_fault_proxy import FAULT_KINDS, FaultProxy
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ cost. The recipe is read from the YAML, so a change to the demo is tested here.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
-SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "o365_pretrain_coco_ft.yaml"
+SPEC = REPO / "pipelines" / "o365_pretrain_coco_ft.yaml"
 # Measured on the 2-core x86_64 machine (2026-12-02): AP 0.0721, AP50 0.2362, the same figures as the
 # pipeline's `make demo-compare` fine-tune (docs/pipelines.md). Other CPUs change float results in the
 # last bits, which moves the trajectory a little, not the outcome; 0.17 leaves 0.066 (28%) for that.

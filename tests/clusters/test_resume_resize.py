@@ -36,10 +36,13 @@ def _group(config):
     """Every rank of one worker group: for each ZeRO stage restore, record, train 2 steps, checkpoint."""
     import deepspeed
     import ray.train
-
     from dino_platform.train.checkpoint import (
-        TrainState, consolidated_optimizer_state, consolidated_state_dict, load_resized_weights,
-        restore_checkpoint, write_checkpoint,
+        TrainState,
+        consolidated_optimizer_state,
+        consolidated_state_dict,
+        load_resized_weights,
+        restore_checkpoint,
+        write_checkpoint,
     )
     from dino_platform.train.config import load_config
     from dino_platform.train.deepspeed_config import build_deepspeed_config

@@ -5,10 +5,10 @@ import importlib
 import importlib.util
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 
 # the module, not the function dino_core.ops re-exports under the same name
 msda = importlib.import_module("dino_core.ops.ms_deform_attn")
@@ -83,7 +83,7 @@ def test_only_the_first_launch_may_fall_back(monkeypatch):
 
 
 def _build_config():
-    path = Path(__file__).resolve().parents[1] / "csrc" / "build.py"
+    path = REPO / "csrc" / "build.py"
     spec = importlib.util.spec_from_file_location("dino_msda_build_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

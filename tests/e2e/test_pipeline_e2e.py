@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # the smoke preset cut to a few steps (the demo's full schedule is tested in test_demo_recipe.py),
 # with a fine-tune checkpoint every 2 steps to stop in and resume from

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from dino_platform.errors import ConfigError
 from dino_platform.pipeline.kind import StageKind
 from dino_platform.pipeline.state import fingerprint
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- the whole example kind: what a new file pipeline/stages/echo.py would hold -------------

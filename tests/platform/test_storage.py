@@ -9,7 +9,7 @@ import socket
 import pyarrow.fs as pafs
 import pytest
 
-from conftest import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY
+from support.s3 import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY
 from dino_platform.errors import StorageError
 from dino_platform.storage import StorageNotFoundError, resolve
 

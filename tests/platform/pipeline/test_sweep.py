@@ -14,9 +14,10 @@ import pytest
 
 from dino_platform.errors import ConfigError
 from dino_platform.sweep.spec import apply_values, load_sweep_spec, parse_search_space
+from support import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT / "pipelines" / "sweep_coco_ft.yaml"
+
+SPEC = REPO / "pipelines" / "sweep_coco_ft.yaml"
 
 
 def minimal(**changes):
@@ -110,7 +111,7 @@ SMOKE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
 
 
 def _smoke_command(root: Path, *overrides: str) -> list:
-    cmd = [sys.executable, str(ROOT / "pipelines" / "sweep_coco_ft.py"), "--preset", "smoke",
+    cmd = [sys.executable, str(REPO / "pipelines" / "sweep_coco_ft.py"), "--preset", "smoke",
            "--set", f"output_root={root}", "--set", f"train.data.train_uri={root}/data/train",
            "--set", f"train.data.eval_uri={root}/data/val"]
     for item in overrides:
@@ -119,7 +120,7 @@ def _smoke_command(root: Path, *overrides: str) -> list:
 
 
 def _run_smoke(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(_smoke_command(root, *overrides), cwd=ROOT, env={**os.environ, **SMOKE_ENV},
+    done = subprocess.run(_smoke_command(root, *overrides), cwd=REPO, env={**os.environ, **SMOKE_ENV},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done
@@ -307,7 +308,7 @@ def test_interrupted_smoke_sweep_resumes_without_registering(tmp_path):
               "register.model_name=dino-coco-sweep-resume")
     trials_dir = tmp_path / "sweep_coco_ft" / "trials"
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(_smoke_command(tmp_path, *budget), cwd=ROOT, env={**os.environ, **SMOKE_ENV},
+    first = subprocess.Popen(_smoke_command(tmp_path, *budget), cwd=REPO, env={**os.environ, **SMOKE_ENV},
                              stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from support import REPO
 
 
 TRANSFORM = {"scale": 0.15}  # short side 96 px: cheap on CPU
@@ -176,7 +177,7 @@ def _matched(row, expected):
     return (np.asarray(pairs[0]), np.asarray(pairs[1])), (np.asarray(pairs[2]), np.asarray(pairs[3]))
 
 
-SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "o365_pretrain_coco_ft.yaml"
+SPEC = REPO / "pipelines" / "o365_pretrain_coco_ft.yaml"
 
 
 def test_pipeline_infer_stage_is_typed_and_validated(tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dino_platform.errors import ConfigError, DataError
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "pipelines" / "o365_pretrain_coco_ft.yaml"
 
 

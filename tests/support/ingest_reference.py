@@ -3,12 +3,12 @@
 ``fixtures/ingest_reference.json`` holds, for each case, the sha256 of every input file and of every
 output (each shard, the manifest with the temporary root replaced by ``<root>``), as written by the
 ingest that parsed the whole JSON in memory (commit e41e98d, before the streaming ingest). The
-streaming ingest must reproduce them byte for byte (tests/test_ingest_parity.py).
+streaming ingest must reproduce them byte for byte (tests/platform/data/test_ingest_parity.py).
 
 Regenerate with another revision's ingest (only when the shard format changes on purpose)::
 
     git archive <rev> platform | tar -x -C /tmp/ref
-    PYTHONPATH=/tmp/ref/platform:tests python tests/ingest_reference.py > tests/fixtures/ingest_reference.json
+    PYTHONPATH=/tmp/ref/platform:tests python tests/support/ingest_reference.py > tests/fixtures/ingest_reference.json
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from typing import Callable, Dict
 
 from dino_platform.data.synth import SynthConfig, generate
 
-FIXTURE = Path(__file__).with_name("fixtures") / "ingest_reference.json"
+from support import FIXTURES
+
+FIXTURE = FIXTURES / "ingest_reference.json"
 
 
 def _clean_coco(root: Path) -> Path:
@@ -30,7 +32,9 @@ def _clean_coco(root: Path) -> Path:
 
 
 def _broken_coco(root: Path) -> Path:
-    from test_ingest import _broken_copy  # the broken set of test_ingest: one of each bad input
+    from test_ingest import (
+        _broken_copy,  # the broken set of test_ingest: one of each bad input
+    )
 
     _broken_copy(_clean_coco(root.with_name(root.name + "_clean")), root)
     return root

@@ -2,7 +2,7 @@
 
 The counts are those of an accelerator run (see ``dino_core.sync_audit``): only the Hungarian
 matching's one device-to-host copy of the step's cost matrices may wait on the device. The stacked
-criterion must equal the per-set oracle (``tests/reference_criterion.py``) term by term.
+criterion must equal the per-set oracle (``tests/support/reference_criterion.py``) term by term.
 """
 import pytest
 import torch
@@ -10,7 +10,7 @@ import torch
 import dino_core
 from dino_core import host_transfer
 from dino_core.sync_audit import HostSyncAudit
-from reference_criterion import reference_losses
+from support.reference_criterion import reference_losses
 
 # dino_r50_4scale, 2 images of 256x320, one training step with fused AdamW: 6,280 aten ops measured
 # on 2026-12-04 (10,595 before the stacked criterion, device-side noise and Python level shapes).

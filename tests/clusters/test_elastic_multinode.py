@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGES = 8
 STEPS_PER_EPOCH = 4  # 8 images / total batch 2 (2 workers x 1, or 1 worker x 1 x accumulation 2)
 EPOCHS = 3
