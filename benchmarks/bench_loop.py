@@ -53,7 +53,7 @@ def bare_throughput(args, shards: str) -> dict:
     import dino_core
     from dino_platform.data.streaming import build_train_dataset
     from dino_platform.data.transforms import transform_configs
-    from dino_platform.train.batches import iter_collated
+    from dino_platform.data.batches import iter_collated
 
     device = "cuda" if args.gpu else "cpu"
     if not args.gpu:  # as many threads as the loop's worker: Ray gives a worker of < 2 CPUs one

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from dino_platform.train.checkpoint import DATA_POSITION_FILE, STATE_FILE, TrainState, redeal_needed
+from dino_platform.run_state import DATA_POSITION_FILE, STATE_FILE, TrainState, redeal_needed
 
 
 def test_an_epoch_is_re_dealt_only_mid_epoch_at_another_size_or_once_re_dealt():

@@ -37,9 +37,10 @@ def _group(config):
     import deepspeed
     import ray.train
 
+    from dino_platform.run_state import TrainState
     from dino_platform.train.checkpoint import (
-        TrainState, consolidated_optimizer_state, consolidated_state_dict, load_resized_weights,
-        restore_checkpoint, write_checkpoint,
+        consolidated_optimizer_state, consolidated_state_dict, load_resized_weights, restore_checkpoint,
+        write_checkpoint,
     )
     from dino_platform.train.config import load_config
     from dino_platform.train.deepspeed_config import build_deepspeed_config
