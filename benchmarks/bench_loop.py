@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,16 +106,12 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import synthetic_shards
 
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         workdir = Path(tmp)
-        generate(SynthConfig(kind="coco", images=args.images, seed=1, size=tuple(args.size)), str(workdir / "raw"))
-        ingest(IngestConfig(format="coco", annotations_uri=str(workdir / "raw" / "annotations.json"),
-                            images_uri=str(workdir / "raw" / "images"), out_uri=str(workdir / "shards"),
-                            parallel=False))
-        shards = str(workdir / "shards")
+        shards = synthetic_shards(workdir, images=args.images, seed=1, size=args.size)
         ray.init(include_dashboard=True, log_to_driver=False)
         loop = loop_throughput(args, shards, workdir)
         bare = bare_throughput(args, shards)

@@ -1,11 +1,13 @@
-"""Shared fixtures: a real S3 server (moto) on loopback, and one local Ray instance per session."""
+"""Shared fixtures: a real S3 server (moto) on loopback, one local Ray instance per session, and
+synthetic training shards."""
 from __future__ import annotations
 
 import logging
 import os
 import socket
 import uuid
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional, Tuple
 
 import pytest
 
@@ -100,3 +102,17 @@ def process_group() -> Iterator[None]:
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+
+
+def synthetic_shards(root: Path, images: int, seed: int, size: Tuple[int, int] = (128, 96),
+                     out_uri: Optional[str] = None) -> str:
+    """``images`` synthetic COCO-like pictures generated in ``root/raw`` and ingested in-process to
+    ``out_uri`` (default ``root/shards``); returns the shards' URI."""
+    from dino_platform.data.ingest import IngestConfig, ingest
+    from dino_platform.data.synth import SynthConfig, generate
+
+    out_uri = out_uri or str(root / "shards")
+    generate(SynthConfig(kind="coco", images=images, seed=seed, size=tuple(size)), str(root / "raw"))
+    ingest(IngestConfig(format="coco", annotations_uri=str(root / "raw" / "annotations.json"),
+                        images_uri=str(root / "raw" / "images"), out_uri=out_uri, parallel=False))
+    return out_uri
