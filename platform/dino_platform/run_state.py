@@ -1,13 +1,8 @@
 """Where a training run stood, as its checkpoints and run directory record it (read-only).
 
-``train.checkpoint`` writes these records; the driver (where a run continues), the data split
-(which images of an epoch remain) and the workers (what to restore) read them here. A checkpoint
-directory is a local ``Path`` (a worker's copy) or a storage ``Location``::
-
-    train_state.json     TrainState: step, epoch, micro-batches and steps consumed in that epoch, seed, world size
-    data_position.json   {"epoch": e, "image_ids": [...]}: the images of epoch e trained on so far
-
-A run directory also holds Ray Train's ``checkpoint_manager_snapshot.json`` and the folders below.
+``train.checkpoint`` writes these records (its docstring shows a checkpoint's layout); the driver,
+the data split and the workers read them here. A checkpoint directory is a local ``Path`` (a
+worker's copy) or a storage ``Location``.
 """
 from __future__ import annotations
 

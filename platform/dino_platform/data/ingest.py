@@ -569,7 +569,8 @@ class GroupedAnnotations:
 
 def check_annotations(records: _AnnotationRecords, known: KnownImages, categories: Dict[int, str],
                       stats: Counter) -> Tuple[GroupedAnnotations, List[Tuple[int, dict]]]:
-    """Attach each sound annotation to its image (boxes clipped to the image), quarantine the rest.
+    """Attach each sound annotation to one of ``known`` (not empty) with its box clipped to the image;
+    quarantine the rest.
 
     The checks apply in a fixed order and a record is quarantined for the first it fails: malformed
     ids, duplicate id (the first record with a sound id is kept), unknown image, unknown category,
@@ -586,20 +587,13 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
     return _join_chunks(records.chunks), quarantine
 
 
-def _image_rows(known: KnownImages, image_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each of ``image_ids`` [n]: its row in ``known``, whether it is known, whether it has a file."""
-    if not len(known.ids):
-        n = len(image_ids)
-        return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-    rows = np.minimum(np.searchsorted(known.ids, image_ids), len(known.ids) - 1)
-    return rows, known.ids[rows] == image_ids, known.starts[rows] >= 0
-
-
 def _check_chunk(chunk: _AnnotationChunk, dup: np.ndarray, known: KnownImages, category_ids: np.ndarray,
                  file_rank: np.ndarray, details: Dict[int, str], stats: Counter) -> List[Tuple[int, dict]]:
-    """The (position, entry) quarantines of one chunk; its kept annotations move to its front, clipped."""
+    """The (position, entry) quarantines of one chunk; its kept annotations move to its front, clipped.
+    ``known`` holds at least one image."""
     image_ids, state = chunk.column("image_ids"), chunk.column("state")
-    rows, known_image, has_file = _image_rows(known, image_ids)
+    rows = np.minimum(np.searchsorted(known.ids, image_ids), len(known.ids) - 1)  # the image's row in known
+    known_image, has_file = known.ids[rows] == image_ids, known.starts[rows] >= 0
     live = (state != _MALFORMED_IDS) & ~dup
     unknown_image = live & ~known_image
     unknown_category = live & known_image & ~np.isin(chunk.column("category_ids"), category_ids)
