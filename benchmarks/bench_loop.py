@@ -19,6 +19,7 @@ import argparse
 import datetime
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def bare_throughput(args, shards: str) -> dict:
     import dino_core
     from dino_platform.data.streaming import build_train_dataset
     from dino_platform.data.transforms import transform_configs
-    from dino_platform.train.batches import iter_collated
+    from dino_platform.data.batches import iter_collated
 
     device = "cuda" if args.gpu else "cpu"
     if not args.gpu:  # as many threads as the loop's worker: Ray gives a worker of < 2 CPUs one
@@ -105,16 +106,12 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.shards import synthetic_shards
 
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         workdir = Path(tmp)
-        generate(SynthConfig(kind="coco", images=args.images, seed=1, size=tuple(args.size)), str(workdir / "raw"))
-        ingest(IngestConfig(format="coco", annotations_uri=str(workdir / "raw" / "annotations.json"),
-                            images_uri=str(workdir / "raw" / "images"), out_uri=str(workdir / "shards"),
-                            parallel=False))
-        shards = str(workdir / "shards")
+        shards = synthetic_shards(workdir, images=args.images, seed=1, size=args.size)
         ray.init(include_dashboard=True, log_to_driver=False)
         loop = loop_throughput(args, shards, workdir)
         bare = bare_throughput(args, shards)

@@ -12,7 +12,7 @@ the official per-set computation up to float summation order.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -75,11 +75,13 @@ def denoising_indices(counts: Sequence[int], num_groups: int, group_size: int) -
     return indices
 
 
-class _Pairs:
-    """Matched (set, image, query, target) index columns of one stack of output sets, on the device."""
+class _Pairs(NamedTuple):
+    """Matched (set, image, query, target) index columns of one stack of output sets, on the device: ``[M]`` each."""
 
-    def __init__(self, set_idx, batch_idx, query_idx, target_idx):
-        self.set_idx, self.batch_idx, self.query_idx, self.target_idx = set_idx, batch_idx, query_idx, target_idx
+    set_idx: torch.Tensor
+    batch_idx: torch.Tensor
+    query_idx: torch.Tensor
+    target_idx: torch.Tensor
 
 
 def _flatten_matches(matches: List[List[HostIndices]], starts: np.ndarray) -> np.ndarray:

@@ -105,22 +105,21 @@ class HostSyncAudit(TorchDispatchMode):
         self._restore.append(lambda: setattr(owner, name, original))
 
     def _factory(self, original):
+        copies_data = original.__name__ in ("tensor", "as_tensor")
+
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
             data = args[0] if args else kwargs.get("data")
             result = original(*args, **kwargs)
-            if isinstance(data, torch.Tensor) and original.__name__ in ("tensor", "as_tensor"):
-                if kwargs.get("device") is not None and self.is_host(data):
-                    self.syncs["host to device copy"] += 1
-                    self._mark_device(result)
-                elif kwargs.get("device") is None and self.is_host(data):
-                    self._mark_host(result)
-            elif kwargs.get("device") is None:
+            from_tensor = isinstance(data, torch.Tensor)
+            if copies_data and from_tensor and not self.is_host(data):  # a device tensor copied: no host data
+                return result
+            if kwargs.get("device") is None:
                 self._mark_host(result)
-            else:
-                if original.__name__ in ("tensor", "as_tensor"):  # Python data copied to the device
-                    self.syncs["tensor from host data"] += 1
-                self._mark_device(result)
+                return result
+            if copies_data:  # host data (a tensor, or Python values) copied to the device
+                self.syncs["host to device copy" if from_tensor else "tensor from host data"] += 1
+            self._mark_device(result)
             return result
         return wrapper
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 server (moto) on loopback, and one local Ray instance per session."""
+"""Shared fixtures: a real S3 server (moto) on loopback, one local Ray instance per session, and
+synthetic training shards."""
 from __future__ import annotations
 
 import logging

@@ -30,6 +30,7 @@ import pytest
 import torch
 import yaml
 from support import REPO
+from support.shards import synthetic_shards
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +41,7 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("elastic-data")
-    generate(SynthConfig(kind="coco", images=IMAGES, seed=3, size=(128, 96)), str(root / "raw"))
-    ingest(IngestConfig(format="coco", annotations_uri=str(root / "raw" / "annotations.json"),
-                        images_uri=str(root / "raw" / "images"), out_uri=str(root / "shards"), parallel=False))
-    return str(root / "shards")
+    return synthetic_shards(tmp_path_factory.mktemp("elastic-data"), images=IMAGES, seed=3)
 
 
 @pytest.fixture(scope="module")

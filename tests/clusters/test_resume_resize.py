@@ -36,12 +36,9 @@ def _group(config):
     """Every rank of one worker group: for each ZeRO stage restore, record, train 2 steps, checkpoint."""
     import deepspeed
     import ray.train
+    from dino_platform.run_state import TrainState
     from dino_platform.train.checkpoint import (
-        TrainState,
-        consolidated_optimizer_state,
-        consolidated_state_dict,
-        load_resized_weights,
-        restore_checkpoint,
+        consolidated_optimizer_state, consolidated_state_dict, load_resized_weights, restore_checkpoint,
         write_checkpoint,
     )
     from dino_platform.train.config import load_config

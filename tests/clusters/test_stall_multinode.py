@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support import REPO
+from support.shards import synthetic_shards
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +40,7 @@ FAIL_WITHIN_S = 60 + 2 * STALL_TIMEOUT_S + 240
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("stall-data")
-    generate(SynthConfig(kind="coco", images=16, seed=5, size=(128, 96)), str(root / "raw"))
-    ingest(IngestConfig(format="coco", annotations_uri=str(root / "raw" / "annotations.json"),
-                        images_uri=str(root / "raw" / "images"), out_uri=str(root / "shards"), parallel=False))
-    return str(root / "shards")
+    return synthetic_shards(tmp_path_factory.mktemp("stall-data"), images=16, seed=5)
 
 
 def _job(shards: str, out: Path, name: str, scaling: dict, max_failures: int, epochs: int) -> Path:

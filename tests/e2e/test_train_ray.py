@@ -45,18 +45,12 @@ def s3_env(_moto_server):
 def shards(s3_env, tmp_path_factory):
     """Synthetic COCO-like train (8 images) and val (4 images) shards in a bucket on the test endpoint."""
     from support.s3 import create_bucket
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
+    from support.shards import synthetic_shards
 
     bucket = create_bucket(s3_env, f"train-{uuid.uuid4().hex[:8]}")
     raw = tmp_path_factory.mktemp("raw")
-    out = {}
-    for split, images, seed in (("train", 8, 1), ("val", 4, 2)):
-        generate(SynthConfig(kind="coco", images=images, seed=seed, size=(128, 96)), str(raw / split))
-        ingest(IngestConfig(format="coco", annotations_uri=str(raw / split / "annotations.json"),
-                            images_uri=str(raw / split / "images"), out_uri=f"{bucket}/shards/{split}",
-                            parallel=False))
-        out[split] = f"{bucket}/shards/{split}"
+    out = {split: synthetic_shards(raw / split, images, seed, out_uri=f"{bucket}/shards/{split}")
+           for split, images, seed in (("train", 8, 1), ("val", 4, 2))}
     out["bucket"] = bucket
     return out
 

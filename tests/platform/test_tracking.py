@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_platform.tracking import (MetricsLogger, draw_detections, finish_run, resolve_tracking_uri,
-                                    start_or_resume_run)
+from dino_platform.drawing import draw_detections
+from dino_platform.tracking import MetricsLogger, finish_run, resolve_tracking_uri, start_or_resume_run
 from dino_platform.train.config import flat_params, load_config
 
 

@@ -18,8 +18,8 @@ an unreachable store is a clear error naming the file.
 Re-running after an interruption with the same inputs ends with byte-identical shards: shard
 content depends only on the inputs, and shards recorded as done under ``_ingest/`` are kept.
 
-NOTE: the streaming parser accepts strict JSON only. ``json.loads`` also took ``NaN``/``Infinity``,
-integers beyond 64 bits and UTF-16/32 files; such a file is now refused with an error that says so.
+NOTE: the streaming parser accepts strict JSON only: ``NaN``/``Infinity``, integers beyond 64 bits
+and UTF-16/32 files are refused with an error that says so (``json.loads`` would accept them).
 """
 from __future__ import annotations
 
@@ -385,7 +385,7 @@ def read_annotation_file(location: Location) -> AnnotationFile:
 
 
 def _malformed_json(location: Location, exc: Exception, seen: int) -> DataError:
-    if location.size() <= EXACT_ERROR_LIMIT:  # small enough to name the line and column as before
+    if location.size() <= EXACT_ERROR_LIMIT:  # small enough to re-read with json to name the line and column
         try:
             json.loads(location.read_bytes())
         except json.JSONDecodeError as error:
@@ -451,20 +451,16 @@ def _path_parts(file_name: str) -> List[str]:
 
 
 def _resolve_start(file_name: str, available: Set[str]) -> int:
-    """How many leading components of ``file_name`` to drop to find it in ``available``; -1: none."""
+    """How many leading components of ``file_name`` to drop to find it in ``available``; -1: none.
+
+    The path itself comes first, then the path with its leading components stripped one by one
+    (Objects365's JSON says ``images/v1/patch8/x.jpg`` for a file stored as ``patch8/x.jpg``).
+    """
     parts = _path_parts(file_name)
     for start in range(len(parts)):
         if "/".join(parts[start:]) in available:
             return start
     return -1
-
-
-def resolve_image_path(file_name: str, available: Set[str]) -> Optional[str]:
-    """Where ``file_name`` lies under the images location: the path itself, or the path with its
-    leading components stripped one by one (Objects365's JSON says ``images/v1/patch8/x.jpg`` for
-    a file stored as ``patch8/x.jpg``)."""
-    start = _resolve_start(file_name, available)
-    return None if start < 0 else "/".join(_path_parts(file_name)[start:])
 
 
 def list_images(images: Location) -> Set[str]:
@@ -573,95 +569,122 @@ class GroupedAnnotations:
 
 def check_annotations(records: _AnnotationRecords, known: KnownImages, categories: Dict[int, str],
                       stats: Counter) -> Tuple[GroupedAnnotations, List[Tuple[int, dict]]]:
-    """Attach each sound annotation to its image (boxes clipped to the image), quarantine the rest.
+    """Attach each sound annotation to one of ``known`` (not empty) with its box clipped to the image;
+    quarantine the rest.
 
-    The checks apply in a fixed order, as before: malformed ids, duplicate id (the first record
-    with a sound id is kept), unknown image, unknown category, malformed or non-positive box,
-    image without a file (dropped with it), box outside the image.
+    The checks apply in a fixed order and a record is quarantined for the first it fails: malformed
+    ids, duplicate id (the first record with a sound id is kept), unknown image, unknown category,
+    malformed or non-positive box, image without a file (dropped with it), box outside the image.
     """
     quarantine = list(records.quarantine)
-    chunks = records.chunks
-    duplicate = _repeated_ids(chunks, records.count)
+    duplicate = _repeated_ids(records.chunks, records.count)
     category_ids = np.fromiter(sorted(categories), dtype=np.int64, count=len(categories))
-    with_file = known.starts >= 0
-    file_rank = np.cumsum(with_file, dtype=np.int64) - 1  # row among the images with a file
-    for chunk in chunks:  # one chunk at a time; its sound annotations are compacted in place
-        n = len(chunk)
-        ids, image_ids, cats = chunk.column("ids"), chunk.column("image_ids"), chunk.column("category_ids")
-        state = chunk.column("state")
-        box = [chunk.column(c) for c in "xywh"]
-        if len(known.ids):
-            where = np.minimum(np.searchsorted(known.ids, image_ids), len(known.ids) - 1)
-            known_image, has_file = known.ids[where] == image_ids, with_file[where]
-        else:
-            where, known_image, has_file = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        known_category = np.isin(cats, category_ids)
-        dup = duplicate[chunk.first:chunk.first + n]
-        live = (state != _MALFORMED_IDS) & ~dup
-        unknown_image = live & ~known_image
-        unknown_category = live & known_image & ~known_category
-        box_refused = live & known_image & known_category & (state != _SOUND)
-        passed = live & known_image & known_category & (state == _SOUND)
-        stats["annotations_dropped_with_images"] += int((passed & ~has_file).sum())
-        placed = np.flatnonzero(passed & has_file)
-        x, y, w, h = (values[placed] for values in box)
-        width, height = known.widths[where[placed]].astype(np.float64), known.heights[where[placed]].astype(np.float64)
-        # max(x, 0.0) / min(x + w, width) exactly as Python's builtins pick (they keep -0.0)
-        x0, y0 = np.where(0.0 > x, 0.0, x), np.where(0.0 > y, 0.0, y)
-        x1, y1 = np.where(width < x + w, width, x + w), np.where(height < y + h, height, y + h)
-        outside = (x1 <= x0) | (y1 <= y0)
-        inside = ~outside
-        stats["clipped_boxes"] += int(((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))[inside].sum())
-
-        masks = chunk.column("int_mask")
-        for row in np.flatnonzero(unknown_image | unknown_category | box_refused | dup):
-            position = chunk.first + int(row)
-            entry = {"annotation_id": int(ids[row]), "image_id": int(image_ids[row])}
-            if dup[row]:
-                entry.update(reason=Reason.DUPLICATE_ANNOTATION_ID,
-                             detail=f"annotation id {int(ids[row])} appears more than once; kept the first")
-            elif unknown_image[row]:
-                entry.update(reason=Reason.UNKNOWN_IMAGE_ID, detail=f"no image has id {int(image_ids[row])}")
-            elif unknown_category[row]:
-                entry.update(reason=Reason.UNKNOWN_CATEGORY_ID,
-                             detail=f"category id {int(cats[row])} is not among the categories")
-            else:
-                entry.update(reason=Reason.MALFORMED_ANNOTATION if state[row] == _MALFORMED_BBOX
-                             else Reason.NON_POSITIVE_BOX, detail=records.details[position])
-            quarantine.append((position, entry))
-        for k in np.flatnonzero(outside):
-            row = int(placed[k])
-            image = int(where[row])
-            quarantine.append((chunk.first + row, {
-                "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
-                "detail": f"bbox {_box_repr([v[row] for v in box], int(masks[row]))} lies outside the "
-                          f"{int(known.widths[image])}x{int(known.heights[image])} image"}))
-
-        placed, x0, y0, x1, y1 = placed[inside], x0[inside], y0[inside], x1[inside], y1[inside]
-        kept = len(placed)
-        areas = chunk.column("areas")
-        areas[:kept] = np.where(np.isnan(areas[placed]), (x1 - x0) * (y1 - y0), areas[placed])
-        for values, clipped in zip(box, (x0, y0, x1 - x0, y1 - y0)):
-            values[:kept] = clipped
-        image_ids[:kept] = file_rank[where[placed]]  # from here on: the row among images with a file
-        for values in (ids, cats, chunk.column("iscrowd")):
-            values[:kept] = values[placed]
-        chunk.size = kept
-        chunk.int_mask = chunk.state = None
-        del ids, image_ids, cats, state, box, masks, areas, values  # views that would keep it alive
+    file_rank = np.cumsum(known.starts >= 0, dtype=np.int64) - 1  # row among the images with a file
+    for chunk in records.chunks:  # one chunk at a time; its kept annotations are compacted in place
+        quarantine += _check_chunk(chunk, duplicate[chunk.first:chunk.first + len(chunk)], known, category_ids,
+                                   file_rank, records.details, stats)
     records.details.clear()
+    return _join_chunks(records.chunks), quarantine
+
+
+def _check_chunk(chunk: _AnnotationChunk, dup: np.ndarray, known: KnownImages, category_ids: np.ndarray,
+                 file_rank: np.ndarray, details: Dict[int, str], stats: Counter) -> List[Tuple[int, dict]]:
+    """The (position, entry) quarantines of one chunk; its kept annotations move to its front, clipped.
+    ``known`` holds at least one image."""
+    image_ids, state = chunk.column("image_ids"), chunk.column("state")
+    rows = np.minimum(np.searchsorted(known.ids, image_ids), len(known.ids) - 1)  # the image's row in known
+    known_image, has_file = known.ids[rows] == image_ids, known.starts[rows] >= 0
+    live = (state != _MALFORMED_IDS) & ~dup
+    unknown_image = live & ~known_image
+    unknown_category = live & known_image & ~np.isin(chunk.column("category_ids"), category_ids)
+    checked = live & known_image & ~unknown_category
+    passed = checked & (state == _SOUND)
+    stats["annotations_dropped_with_images"] += int((passed & ~has_file).sum())
+    quarantine = _refusals(chunk, dup, unknown_image, unknown_category, checked & (state != _SOUND), details)
+
+    placed = np.flatnonzero(passed & has_file)
+    x, y, w, h = (chunk.column(c)[placed] for c in "xywh")
+    width, height = known.widths[rows[placed]].astype(np.float64), known.heights[rows[placed]].astype(np.float64)
+    # max(x, 0.0) / min(x + w, width) exactly as Python's builtins pick (they keep -0.0)
+    x0, y0 = np.where(0.0 > x, 0.0, x), np.where(0.0 > y, 0.0, y)
+    x1, y1 = np.where(width < x + w, width, x + w), np.where(height < y + h, height, y + h)
+    inside = ~((x1 <= x0) | (y1 <= y0))
+    stats["clipped_boxes"] += int(((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))[inside].sum())
+    quarantine += _outside(chunk, placed[~inside], rows[placed[~inside]], known)
+    _compact(chunk, placed[inside], (x0[inside], y0[inside], x1[inside], y1[inside]),
+             file_rank[rows[placed[inside]]])
+    return quarantine
+
+
+def _refusals(chunk: _AnnotationChunk, dup: np.ndarray, unknown_image: np.ndarray, unknown_category: np.ndarray,
+              box_refused: np.ndarray, details: Dict[int, str]) -> List[Tuple[int, dict]]:
+    """(position, entry) of the chunk's records refused before their box is placed, in file order."""
+    ids, image_ids, cats, state = (chunk.column(c) for c in ("ids", "image_ids", "category_ids", "state"))
+    refused = []
+    for row in np.flatnonzero(dup | unknown_image | unknown_category | box_refused):
+        position = chunk.first + int(row)
+        entry = {"annotation_id": int(ids[row]), "image_id": int(image_ids[row])}
+        if dup[row]:
+            entry.update(reason=Reason.DUPLICATE_ANNOTATION_ID,
+                         detail=f"annotation id {int(ids[row])} appears more than once; kept the first")
+        elif unknown_image[row]:
+            entry.update(reason=Reason.UNKNOWN_IMAGE_ID, detail=f"no image has id {int(image_ids[row])}")
+        elif unknown_category[row]:
+            entry.update(reason=Reason.UNKNOWN_CATEGORY_ID,
+                         detail=f"category id {int(cats[row])} is not among the categories")
+        else:
+            entry.update(reason=Reason.MALFORMED_ANNOTATION if state[row] == _MALFORMED_BBOX
+                         else Reason.NON_POSITIVE_BOX, detail=details[position])
+        refused.append((position, entry))
+    return refused
+
+
+def _outside(chunk: _AnnotationChunk, chunk_rows: np.ndarray, image_rows: np.ndarray,
+             known: KnownImages) -> List[Tuple[int, dict]]:
+    """(position, entry) of the records at ``chunk_rows``, whose boxes lie outside their images
+    (``image_rows`` of ``known``)."""
+    ids, image_ids, masks = chunk.column("ids"), chunk.column("image_ids"), chunk.column("int_mask")
+    box = [chunk.column(c) for c in "xywh"]
+    return [(chunk.first + row, {
+        "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
+        "detail": f"bbox {_box_repr([v[row] for v in box], int(masks[row]))} lies outside the "
+                  f"{int(known.widths[image])}x{int(known.heights[image])} image"})
+        for row, image in zip(chunk_rows.tolist(), image_rows.tolist())]
+
+
+def _compact(chunk: _AnnotationChunk, kept_rows: np.ndarray, corners: Tuple[np.ndarray, ...],
+             image_rows: np.ndarray) -> None:
+    """Keep only ``kept_rows`` of the chunk, moved to its front: boxes clipped to ``corners`` (x0, y0, x1, y1),
+    missing areas from the clipped box, image ids replaced by ``image_rows`` (rows among images with a file)."""
+    x0, y0, x1, y1 = corners
+    kept = len(kept_rows)
+    areas = chunk.column("areas")
+    areas[:kept] = np.where(np.isnan(areas[kept_rows]), (x1 - x0) * (y1 - y0), areas[kept_rows])
+    for name, clipped in zip("xywh", (x0, y0, x1 - x0, y1 - y0)):
+        chunk.column(name)[:kept] = clipped
+    chunk.column("image_ids")[:kept] = image_rows
+    for name in ("ids", "category_ids", "iscrowd"):
+        values = chunk.column(name)
+        values[:kept] = values[kept_rows]
+    chunk.size = kept
+    chunk.int_mask = chunk.state = None
+
+
+def _join_chunks(chunks: List[_AnnotationChunk]) -> GroupedAnnotations:
+    """The chunks' kept annotations in canonical order (by image, then id); each column's chunks
+    are freed as soon as it is joined, and the list is emptied."""
     columns = {}
     for source, name in (("image_ids", "image_rows"), ("ids", "ids"), ("category_ids", "category_ids"),
                          ("iscrowd", "iscrowd"), ("areas", "areas"), ("x", "x"), ("y", "y"), ("w", "w"), ("h", "h")):
         columns[name] = np.concatenate([c.column(source) for c in chunks])
-        for c in chunks:  # each column's chunks freed as soon as it is joined
+        for c in chunks:
             setattr(c, source, None)
         release_freed_memory()
     chunks.clear()
-    order = np.lexsort((columns["ids"], columns["image_rows"]))  # canonical order: by image, then id
+    order = np.lexsort((columns["ids"], columns["image_rows"]))
     for name in columns:  # one column at a time: the transient is one column
         columns[name] = columns[name][order]
-    return GroupedAnnotations(**columns), quarantine
+    return GroupedAnnotations(**columns)
 
 
 # --- the shard plan (driver) -----------------------------------------------------------------------
@@ -749,16 +772,12 @@ def build_shard(index: int, shard: ShardSlice, images: Location, out: Location) 
                      "category_ids": cats[begin:end], "iscrowd": crowds[begin:end], "areas": areas[begin:end]})
     payload = encode_shard(rows)
     name = shard_name(index)
-    write_shard_file(out.child(name), payload)
+    out.child(name).write_bytes(payload)
     info = ShardInfo(name, len(rows), sum(len(r["annotation_ids"]) for r in rows), len(payload),
                      hashlib.sha256(payload).hexdigest())
     result = ShardResult(info, quarantined, dropped)
     out.child(f"{WORK_DIR}/done/{name}.json").write_bytes(json.dumps(asdict(result)).encode())
     return result
-
-
-def write_shard_file(location: Location, payload: bytes) -> None:
-    location.write_bytes(payload)
 
 
 # --- the whole ingest (driver) ---------------------------------------------------------------------
@@ -771,7 +790,7 @@ def _plan_digest(cfg: IngestConfig, file_hasher: Any) -> str:
 
 
 def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
-    """Shards a previous run of the same plan finished; everything else of an old run is cleared."""
+    """Shards a run of the same plan finished; the work of a run of another plan is cleared."""
     plan = out.child(f"{WORK_DIR}/plan.json")
     previous = json.loads(plan.read_bytes()).get("plan_digest") if plan.exists() else None
     if previous != plan_digest:

@@ -6,12 +6,15 @@ lives under ``data/`` so that both depend on it, and neither on the other.
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import ray.train
+
+from dino_platform.run_state import (
+    STATE_FILE, latest_registered_checkpoint, read_consumed_image_ids, read_state, redeal_needed,
+)
 
 log = logging.getLogger("dino.train")
 
@@ -60,8 +63,6 @@ class OrderedShards(ray.train.DataConfig):
 
     def _resume_point(self) -> Optional[Tuple[int, Any]]:
         """(epoch, checkpoint Location) the worker group resumes from, or None for a fresh start."""
-        from dino_platform.train.checkpoint import latest_registered_checkpoint
-
         latest = latest_registered_checkpoint(self.run_location) if self.run_location is not None else None
         if latest is not None:
             epoch = int((latest.get("metrics") or {}).get("epoch", 0))
@@ -78,23 +79,15 @@ def _remaining_to_redeal(resume, world_size: int) -> Optional[np.ndarray]:
     Another size mid-epoch: the split changes, so the first pass drops the ids the checkpoint lists
     in ``data_position.json`` and ``streaming_split`` deals what remains equally to the new workers.
     """
-    if resume is None:
+    if resume is None or not resume[1].child(STATE_FILE).exists():
         return None
-    from dino_platform.train.checkpoint import DATA_POSITION_FILE, STATE_FILE, TrainState, redeal_needed
-
-    _, location = resume
-    state_file = location.child(STATE_FILE)
-    if not state_file.exists():
-        return None
-    saved = TrainState.from_json(state_file.read_bytes())
-    if not redeal_needed(saved, world_size):
-        return None
-    position = json.loads(location.child(DATA_POSITION_FILE).read_bytes())
-    if position.get("epoch") != saved.epoch:
+    saved = read_state(resume[1])
+    consumed = read_consumed_image_ids(resume[1], saved.epoch) if redeal_needed(saved, world_size) else []
+    if not consumed:
         return None
     log.info("re-dealing epoch %d to %d workers: %d images already trained on are skipped", saved.epoch,
-             world_size, len(position["image_ids"]))
-    return np.asarray(position["image_ids"], dtype=np.int64)
+             world_size, len(consumed))
+    return np.asarray(consumed, dtype=np.int64)
 
 
 def _drop_consumed(batch: Dict[str, np.ndarray], image_ids: np.ndarray, on_pass: int) -> Dict[str, np.ndarray]:

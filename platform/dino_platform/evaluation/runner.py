@@ -68,7 +68,7 @@ def evaluate_shard(
     how detections are scored (all ``num_select`` by default; ``detections_per_image`` cuts earlier,
     on the workers, so less is gathered).
     """
-    from dino_platform.train.batches import iter_collated
+    from dino_platform.data.batches import iter_collated
 
     parts, drawings = [], []
 
@@ -102,7 +102,7 @@ def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int,
     """Up to ``limit`` network inputs (de-normalised, unpadded) with their confident detections."""
     from PIL import Image
 
-    from dino_platform.train.batches import denormalize
+    from dino_platform.data.batches import denormalize
 
     out = []
     for i, ((h, w), prediction) in enumerate(zip(valid_sizes(mask), predictions)):
@@ -118,7 +118,7 @@ def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int,
 
 
 def _label(drawing, names):
-    from dino_platform.tracking import draw_detections
+    from dino_platform.drawing import draw_detections
 
     image, boxes, labels, scores = drawing
     return draw_detections(image, boxes, labels, scores, names)

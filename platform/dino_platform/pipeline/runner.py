@@ -97,7 +97,7 @@ def _training_curves(ctx: StageContext) -> Optional[str]:
     from mlflow import MlflowClient
 
     from dino_platform.storage import resolve
-    from dino_platform.tracking import plot_curves
+    from dino_platform.drawing import plot_curves
 
     client = MlflowClient(ctx.tracking_uri)
     losses: Dict[str, list] = {}

@@ -185,7 +185,7 @@ def predict_to_directory(detector: Detector, images: Sequence[Tuple[str, bytes]]
     if on_error not in ("fail", "skip"):
         raise ConfigError(f"on_error: one of fail, skip; got {on_error!r}")
     from dino_platform.storage import resolve
-    from dino_platform.tracking import draw_detections
+    from dino_platform.drawing import draw_detections
 
     out = resolve(out_dir)
     out.ensure_dir()

@@ -6,9 +6,9 @@ Layout of one ``ray.train.Checkpoint`` directory (each rank writes its own files
     model.pt             {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
     optimizer.pt         the full (unpartitioned) fp32 Adam moments {"exp_avg/<param>": ..., "exp_avg_sq/<param>":
                          ..., "step": []}: with model.pt, what any other world size resumes from
-    data_position.json   {"epoch": e, "image_ids": [...]}: the images of epoch e trained on so far
+    data_position.json   {"epoch": e, "image_ids": [...]}: the images of epoch e trained on so far (run_state)
     train_config.json    the job's resolved TrainConfig (model preset/overrides, data transform ...)
-    train_state.json     step, epoch, micro-batches and steps consumed in that epoch, seed, world size
+    train_state.json     run_state.TrainState: step, epoch, consumed micro-batches and steps, seed, world size
 
 ``model.pt`` needs neither DeepSpeed nor Ray: ``dino_core.load_official_state_dict(model, path)``.
 
@@ -25,57 +25,22 @@ import dataclasses
 import io
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
 from dino_platform.errors import ConfigError, StorageError
+from dino_platform.run_state import DATA_POSITION_FILE, STATE_FILE, TrainState, read_state, redeal_needed
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
-DATA_POSITION_FILE = "data_position.json"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-STALLS_DIR = "stalls"  # <run_dir>/stalls/<session>-<time>-rank<r>.txt: the stall watchdog's reports
-WORKER_GROUPS_DIR = "worker_groups"  # <run_dir>/worker_groups/start-*.json: one record per worker-group start
 CONFIG_FILE = "train_config.json"
-STATE_FILE = "train_state.json"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
-
-
-@dataclass
-class TrainState:
-    """Where training stands: enough to continue with the same step, data position and lr."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0  # epoch in progress (or the next one when batches_in_epoch == 0)
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed on each worker
-    seed: int = 0
-    world_size: int = 0  # workers that wrote the checkpoint (ZeRO partitions are per worker)
-    steps_in_epoch: int = 0  # optimizer steps of `epoch` taken (the unit that survives a resize)
-    # the epoch's remaining images were re-dealt after a resize: its shards no longer follow the
-    # plain split, so any restart within this epoch re-deals again
-    epoch_redealt: bool = False
-
-    @classmethod
-    def from_json(cls, text) -> "TrainState":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
-
-
-def redeal_needed(saved: TrainState, world_size: int) -> bool:
-    """Whether a group of ``world_size`` workers continuing from ``saved`` re-deals the rest of the epoch.
-
-    Same size, plain split: no, each worker skips what it consumed (bit-identical resume). Another
-    size mid-epoch (or an epoch already re-dealt): yes; at an epoch boundary there is nothing to deal.
-    """
-    if saved.batches_in_epoch == 0:
-        return False
-    return saved.epoch_redealt or (saved.world_size not in (0, world_size))
 
 
 def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
@@ -162,22 +127,6 @@ def write_checkpoint(
         (directory / DATA_POSITION_FILE).write_text(json.dumps(position))
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
-
-
-def read_state(directory: Path) -> TrainState:
-    state_file = directory / STATE_FILE
-    if not state_file.is_file():
-        raise StorageError(f"{directory}: not a dino training checkpoint (no {STATE_FILE})")
-    return TrainState.from_json(state_file.read_text())
-
-
-def read_consumed_image_ids(directory: Path, epoch: int) -> list:
-    """Image ids of ``epoch`` trained on before the checkpoint in ``directory`` ([] for another epoch)."""
-    position_file = directory / DATA_POSITION_FILE
-    if not position_file.is_file():
-        return []
-    position = json.loads(position_file.read_text())
-    return list(position["image_ids"]) if position.get("epoch") == epoch else []
 
 
 def load_resized_weights(model: torch.nn.Module, directory: Path) -> None:
@@ -337,38 +286,3 @@ def read_train_config(uri: str) -> Optional[Dict[str, Any]]:
     if not config_file.exists():
         return None
     return json.loads(config_file.read_bytes())
-
-
-@dataclass
-class StartPoint:
-    """A training checkpoint a new run continues from (``run_training(start_from=...)``)."""
-
-    location: Any  # storage Location of the checkpoint directory (carries its filesystem to workers)
-    step: int
-    epoch: int
-
-
-def read_train_state(uri: str) -> StartPoint:
-    """Where the training checkpoint directory ``uri`` stood; errors name the URI and what is missing."""
-    from dino_platform.storage import resolve
-
-    location = resolve(uri)
-    state_file = location.child(STATE_FILE)
-    if not state_file.exists():
-        raise StorageError(f"{uri}: not a dino training checkpoint (no {STATE_FILE}); a run can only continue "
-                           f"from a checkpoint_step* directory that `dino train` wrote")
-    state = TrainState.from_json(state_file.read_bytes())
-    return StartPoint(location=location, step=state.step, epoch=state.epoch)
-
-
-def latest_registered_checkpoint(run_location) -> Optional[Dict[str, Any]]:
-    """Ray Train's record of the checkpoint it resumes the run at ``run_location`` from, or None.
-
-    ``{"checkpoint_dir_name": "checkpoint_step0000004", "metrics": {"step": 4, "epoch": 1, ...}}``,
-    read from the run's ``checkpoint_manager_snapshot.json`` (written once every rank has reported).
-    """
-    snapshot = run_location.child("checkpoint_manager_snapshot.json")
-    if not snapshot.exists():
-        return None
-    latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
-    return latest if latest.get("checkpoint_dir_name") else None

@@ -23,16 +23,18 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from dino_core.distributed import collective_device
 
-from dino_platform.train.checkpoint import (
+from dino_platform.run_state import (
     STALLS_DIR,
     WORKER_GROUPS_DIR,
     TrainState,
-    consolidated_optimizer_state,
-    consolidated_state_dict,
-    load_resized_weights,
     read_consumed_image_ids,
     read_state,
     redeal_needed,
+)
+from dino_platform.train.checkpoint import (
+    consolidated_optimizer_state,
+    consolidated_state_dict,
+    load_resized_weights,
     restore_checkpoint,
     write_checkpoint,
 )
@@ -320,7 +322,7 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_in
     resize starts at the checkpoint's position; a plain shard at 0).
     """
     from dino_platform.data.transforms import transform_configs
-    from dino_platform.train.batches import iter_collated
+    from dino_platform.data.batches import iter_collated
 
     train_transform, _ = transform_configs(cfg.data.transform)
     batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,

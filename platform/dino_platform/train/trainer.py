@@ -77,7 +77,8 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     from dino_platform.data.streaming import (
         SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, dataset_size, read_manifest,
     )
-    from dino_platform.train.checkpoint import read_train_state, weights_location
+    from dino_platform.run_state import read_train_state
+    from dino_platform.train.checkpoint import weights_location
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
@@ -192,7 +193,7 @@ def collective_timeout_s(cfg: TrainConfig) -> int:
 
 def stall_reports(run_location, session: str) -> List[str]:
     """The stall watchdog reports the workers of this ``run_training`` call wrote, oldest first."""
-    from dino_platform.train.checkpoint import STALLS_DIR
+    from dino_platform.run_state import STALLS_DIR
 
     folder = run_location.child(STALLS_DIR)
     if not folder.exists():
@@ -258,7 +259,7 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
 
 def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
     """The worker groups this ``run_training`` call started, in order (see ``loop._record_worker_group``)."""
-    from dino_platform.train.checkpoint import WORKER_GROUPS_DIR
+    from dino_platform.run_state import WORKER_GROUPS_DIR
 
     folder = run_location.child(WORKER_GROUPS_DIR)
     if not folder.exists():

@@ -8,14 +8,17 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from dino_platform.cli import main
-from dino_platform.data import ingest as ingest_module
-from dino_platform.data.ingest import IngestConfig, Reason, ingest, resolve_image_path
+from dino_platform.data.ingest import IngestConfig, Reason, ingest
 from dino_platform.data.manifest import read_ground_truth, read_manifest, verify_shards
 from dino_platform.data.synth import SynthConfig, generate
 from dino_platform.errors import DataError, StorageError
-from dino_platform.storage import resolve
+from dino_platform.storage import Location, resolve
+
+
+_WRITE_BYTES = Location.write_bytes
 
 
 def _rows(out_uri: str) -> list:
@@ -135,6 +138,19 @@ def test_broken_dataset_from_and_to_s3(clean_coco, tmp_path, s3_bucket):
     assert not any(name.startswith("_ingest") for name in resolve(out).list_files())
 
 
+def _record_shard_writes(monkeypatch, writes: list, crash_after=None) -> None:
+    """Append the name of each shard file written to ``writes``; with ``crash_after``, the write after
+    that many raises KeyboardInterrupt (a crash between two shards)."""
+    def write(location, payload):
+        if location.name.startswith("shard-") and location.name.endswith(".parquet"):
+            if len(writes) == crash_after:
+                raise KeyboardInterrupt("simulated crash")
+            writes.append(location.name)
+        _WRITE_BYTES(location, payload)
+
+    monkeypatch.setattr(Location, "write_bytes", write)
+
+
 def test_interrupted_ingest_resumes_to_identical_shards(clean_coco, tmp_path, monkeypatch):
     args = dict(annotations_uri=str(clean_coco / "annotations.json"), images_uri=str(clean_coco / "images"),
                 shard_size=3, parallel=False)
@@ -142,22 +158,14 @@ def test_interrupted_ingest_resumes_to_identical_shards(clean_coco, tmp_path, mo
     assert len(reference.shards) == 5
 
     writes = []
-    real_write = ingest_module.write_shard_file
-
-    def crash_after_two(location, payload):
-        if len(writes) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        writes.append(location.name)
-        real_write(location, payload)
-
-    monkeypatch.setattr(ingest_module, "write_shard_file", crash_after_two)
+    _record_shard_writes(monkeypatch, writes, crash_after=2)
     with pytest.raises(KeyboardInterrupt):
         ingest(IngestConfig("coco", out_uri=str(tmp_path / "out"), **args))
     with pytest.raises(DataError, match="no manifest"):
         read_manifest(str(tmp_path / "out"))
 
     writes.clear()
-    monkeypatch.setattr(ingest_module, "write_shard_file", lambda loc, data: (writes.append(loc.name), real_write(loc, data)))
+    _record_shard_writes(monkeypatch, writes)
     resumed = ingest(IngestConfig("coco", out_uri=str(tmp_path / "out"), **args))
     assert writes == ["shard-00002.parquet", "shard-00003.parquet", "shard-00004.parquet"]  # first two kept
     assert resumed.digest == reference.digest and resumed.shards == reference.shards
@@ -206,12 +214,25 @@ def test_objects365_patch_layout(tmp_path):
     assert rows[-1]["file_name"] == "images/v2/patch1/objects365_v2_00000055.jpg"
 
 
-def test_resolve_image_path_strips_leading_components():
-    available = {"patch8/objects365_v1_00420917.jpg", "000000000139.jpg", "val/a.jpg"}
-    assert resolve_image_path("images/v1/patch8/objects365_v1_00420917.jpg", available) == "patch8/objects365_v1_00420917.jpg"
-    assert resolve_image_path("000000000139.jpg", available) == "000000000139.jpg"
-    assert resolve_image_path("val/a.jpg", available) == "val/a.jpg"
-    assert resolve_image_path("patch9/objects365_v1_00420917.jpg", available) is None
+def test_image_paths_are_found_with_leading_components_stripped(tmp_path):
+    stored = ["patch8/objects365_v1_00420917.jpg", "000000000139.jpg", "val/a.jpg"]
+    for k, name in enumerate(stored):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16 + k, 12), (40 * k, 90, 200)).save(tmp_path / "images" / name, format="JPEG")
+    named = ["images/v1/patch8/objects365_v1_00420917.jpg", "000000000139.jpg", "val/a.jpg",
+             "patch9/objects365_v1_00420917.jpg"]
+    images = [{"id": k + 1, "file_name": name, "width": 16 + k, "height": 12} for k, name in enumerate(named)]
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "categories": [
+        {"id": 1, "name": "thing"}], "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25, "iscrowd": 0}]}))
+    manifest = ingest(IngestConfig("coco", str(tmp_path / "annotations.json"), str(tmp_path / "images"),
+                                   str(tmp_path / "out"), parallel=False))
+    found = {row["file_name"]: row["image"] for row in _rows(str(tmp_path / "out"))}
+    assert found[named[0]] == (tmp_path / "images" / "patch8/objects365_v1_00420917.jpg").read_bytes()
+    assert found[named[1]] == (tmp_path / "images" / "000000000139.jpg").read_bytes()
+    assert found[named[2]] == (tmp_path / "images" / "val/a.jpg").read_bytes()
+    assert named[3] not in found
+    assert [(q["file"], q["reason"]) for q in manifest.quarantined] == [(named[3], Reason.MISSING_IMAGE)]
 
 
 def test_malformed_json_names_the_file(tmp_path):

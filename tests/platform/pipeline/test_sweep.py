@@ -243,8 +243,8 @@ def test_trial_run_continues_its_own_run_or_starts_a_new_one_from_a_clone():
 
 
 def test_start_from_must_be_a_training_checkpoint(tmp_path):
+    from dino_platform.run_state import read_train_state
     from dino_platform.storage import StorageError
-    from dino_platform.train.checkpoint import read_train_state
 
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(StorageError, match="not a dino training checkpoint \\(no train_state.json\\)"):

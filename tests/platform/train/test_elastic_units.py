@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from dino_platform.train.checkpoint import DATA_POSITION_FILE, STATE_FILE, TrainState, redeal_needed
+from dino_platform.run_state import DATA_POSITION_FILE, STATE_FILE, TrainState, redeal_needed
 
 
 def test_an_epoch_is_re_dealt_only_mid_epoch_at_another_size_or_once_re_dealt():
@@ -17,12 +17,12 @@ def test_an_epoch_is_re_dealt_only_mid_epoch_at_another_size_or_once_re_dealt():
     assert redeal_needed(mid, 1) and redeal_needed(mid, 3)
     assert not redeal_needed(dataclasses.replace(mid, batches_in_epoch=0, steps_in_epoch=0), 1)  # epoch boundary
     assert redeal_needed(dataclasses.replace(mid, epoch_redealt=True), 2)  # the split changed already
-    assert not redeal_needed(dataclasses.replace(mid, world_size=0), 1)  # a checkpoint that predates sizes
+    assert not redeal_needed(dataclasses.replace(mid, world_size=0), 1)  # a checkpoint without a recorded size
 
 
-def test_old_train_state_files_still_load():
-    old = {"step": 3, "epoch": 0, "batches_in_epoch": 3, "seed": 1, "world_size": 2}
-    state = TrainState.from_json(json.dumps(old))
+def test_train_state_fields_missing_from_the_file_take_their_defaults():
+    without_resize_fields = {"step": 3, "epoch": 0, "batches_in_epoch": 3, "seed": 1, "world_size": 2}
+    state = TrainState.from_json(json.dumps(without_resize_fields))
     assert state.steps_in_epoch == 0 and not state.epoch_redealt
 
 

@@ -17,6 +17,8 @@ from dino_core.criterion import sigmoid_focal_loss
 from dino_core.deformable_attention import MSDeformAttn
 from dino_core.matcher import HungarianMatcher
 
+from support.shards import synthetic_shards
+
 
 def _bf16_and_fp32(*shape, scale=1.0, shift=0.0, seed=0):
     """A bf16 tensor and the same values in fp32 (the comparison is exact at the inputs)."""
@@ -124,8 +126,9 @@ def test_msda_reference_accepts_mixed_dtypes():
 
 
 def test_bf16_engine_keeps_fp32_parameters_and_autocasts_the_forward(process_group):
-    """The DINO model itself through a ZeRO-2 bf16 engine: its first convolution used to fail with
-    "Input type (FloatTensor) and weight type (BFloat16)"."""
+    """The DINO model itself through a ZeRO-2 bf16 engine: its fp32 input meets bf16 weights only
+    under autocast, so the first convolution must not fail with "Input type (FloatTensor) and weight
+    type (BFloat16)"."""
     import deepspeed
 
     from dino_platform.train.config import load_config
@@ -163,14 +166,7 @@ def test_bf16_engine_keeps_fp32_parameters_and_autocasts_the_forward(process_gro
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
-
-    root = tmp_path_factory.mktemp("precision")
-    generate(SynthConfig(kind="coco", images=8, seed=3, size=(128, 96)), str(root / "raw"))
-    ingest(IngestConfig(format="coco", annotations_uri=str(root / "raw" / "annotations.json"),
-                        images_uri=str(root / "raw" / "images"), out_uri=str(root / "shards"), parallel=False))
-    return str(root / "shards")
+    return synthetic_shards(tmp_path_factory.mktemp("precision"), images=8, seed=3)
 
 
 def _job(shards: str, storage: str, precision: str):

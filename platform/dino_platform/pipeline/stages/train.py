@@ -174,7 +174,7 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
 
 def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
     """(checkpoint dir name, step) Ray Train will resume ``run_dir`` from, or None for a fresh run."""
-    from dino_platform.train.checkpoint import latest_registered_checkpoint
+    from dino_platform.run_state import latest_registered_checkpoint
 
     latest = latest_registered_checkpoint(run_dir)
     if latest is None:

@@ -6,6 +6,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from dino_platform.data.streaming import collate, skipped_samples
+from dino_platform.errors import DataError
+
 Batch = Tuple[torch.Tensor, torch.Tensor, List[Dict[str, torch.Tensor]]]
 
 
@@ -19,9 +22,6 @@ def iter_collated(shard, batch_size: int, drop_last: bool, normalization: Tuple[
     ``drop_last`` is False (evaluation); in training (``drop_last``) it raises, since every rank
     must take the same number of steps.
     """
-    from dino_platform.data.streaming import collate, skipped_samples
-    from dino_platform.errors import DataError
-
     mean, std = normalization
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last):
         skipped = skipped_samples(batch)
