@@ -186,9 +186,7 @@ def run_evaluation(
         EvalProtocol(**protocol)
     except ValueError as exc:
         raise ConfigError(f"eval.{exc}") from None
-    model = model or {}
-    artifact = load_artifact(checkpoint_uri, preset=model.get("preset"), num_classes=model.get("num_classes"),
-                             overrides=model.get("overrides"))
+    artifact = load_artifact(checkpoint_uri, **(model or {}))
     if transform is not None:
         artifact = replace(artifact, transform=dict(transform))
     _, eval_transform = transform_configs(artifact.transform)
@@ -197,9 +195,8 @@ def run_evaluation(
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"artifact": artifact, "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
-                               "protocol": protocol,
-                               "normalization": (eval_transform.mean, eval_transform.std)},
+            train_loop_config={"artifact": artifact, "ground_truth": read_ground_truth(data_uri), "protocol": protocol,
+                               "batch_size": batch_size, "normalization": (eval_transform.mean, eval_transform.std)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -210,6 +207,5 @@ def run_evaluation(
         result = trainer.fit()
         with result.checkpoint.as_directory() as directory:
             evaluation = json.loads((Path(directory) / RESULT_FILE).read_text())
-    used = {"preset": artifact.model.preset, "num_classes": artifact.model.num_classes,
-            "overrides": artifact.model.overrides}
+    used = {k: getattr(artifact.model, k) for k in ("preset", "num_classes", "overrides")}
     return {**evaluation, "model": used, "transform": artifact.transform}

@@ -1,18 +1,11 @@
-"""The one saved-model format, and the one loader for it and for the files it is made from.
-
-An artifact is a directory with no pickled code::
+"""The one saved-model format and its loader. An artifact is a directory with no pickled code::
 
     model.pt            {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
     model_config.json   {"format": "dino-platform-model", "format_version": 2, "preset", "num_classes",
-                        "overrides", "transform" (the data.transform mapping), "categories" {id: name},
-                        "source" (what it was made from)}
+                        "overrides", "transform" (data.transform mapping), "categories" {id: name}, "source"}
 
-A training checkpoint directory is one (``train.checkpoint`` adds its training state beside these
-files); a registered version holds exactly these two files. ``model.pt`` needs neither the platform
-nor Ray: ``dino_core.load_official_state_dict(model, path)``.
-
-    artifact = load_artifact("models:/dino-coco@champion", tracking_uri="sqlite:///runs/x/mlflow.db")
-    model, postprocessor = artifact.build()     # or artifact.detector()
+A training checkpoint directory is one (with its training state beside); a registered version holds
+exactly these files. ``load_artifact("models:/dino-coco@champion").detector()`` (or ``.build()``).
 """
 from __future__ import annotations
 
@@ -33,7 +26,6 @@ from dino_platform.storage import Location, resolve
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
 FORMAT = "dino-platform-model"
-FORMAT_VERSION = 2
 FILES = (CONFIG_FILE, MODEL_FILE)  # copy in this order: a present model.pt means a complete copy
 
 
@@ -47,15 +39,12 @@ class Artifact:
     categories: Dict[int, str]  # class id -> name
     source: str  # the URI it was loaded from
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return read_model_state(self.weights)
-
     def build(self) -> Tuple[torch.nn.Module, torch.nn.Module]:
         """(model in eval mode on CPU with these weights, loaded strictly; its postprocessor)."""
         import dino_core
 
         model, _, postprocessor = build_model(self.model)
-        dino_core.load_official_state_dict(model, self.state_dict(), strict=True)
+        dino_core.load_official_state_dict(model, read_model_state(self.weights), strict=True)
         return model.eval(), postprocessor
 
     def detector(self) -> TorchDetector:
@@ -77,7 +66,7 @@ def write_artifact(directory: Path, state: Mapping[str, torch.Tensor], model: Mo
     """Write ``model.pt`` (``state``, official key layout) and ``model_config.json`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(dict(state), directory / MODEL_FILE)
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": model.preset,
+    config = {"format": FORMAT, "format_version": 2, "preset": model.preset,
               "num_classes": int(model.num_classes), "overrides": dict(model.overrides or {}),
               "transform": dict(transform or {}), "categories": {str(k): v for k, v in sorted(categories.items())},
               "source": source}
@@ -111,15 +100,12 @@ def load_artifact(uri: str, tracking_uri: Optional[str] = None, preset: Optional
     overrides = recorded.get("overrides") if overrides is None else overrides
     model = ModelConfig(preset=preset, num_classes=int(num_classes), overrides=dict(overrides or {}))
     categories = {int(k): v for k, v in (recorded.get("categories") or {}).items()}
+    if not categories:  # a class head of the COCO or Objects365 size: their names
+        from dino_platform.data.categories import coco_categories, objects365_categories
+
+        categories = {91: coco_categories, 366: objects365_categories}.get(model.num_classes, dict)()
     return Artifact(model=model, weights=weights, transform=dict(recorded.get("transform") or {}),
-                    categories=categories or known_categories(model.num_classes), source=uri)
-
-
-def known_categories(num_classes: int) -> Dict[int, str]:
-    """The COCO or Objects365 names when a class head has their size (91, 366); else none."""
-    from dino_platform.data.categories import coco_categories, objects365_categories
-
-    return {91: coco_categories, 366: objects365_categories}.get(num_classes, dict)()
+                    categories=categories, source=uri)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,7 @@
-"""The detector interface: encoded image in, ranked detections in original pixels out.
+"""The detector interface: an encoded image in, ranked detections in original pixels out.
 
-    detector = load_artifact("models:/dino-coco@champion").detector()
-    picture, detections = detector.detect(jpeg_bytes, max_detections=100)
-
-Each image is resized as the model's evaluation transform does (short side, max size), run alone
-(no padding, as in evaluation), and its boxes are mapped back to the original pixels. ``Detector``
-holds what every runtime shares (decoding, ranking, formatting); a runtime implements ``predict``:
+Each image is resized as the model's evaluation transform does, run alone (no padding, as in
+evaluation) and its boxes mapped back to the original pixels. A runtime implements ``predict``:
 ``TorchDetector`` here, ``serving.onnx.OnnxDetector`` for an exported graph.
 """
 from __future__ import annotations
@@ -101,10 +97,8 @@ def rank_and_clip(scores, labels, boxes, width: int, height: int) -> Tuple[np.nd
 def format_detections(scores, labels, boxes, categories: Mapping[int, str],
                       max_detections: int) -> List[Dict[str, Any]]:
     """The best ``max_detections`` of ranked detections, as ``{"label", "name", "score", "box"}``."""
-    detections = []
-    for score, label, box in zip(np.asarray(scores)[:max_detections].tolist(),
-                                 np.asarray(labels)[:max_detections].tolist(),
-                                 np.asarray(boxes)[:max_detections].tolist()):
-        detections.append({"label": int(label), "name": categories.get(int(label), str(int(label))),
-                           "score": round(float(score), 5), "box": [round(float(v), 2) for v in box]})
-    return detections
+    return [{"label": int(label), "name": categories.get(int(label), str(int(label))), "score": round(float(score), 5),
+             "box": [round(float(v), 2) for v in box]}
+            for score, label, box in zip(np.asarray(scores)[:max_detections].tolist(),
+                                         np.asarray(labels)[:max_detections].tolist(),
+                                         np.asarray(boxes)[:max_detections].tolist())]

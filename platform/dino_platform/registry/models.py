@@ -111,12 +111,8 @@ def git_commit(repo_dir: Optional[str] = None) -> str:
 def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: str, artifact,
                        metrics: Mapping[str, float], tags: Mapping[str, str],
                        compare_on: Optional[str] = None) -> Registration:
-    """Register the model evaluated by ``eval_run_id`` (once) and decide whether ``alias`` moves to it.
-
-    ``artifact``: what the version holds, a ``model.artifact.Artifact`` (its ``write(directory)`` makes
-    the files, its ``source`` is tagged ``checkpoint``). ``compare_on``: a version tag (e.g.
-    ``eval.protocol``) whose value must match the alias holder's for their AP to be compared.
-    """
+    """Register ``artifact`` (a ``model.artifact.Artifact``) evaluated by ``eval_run_id`` (once) and decide
+    whether ``alias`` moves to it; ``compare_on``: a tag whose value must match the holder's (module docstring)."""
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)

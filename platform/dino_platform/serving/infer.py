@@ -159,8 +159,7 @@ def _decode_batch(batch: pa.Table, eval_cfg, root: Optional[Location]) -> pa.Tab
 
 
 class DetectorActor:
-    """Callable class for ``map_batches``: takes the driver's ``load_artifact(...).detector()`` (through
-    the object store) once, then runs each image alone on this actor's device."""
+    """Callable class for ``map_batches``: the driver's ``load_artifact(...).detector()``, each image run alone."""
 
     def __init__(self, detector, threshold: float, cpus: float):
         import ray

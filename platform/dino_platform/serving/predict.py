@@ -1,9 +1,7 @@
-"""Detections on individual images, drawn and as JSON (``dino predict``, the pipeline's predict stage).
+"""Detections on individual images, drawn and as JSON (``dino predict``, the pipeline's predict stage)::
 
-    detector = load_artifact("models:/dino-coco@champion", tracking_uri="sqlite:///runs/x/mlflow.db").detector()
+    detector = load_artifact("models:/dino-coco@champion").detector()   # or serving.onnx.load_onnx_detector
     written = predict_to_directory(detector, [("street.jpg", jpeg_bytes)], "predictions/", threshold=0.3)
-
-``detector``: any ``model.detector.Detector`` (a PyTorch model or an ONNX export).
 """
 from __future__ import annotations
 

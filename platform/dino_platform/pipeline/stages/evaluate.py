@@ -85,8 +85,7 @@ def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     from dino_platform.evaluation.runner import run_evaluation
 
     checkpoint, lineage = weights_source(ctx, stage.checkpoint)
-    # None: what the checkpoint (a model artifact) records
-    model = asdict(stage.model) if stage.model is not None else None
+    model = asdict(stage.model) if stage.model is not None else None  # None: what the checkpoint records
     transform = dict(stage.transform) if stage.transform is not None else None
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)

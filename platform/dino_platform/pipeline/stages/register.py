@@ -59,10 +59,8 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
         tags["parent_model"] = lineage["registry"]
     if evaluation.get("protocol"):
         tags.update(protocol_tags(evaluation["protocol"]))
-    model = evaluation["model"]  # the model, transform and class names it was evaluated with
-    artifact = replace(load_artifact(evaluation["checkpoint"], preset=model["preset"], num_classes=model["num_classes"],
-                                     overrides=model.get("overrides")),
-                       transform=evaluation["transform"],
+    # the model, transform and class names it was evaluated with
+    artifact = replace(load_artifact(evaluation["checkpoint"], **evaluation["model"]), transform=evaluation["transform"],
                        categories=read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories)
     registration = register_evaluated(ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"],
                                       artifact, evaluation["metrics"], tags, compare_on=PROTOCOL_TAG)
