@@ -34,7 +34,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dino_platform.errors import ConfigError, DataError
-from dino_platform.model.artifact import load_artifact
 from dino_platform.storage import Location, resolve
 from dino_platform.watchdog import watch, watched
 
@@ -219,6 +218,7 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     import ray.data
 
     from dino_platform.data.transforms import transform_configs
+    from dino_platform.model.artifact import load_artifact
 
     cfg.validate()
     started = time.time()
