@@ -16,7 +16,6 @@ written), best of ``--repeats``, configurations alternated.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -36,17 +35,17 @@ def main() -> int:
 
     import dino_core
     from dino_platform.data.synth import SynthConfig, generate
-    from dino_platform.infer.job import InferConfig, run_inference
+    from dino_platform.model.artifact import write_artifact
+    from dino_platform.model.config import ModelConfig
+    from dino_platform.serving.infer import InferConfig, run_inference
 
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     width, height = (int(v) for v in args.size.lower().split("x"))
     generate(SynthConfig(kind="coco", images=args.images, seed=1, size=(width, height)), str(work / "raw"))
     torch.manual_seed(0)
     model, _, _ = dino_core.build_model("dino_tiny", num_classes=91)
-    (work / "ckpt").mkdir()
-    torch.save(dino_core.export_official_state_dict(model), work / "ckpt" / "model.pt")
-    (work / "ckpt" / "train_config.json").write_text(json.dumps(
-        {"model": {"preset": "dino_tiny", "num_classes": 91}, "data": {"transform": {"scale": args.scale}}}))
+    write_artifact(work / "ckpt", dino_core.export_official_state_dict(model), ModelConfig("dino_tiny", 91),
+                   {"scale": args.scale}, {})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     configs = {"one actor": dict(concurrency=1, cpus_per_actor=1.0, cpus_per_decode_task=0.5),
                "two actors": dict(concurrency=2, cpus_per_actor=0.75, cpus_per_decode_task=0.25),

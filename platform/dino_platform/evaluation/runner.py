@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -129,18 +129,12 @@ def _label(drawing, names):
 
 
 def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    """Every worker loads ``model.pt`` and predicts its shard; rank 0 reports the COCO result."""
-    import dino_core
+    """Every worker builds ``loop_config["artifact"]`` and predicts its shard; rank 0 reports the COCO result."""
     import ray.train
     import ray.train.torch
 
-    from dino_platform.train.checkpoint import read_model_state
-    from dino_platform.train.config import ModelConfig
-    from dino_platform.train.engine import build_model
-
-    model, _, postprocessor = build_model(ModelConfig(**loop_config["model"]))
-    dino_core.load_official_state_dict(model, read_model_state(loop_config["weights"]), strict=True)
-    model.to(ray.train.torch.get_device()).eval()
+    model, postprocessor = loop_config["artifact"].build()
+    model.to(ray.train.torch.get_device())
     outcome = evaluate_shard(
         model, postprocessor, ray.train.get_dataset_shard("eval"),
         loop_config["ground_truth"] if ray.train.get_context().get_world_rank() == 0 else None,
@@ -169,10 +163,10 @@ def run_evaluation(
     use_gpu: bool = False,
     cpus_per_worker: float = 0.5,
 ) -> Dict[str, Any]:
-    """COCO evaluation of a checkpoint on a shard directory with ``num_workers`` Ray Train workers.
+    """COCO evaluation of a model on a shard directory with ``num_workers`` Ray Train workers.
 
-    ``model``/``transform`` default to those recorded in a platform checkpoint
-    (``train_config.json``); an official ``.pth`` needs ``model`` (preset, num_classes).
+    ``checkpoint_uri``: anything ``model.artifact.load_artifact`` reads. ``model`` (preset, num_classes,
+    overrides) and ``transform`` replace what the artifact records; an official ``.pth`` needs ``model``.
     ``detections_per_image``/``max_dets``/``engine``: the ``EvalProtocol`` (default: official DINO).
     Returns the COCO eval JSON (``protocol``, ``stats``, ``per_class``, ``detections``) and the ``model``
     (preset, num_classes, overrides) and ``transform`` it evaluated with.
@@ -183,46 +177,35 @@ def run_evaluation(
 
     from dino_platform.data.manifest import read_ground_truth
     from dino_platform.data.streaming import build_eval_dataset
-    from dino_platform.data.transforms import transform_configs
-    from dino_platform.train.checkpoint import read_train_config, weights_location
-    from dino_platform.train.config import ModelConfig
-    from dino_platform.typed_config import parse_section
     from dino_platform.data.sharding import OrderedShards
+    from dino_platform.data.transforms import transform_configs
+    from dino_platform.model.artifact import load_artifact
 
     protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}
     try:
         EvalProtocol(**protocol)
     except ValueError as exc:
         raise ConfigError(f"eval.{exc}") from None
-    weights = weights_location(checkpoint_uri)  # fails first, and clearly, on a wrong path
-    recorded = read_train_config(checkpoint_uri) or {}
-    model_section = {**recorded.get("model", {}), **(model or {})}
-    if not model_section:
-        raise DataError(f"{checkpoint_uri}: no train_config.json beside the weights; name the model to evaluate "
-                        "an official checkpoint (dino eval --preset and --num-classes; a pipeline evaluate stage's "
-                        "model: {preset: ..., num_classes: ...})")
-    model_cfg = parse_section(ModelConfig, model_section, "model")
-    transform = transform if transform is not None else recorded.get("data", {}).get("transform", {})
-    _, eval_transform = transform_configs(transform)
+    artifact = load_artifact(checkpoint_uri, **(model or {}))
+    if transform is not None:
+        artifact = replace(artifact, transform=dict(transform))
+    _, eval_transform = transform_configs(artifact.transform)
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"model": model_cfg.__dict__, "weights": weights,
-                               "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
-                               "protocol": protocol,
-                               "normalization": (eval_transform.mean, eval_transform.std)},
+            train_loop_config={"artifact": artifact, "ground_truth": read_ground_truth(data_uri), "protocol": protocol,
+                               "batch_size": batch_size, "normalization": (eval_transform.mean, eval_transform.std)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=ray.train.RunConfig(name="eval", storage_path=storage),
-            datasets={"eval": build_eval_dataset(
-                data_uri, transform, on_sample_error=recorded.get("data", {}).get("on_sample_error", "fail"))},
+            datasets={"eval": build_eval_dataset(data_uri, artifact.transform)},
             dataset_config=OrderedShards(),
         )
         result = trainer.fit()
         with result.checkpoint.as_directory() as directory:
             evaluation = json.loads((Path(directory) / RESULT_FILE).read_text())
-    used = {"preset": model_cfg.preset, "num_classes": model_cfg.num_classes, "overrides": model_cfg.overrides}
-    return {**evaluation, "model": used, "transform": transform}
+    used = {k: getattr(artifact.model, k) for k in ("preset", "num_classes", "overrides")}
+    return {**evaluation, "model": used, "transform": artifact.transform}

@@ -1,1 +1,1 @@
-"""Offline batch inference over a bucket of images or shards on Ray Data (``dino infer``)."""
+"""``dino infer`` (the command; the job itself is ``serving.infer``)."""

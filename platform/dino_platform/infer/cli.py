@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from dino_platform.infer.job import InferConfig, run_inference
+    from dino_platform.serving.infer import InferConfig, run_inference
 
     manifest = run_inference(InferConfig(
         model=args.model, out=args.out, images=args.images, shards=args.shards, threshold=args.threshold,

@@ -38,7 +38,7 @@ class StageContext:
     def content_sha256(self, uri: str) -> str:
         """sha256 of the weights file ``uri`` names (a checkpoint directory means its model.pt)."""
         if uri not in self._content:
-            from dino_platform.train.checkpoint import weights_location
+            from dino_platform.model.artifact import weights_location
 
             location = weights_location(uri)
             hasher = hashlib.sha256()
@@ -62,7 +62,7 @@ def weights_identity(ctx: StageContext, ref: SourceRef) -> Dict[str, Any]:
 
 
 def model_reference(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:
-    """(model reference for load_detector, what identifies it) of a predict/infer stage's ``model``."""
+    """(URI for load_artifact, what identifies it) of a predict/infer stage's ``model``."""
     if ref.stage and "alias_uri" in ctx.outputs[ref.stage]:  # a register stage: its alias
         from dino_platform.registry.models import resolve_version
 
@@ -88,20 +88,21 @@ def weights_source(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, An
 
 
 def _registry_weights(ctx: StageContext, model_uri: str) -> str:
-    """Copy a registered version's files under the output root (reachable by every node); the weights' URI."""
+    """Copy a registered version's artifact under the output root (reachable by every node); its URI."""
     import tempfile
     from pathlib import Path
 
-    from dino_platform.registry.models import CONFIG_FILE, WEIGHTS_FILE, download_model, resolve_version
+    from dino_platform.model.artifact import FILES, MODEL_FILE
+    from dino_platform.registry.models import download_model, resolve_version
 
     version = resolve_version(model_uri, ctx.tracking_uri)
     target = resolve(ctx.spec.output_root).child(f"registry_cache/{version.name}-v{version.version}")
-    if not target.child(WEIGHTS_FILE).exists():
+    if not target.child(MODEL_FILE).exists():
         with tempfile.TemporaryDirectory(prefix="dino-model-") as tmp:
-            local = download_model(f"models:/{version.name}/{version.version}", ctx.tracking_uri, tmp)
-            for file in (CONFIG_FILE, WEIGHTS_FILE):  # config first: weights present = copy complete
+            local = download_model(f"models:/{version.name}/{version.version}", ctx.tracking_uri, tmp, required=FILES)
+            for file in FILES:
                 target.child(file).write_bytes(Path(local, file).read_bytes())
-    return target.child(WEIGHTS_FILE).uri
+    return target.uri
 
 
 def check_source_exists(spec: PipelineSpec, where: str, ref: SourceRef) -> None:
@@ -109,7 +110,7 @@ def check_source_exists(spec: PipelineSpec, where: str, ref: SourceRef) -> None:
     from dino_platform.errors import StorageError
 
     if ref.uri:
-        from dino_platform.train.checkpoint import weights_location
+        from dino_platform.model.artifact import weights_location
 
         try:
             weights_location(ref.uri)

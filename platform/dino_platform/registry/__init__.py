@@ -1,1 +1,1 @@
-"""Model registry (MLflow registered models, the champion alias) and ``dino predict``."""
+"""The MLflow model registry (registered versions, the champion alias); ``registry.cli`` holds ``dino predict``/``dino export``."""

@@ -76,7 +76,7 @@ ResNet presets export; Swin presets do not yet (the command says why).
 
 def _export(args: argparse.Namespace) -> int:
     from dino_platform.errors import ConfigError
-    from dino_platform.registry.export import export_model
+    from dino_platform.serving.onnx import export_model
 
     if args.opset < 16:
         raise ConfigError(f"--opset: {args.opset}; the export needs opset >= 16")
@@ -93,7 +93,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from dino_platform.errors import ConfigError
-    from dino_platform.registry.predict import load_detector, predict_to_directory
+    from dino_platform.model.artifact import load_artifact
+    from dino_platform.serving.predict import predict_to_directory
     from dino_platform.storage import resolve
 
     if not 0.0 <= args.threshold <= 1.0:
@@ -102,12 +103,12 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-detections: {args.max_detections} must be >= 1")
     images = [(uri.rstrip("/").rsplit("/", 1)[-1], resolve(uri).read_bytes()) for uri in args.images]
     if args.onnx:
-        from dino_platform.registry.export import load_onnx_detector
+        from dino_platform.serving.onnx import load_onnx_detector
 
         detector = load_onnx_detector(args.onnx)
     else:
-        detector = load_detector(args.model, tracking_uri=args.tracking_uri, preset=args.preset,
-                                 num_classes=args.num_classes)
+        detector = load_artifact(args.model, tracking_uri=args.tracking_uri, preset=args.preset,
+                                 num_classes=args.num_classes).detector()
     if args.max_drawn is not None and args.max_drawn < 1:
         raise ConfigError(f"--max-drawn: {args.max_drawn} must be >= 1")
     document = predict_to_directory(detector, images, args.out, threshold=args.threshold,

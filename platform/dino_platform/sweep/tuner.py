@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -260,8 +260,9 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     from mlflow.entities import Metric
 
     from dino_platform.data.manifest import read_manifest
-    from dino_platform.evaluation.coco_eval import protocol_tags
+    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
     from dino_platform.evaluation.runner import run_evaluation
+    from dino_platform.model.artifact import load_artifact
     from dino_platform.registry.models import git_commit, register_evaluated
 
     base = spec.base_config()
@@ -283,12 +284,11 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
     client.log_dict(run_id, result, "coco_eval.json")
     client.set_terminated(run_id)
-    categories = read_manifest(data_uri).categories
+    artifact = replace(load_artifact(best.checkpoint), categories=read_manifest(data_uri).categories)
     tags = {"sweep": spec.name, "sweep_run": parent_run_id, "sweep_trial": best.trial_id, "git_commit": git_commit(),
-            **{f"sweep.{k}": str(v) for k, v in best.config.items()}}
+            **{f"sweep.{k}": str(v) for k, v in best.config.items()}, **protocol_tags(result["protocol"])}
     registration = register_evaluated(tracking_uri, spec.register.model_name, spec.register.alias, run_id,
-                                      best.checkpoint, result["model"], result["transform"], categories, stats, tags,
-                                      protocol=result["protocol"])
+                                      artifact, stats, tags, compare_on=PROTOCOL_TAG)
     return stats, {"name": registration.name, "version": registration.version, "alias": registration.alias,
                    "promoted": registration.promoted, "champion_version": registration.champion_version,
                    "decision": registration.decision, "eval_run_id": run_id}

@@ -1,16 +1,17 @@
-"""Training checkpoints: DeepSpeed state for exact resume plus a consolidated fp32 ``model.pt``.
+"""Training checkpoints: DeepSpeed state for exact resume plus the model artifact (``model.artifact``).
 
 Layout of one ``ray.train.Checkpoint`` directory (each rank writes its own files, Ray merges them)::
 
     deepspeed/           engine.save_checkpoint(): module, optimizer partitions, per-rank RNG-free state
-    model.pt             {name: fp32 tensor} in the official DINO key layout (torch.load(weights_only=True))
+    model.pt             the artifact's consolidated fp32 weights, official DINO key layout
+    model_config.json    the artifact's model, data transform and class names (the training data's)
     optimizer.pt         the full (unpartitioned) fp32 Adam moments {"exp_avg/<param>": ..., "exp_avg_sq/<param>":
                          ..., "step": []}: with model.pt, what any other world size resumes from
     data_position.json   {"epoch": e, "image_ids": [...]}: the images of epoch e trained on so far (run_state)
     train_config.json    the job's resolved TrainConfig (model preset/overrides, data transform ...)
     train_state.json     run_state.TrainState: step, epoch, consumed micro-batches and steps, seed, world size
 
-``model.pt`` needs neither DeepSpeed nor Ray: ``dino_core.load_official_state_dict(model, path)``.
+So a checkpoint directory is a model artifact: ``model.artifact.load_artifact(directory)`` builds it.
 
 Resuming: a group of the checkpoint's own size loads ``deepspeed/`` (its ZeRO partitions fit) and
 continues bit-identically. A group of another size (an elastic group after a lost or a returned
@@ -22,7 +23,7 @@ images are re-dealt among the new workers (``data.sharding.OrderedShards``).
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
 import json
 import logging
 from pathlib import Path
@@ -31,11 +32,12 @@ from typing import Any, Dict, Optional
 import torch
 
 from dino_platform.errors import ConfigError, StorageError
+from dino_platform.model.artifact import MODEL_FILE, write_artifact
+from dino_platform.model.config import ModelConfig
 from dino_platform.run_state import DATA_POSITION_FILE, STATE_FILE, TrainState, read_state, redeal_needed
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 CONFIG_FILE = "train_config.json"
@@ -112,15 +114,18 @@ def write_checkpoint(
     directory: Path,
     state: TrainState,
     model_state: Optional[Dict[str, torch.Tensor]],
-    config: Optional[Dict[str, Any]],
+    config: Dict[str, Any],
     optimizer_state: Optional[Dict[str, torch.Tensor]] = None,
     consumed_image_ids: Optional[list] = None,
 ) -> None:
     """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``,
-    ``optimizer_state`` (``consolidated_optimizer_state``) and the epoch's consumed image ids."""
+    ``optimizer_state`` (``consolidated_optimizer_state``) and the epoch's consumed image ids.
+    ``config``: the job's ``TrainConfig.to_dict()``."""
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=True)
     if model_state is not None:
-        torch.save(model_state, directory / MODEL_FILE)
+        model, data = ModelConfig(**config.get("model", {})), config.get("data", {})
+        write_artifact(directory, model_state, model, data.get("transform", {}),
+                       _data_categories(data.get("eval_uri"), data.get("train_uri")))
         if optimizer_state is not None:
             torch.save(optimizer_state, directory / OPTIMIZER_FILE)
         position = {"epoch": state.epoch, "image_ids": sorted(int(i) for i in consumed_image_ids or [])}
@@ -234,55 +239,14 @@ def restore_optimizer_moments(engine, full: Dict[str, torch.Tensor]) -> None:
         entry["step"] = step.clone().to(current.device) if isinstance(current, torch.Tensor) else step.clone()
 
 
-# ---------------------------------------------------------------------------------------------
-# reading model weights from anywhere (local path, s3://, a checkpoint directory)
+@functools.lru_cache(maxsize=4)
+def _data_categories(*uris: Optional[str]) -> Dict[int, str]:
+    """Class names from the first of the data's manifests that can be read ({}: the artifact's defaults)."""
+    from dino_platform.data.manifest import read_manifest
 
-
-def weights_location(uri: str):
-    """The storage Location of the weights file ``uri`` names: itself, or ``model.pt`` inside it.
-
-    Resolve on the driver and hand the Location to workers: it carries its filesystem (and S3
-    settings), so workers need not share the driver's AWS environment.
-    """
-    from dino_platform.storage import resolve
-
-    location = resolve(uri)
-    if location.is_file():
-        return location
-    candidate = location.child(MODEL_FILE)
-    if not candidate.is_file():
-        raise StorageError(f"{uri}: neither a weights file nor a checkpoint directory with {MODEL_FILE}")
-    return candidate
-
-
-def read_model_state(source) -> Dict[str, torch.Tensor]:
-    """Weights from a URI or Location (``model.pt``, a checkpoint directory, an official ``.pth``), loaded safely.
-
-    Official files wrap the weights as ``{"model": state_dict, ...}``; that wrapper is removed.
-    """
-    location = weights_location(source) if isinstance(source, str) else source
-    try:
-        obj = torch.load(io.BytesIO(location.read_bytes()), map_location="cpu", weights_only=True)
-    except StorageError:
-        raise
-    except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
-        raise StorageError(f"{location.uri}: cannot be read as model weights ({exc.__class__.__name__}: {exc})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise StorageError(f"{location.uri}: expected a state_dict (name -> tensor)")
-    return obj
-
-
-def read_train_config(uri: str) -> Optional[Dict[str, Any]]:
-    """``train_config.json`` of a platform checkpoint (beside its ``model.pt``); None for official files."""
-    from dino_platform.storage import resolve
-
-    location = resolve(uri)
-    if location.is_file():
-        parent = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
-        location = resolve(parent)
-    config_file = location.child(CONFIG_FILE)
-    if not config_file.exists():
-        return None
-    return json.loads(config_file.read_bytes())
+    for uri in filter(None, uris):
+        try:
+            return dict(read_manifest(uri).categories)
+        except Exception as exc:  # moved or unreachable data: the checkpoint is written without names
+            log.debug("no category names from %s: %s", uri, exc)
+    return {}

@@ -9,17 +9,11 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from dino_platform.train.config import ModelConfig, OptimConfig, TrainConfig
+from dino_platform.model.config import ModelConfig
+from dino_platform.train.config import OptimConfig, TrainConfig
 from dino_platform.train.deepspeed_config import build_deepspeed_config
 
 log = logging.getLogger(__name__)
-
-
-def build_model(model_cfg: ModelConfig):
-    """``(model, criterion, postprocessor)`` from the dino_core preset and overrides."""
-    import dino_core
-
-    return dino_core.build_model(model_cfg.preset, num_classes=model_cfg.num_classes, **model_cfg.overrides)
 
 
 def init_weights(model: torch.nn.Module, model_cfg: ModelConfig, location) -> None:
@@ -27,7 +21,7 @@ def init_weights(model: torch.nn.Module, model_cfg: ModelConfig, location) -> No
     with dino_core's class transfer options."""
     import dino_core
 
-    from dino_platform.train.checkpoint import read_model_state
+    from dino_platform.model.artifact import read_model_state
 
     state = read_model_state(location)
     kwargs = {"strict": model_cfg.init_strict}

@@ -38,10 +38,10 @@ from dino_platform.train.checkpoint import (
     restore_checkpoint,
     write_checkpoint,
 )
+from dino_platform.model.config import build_model
 from dino_platform.train.config import TrainConfig, load_config
 from dino_platform.train.engine import (
     build_engine,
-    build_model,
     init_weights,
     seed_step,
     set_epoch_lr,

@@ -77,8 +77,8 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     from dino_platform.data.streaming import (
         SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, dataset_size, read_manifest,
     )
+    from dino_platform.model.artifact import weights_location
     from dino_platform.run_state import read_train_state
-    from dino_platform.train.checkpoint import weights_location
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)

@@ -77,10 +77,11 @@ def test_evaluation_samples_fail_or_skip_the_same_way():
 def test_predict_names_an_image_it_cannot_read_or_skips_it(tmp_path):
     import dino_core
 
-    from dino_platform.registry.predict import Detector, predict_to_directory
+    from dino_platform.model.detector import TorchDetector
+    from dino_platform.serving.predict import predict_to_directory
 
     model, _, postprocessor = dino_core.build_model("dino_tiny", num_classes=5)
-    detector = Detector(model.eval(), postprocessor, {}, {"scale": 0.2}, "test")
+    detector = TorchDetector({}, {"scale": 0.2}, "test", model.eval(), postprocessor)
     images = [("ok.jpg", _jpeg(64, 48)), ("broken.jpg", b"\xff\xd8 not a picture")]
     with pytest.raises(DataError, match="broken.jpg"):
         predict_to_directory(detector, images, str(tmp_path / "a"))

@@ -115,7 +115,7 @@ def test_champion_gate_compares_only_versions_scored_under_the_same_protocol(tmp
     """A real MLflow registry (SQLite): a higher AP under another protocol does not take the alias."""
     from mlflow import MlflowClient
 
-    from dino_platform.evaluation.coco_eval import protocol_tags
+    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
     from dino_platform.registry.models import _decide_alias
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -129,9 +129,9 @@ def test_champion_gate_compares_only_versions_scored_under_the_same_protocol(tmp
         return client.create_model_version("dino-test", source=str(tmp_path), run_id=run_id,
                                            tags={"AP": str(ap), **tags})
 
-    first = _decide_alias(client, "dino-test", "champion", version(0.40, official), 0.40, run_id)
+    first = _decide_alias(client, "dino-test", "champion", version(0.40, official), 0.40, run_id, PROTOCOL_TAG)
     assert first.promoted
-    other = _decide_alias(client, "dino-test", "champion", version(0.45, top100), 0.45, run_id)
+    other = _decide_alias(client, "dino-test", "champion", version(0.45, top100), 0.45, run_id, PROTOCOL_TAG)
     assert not other.promoted and "protocol" in other.decision and other.champion_version == first.version
-    better = _decide_alias(client, "dino-test", "champion", version(0.42, official), 0.42, run_id)
+    better = _decide_alias(client, "dino-test", "champion", version(0.42, official), 0.42, run_id, PROTOCOL_TAG)
     assert better.promoted and better.champion_version == better.version

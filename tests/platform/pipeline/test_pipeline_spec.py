@@ -310,17 +310,18 @@ def test_fingerprints_follow_config_and_data(tiny):
 
 
 def _tiny_checkpoint(directory: Path, num_classes: int, seed: int = 0, transform=None) -> str:
-    """A platform-style checkpoint directory: model.pt + train_config.json of a random dino_tiny."""
+    """A platform checkpoint directory (a model artifact: model.pt + model_config.json) of a random dino_tiny."""
     import dino_core
     import torch
+
+    from dino_platform.model.artifact import write_artifact
+    from dino_platform.model.config import ModelConfig
 
     torch.manual_seed(seed)
     model, _, _ = dino_core.build_model("dino_tiny", num_classes=num_classes)
     directory.mkdir(parents=True)
-    torch.save(dino_core.export_official_state_dict(model), directory / "model.pt")
-    (directory / "train_config.json").write_text(json.dumps({
-        "model": {"preset": "dino_tiny", "num_classes": num_classes, "overrides": {}},
-        "data": {"transform": transform or {"scale": 0.2}}}))
+    write_artifact(directory, dino_core.export_official_state_dict(model),
+                   ModelConfig(preset="dino_tiny", num_classes=num_classes), transform or {"scale": 0.2}, {})
     return str(directory)
 
 
@@ -360,13 +361,21 @@ def registry(tmp_path):
     return uri, client, experiment
 
 
+def _artifact(checkpoint, transform, categories):
+    from dataclasses import replace
+
+    from dino_platform.model.artifact import load_artifact
+
+    return replace(load_artifact(checkpoint), transform=transform, categories=categories)
+
+
 def _register(uri, client, experiment, checkpoint, ap):
     from dino_platform.registry.models import register_evaluated
 
     run = client.create_run(experiment).info.run_id
-    return run, register_evaluated(uri, "dino-coco", "champion", run, checkpoint,
-                                   {"preset": "dino_tiny", "num_classes": 91, "overrides": {}}, {"scale": 0.2},
-                                   {1: "person", 3: "car"}, {"AP": ap, "AP50": ap * 2},
+    return run, register_evaluated(uri, "dino-coco", "champion", run,
+                                   _artifact(checkpoint, {"scale": 0.2}, {1: "person", 3: "car"}),
+                                   {"AP": ap, "AP50": ap * 2},
                                    {"data_digest.coco_val": "abc", "parent_run.finetune": "r1", "git_commit": "deadbeef"})
 
 
@@ -389,8 +398,8 @@ def test_champion_moves_only_to_a_higher_ap(tmp_path, registry):
     # the same evaluation registered again is the same version, not a new one
     from dino_platform.registry.models import register_evaluated
 
-    again = register_evaluated(uri, "dino-coco", "champion", run, checkpoint,
-                               {"preset": "dino_tiny", "num_classes": 91}, {}, {}, {"AP": 0.35, "AP50": 0.7}, {})
+    again = register_evaluated(uri, "dino-coco", "champion", run, _artifact(checkpoint, {}, {}),
+                               {"AP": 0.35, "AP50": 0.7}, {})
     assert again.version == "3" and "already holds @champion" in again.decision
 
 
@@ -403,7 +412,7 @@ def test_registered_model_loads_offline_without_pickled_code(tmp_path, registry)
     checkpoint = _tiny_checkpoint(tmp_path / "ckpt", num_classes=91)
     _register(uri, client, experiment, checkpoint, 0.1)
     directory = download_model("models:/dino-coco@champion", uri, str(tmp_path / "dl"))
-    weights = torch.load(directory / "weights.pt", weights_only=True)
+    weights = torch.load(directory / "model.pt", weights_only=True)
     original = torch.load(Path(checkpoint) / "model.pt", weights_only=True)
     assert weights.keys() == original.keys() and all(torch.equal(weights[k], original[k]) for k in weights)
     config = json.loads((directory / "model_config.json").read_text())

@@ -258,6 +258,8 @@ def test_register_export_and_dino_predict_onnx_draw_what_pytorch_draws(tmp_path,
 
     from dino_platform.cli import main
     from dino_platform.data.synth import SynthConfig, generate
+    from dino_platform.model.artifact import load_artifact, write_artifact
+    from dino_platform.model.config import ModelConfig
     from dino_platform.pipeline.stages.register import RegisterStage, _attach_export
     from dino_platform.registry.models import register_evaluated
     from dino_platform.typed_config import parse_section
@@ -272,21 +274,18 @@ def test_register_export_and_dino_predict_onnx_draw_what_pytorch_draws(tmp_path,
     torch.manual_seed(0)
     model, _, _ = dino_core.build_model("dino_tiny", num_classes=91)
     checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    torch.save(dino_core.export_official_state_dict(model), checkpoint / "model.pt")
-    (checkpoint / "train_config.json").write_text(json.dumps({
-        "model": {"preset": "dino_tiny", "num_classes": 91, "overrides": {}}, "data": {"transform": {"scale": 0.2}}}))
+    write_artifact(checkpoint, dino_core.export_official_state_dict(model), ModelConfig("dino_tiny", 91),
+                   {"scale": 0.2}, {1: "person", 3: "car"}, source=str(checkpoint))
     run = client.create_run(experiment).info.run_id
-    registration = register_evaluated(uri, "dino-coco", "champion", run, str(checkpoint),
-                                      {"preset": "dino_tiny", "num_classes": 91, "overrides": {}}, {"scale": 0.2},
-                                      {1: "person", 3: "car"}, {"AP": 0.1, "AP50": 0.2}, {})
+    registration = register_evaluated(uri, "dino-coco", "champion", run, load_artifact(str(checkpoint)),
+                                      {"AP": 0.1, "AP50": 0.2}, {})
     ctx = SimpleNamespace(tracking_uri=uri)
     attached = _attach_export(ctx, registration, run, "onnx")
     assert attached == f"runs:/{run}/model/model.onnx"
     assert client.get_model_version("dino-coco", registration.version).tags["export.onnx"] == attached
     assert _attach_export(ctx, registration, run, "onnx") == attached  # once: not exported again
     files = {Path(f.path).name for f in client.list_artifacts(run, "model")}
-    assert {"weights.pt", "model_config.json", "model.onnx"} <= files
+    assert {"model.pt", "model_config.json", "model.onnx"} <= files
 
     import mlflow.artifacts
 

@@ -29,6 +29,8 @@ def inputs(tmp_path_factory):
     """40 synthetic JPEGs + a corrupt one, and a dino_tiny checkpoint that records its model."""
     import dino_core
     from dino_platform.data.synth import SynthConfig, generate
+    from dino_platform.model.artifact import write_artifact
+    from dino_platform.model.config import ModelConfig
 
     root = tmp_path_factory.mktemp("infer")
     generate(SynthConfig(kind="coco", images=40, seed=4, size=(128, 96)), str(root / "raw"))
@@ -39,10 +41,7 @@ def inputs(tmp_path_factory):
     torch.manual_seed(0)
     model, _, _ = dino_core.build_model("dino_tiny", num_classes=91)
     checkpoint = root / "checkpoint"
-    checkpoint.mkdir()
-    torch.save(dino_core.export_official_state_dict(model), checkpoint / "model.pt")
-    (checkpoint / "train_config.json").write_text(json.dumps(
-        {"model": {"preset": "dino_tiny", "num_classes": 91}, "data": {"transform": TRANSFORM}}))
+    write_artifact(checkpoint, dino_core.export_official_state_dict(model), ModelConfig("dino_tiny", 91), TRANSFORM, {})
     return {"images": images, "checkpoint": str(checkpoint), "root": root}
 
 
@@ -71,8 +70,8 @@ def _rows(out_uri: str):
 def test_infer_matches_predict_lists_corrupt_images_and_resumes(ray_local, s3_bucket, inputs, tmp_path):
     """Measured: 185 s (images part only, load average ~20) and 831 s (with the shards part, load
     average 48) on the shared 2-core box; most of it is actor start-up (torch import) under load."""
-    from dino_platform.infer.job import InferConfig, run_inference
-    from dino_platform.registry.predict import load_detector
+    from dino_platform.model.artifact import load_artifact
+    from dino_platform.serving.infer import InferConfig, run_inference
     from dino_platform.storage import resolve
 
     images_uri = _upload(inputs["images"], s3_bucket)
@@ -90,7 +89,7 @@ def test_infer_matches_predict_lists_corrupt_images_and_resumes(ray_local, s3_bu
     assert sorted(r["file"] for r in rows) == [f for f in local_files if f != "zz_broken.jpg"]  # one row each
     assert set(rows[0]) == {"file", "image_id", "width", "height", "boxes", "scores", "labels", "label_names"}
 
-    detector = load_detector(inputs["checkpoint"])
+    detector = load_artifact(inputs["checkpoint"]).detector()
     for row in rows:
         _, expected = detector.detect((inputs["images"] / row["file"]).read_bytes(), max_detections=100)
         assert (row["width"], row["height"]) == _size(inputs["images"] / row["file"])

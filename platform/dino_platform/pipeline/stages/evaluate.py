@@ -1,7 +1,6 @@
 """Stage kind ``evaluate``: COCO AP of a checkpoint on a dataset's shards (``dino eval``), one MLflow run."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,6 @@ from dino_platform.pipeline.kind import StageKind, WorkerGroup
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
-from dino_platform.storage import resolve
 
 log = logging.getLogger("dino.pipeline")
 
@@ -87,17 +85,8 @@ def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     from dino_platform.evaluation.runner import run_evaluation
 
     checkpoint, lineage = weights_source(ctx, stage.checkpoint)
-    model, transform = None, None  # None: what the checkpoint's train_config.json records
-    if stage.checkpoint.model:  # a registered version records its model beside the weights
-        from dino_platform.registry.models import CONFIG_FILE
-
-        config = json.loads(resolve(checkpoint.rsplit("/", 1)[0]).child(CONFIG_FILE).read_bytes())
-        model = {"preset": config["preset"], "num_classes": config["num_classes"], "overrides": config["overrides"]}
-        transform = config.get("transform", {})
-    if stage.model is not None:
-        model = asdict(stage.model)
-    if stage.transform is not None:
-        transform = dict(stage.transform)
+    model = asdict(stage.model) if stage.model is not None else None  # None: what the checkpoint records
+    transform = dict(stage.transform) if stage.transform is not None else None
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)

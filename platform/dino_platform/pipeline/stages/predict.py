@@ -54,7 +54,8 @@ def _fingerprint(ctx, name: str, stage: PredictStage) -> str:
 
 
 def _run(ctx, name: str, stage: PredictStage, fp: str):
-    from dino_platform.registry.predict import load_detector, predict_to_directory
+    from dino_platform.model.artifact import load_artifact
+    from dino_platform.serving.predict import predict_to_directory
 
     model_ref, identity = model_reference(ctx, stage.model)
     if stage.dataset:
@@ -62,7 +63,7 @@ def _run(ctx, name: str, stage: PredictStage, fp: str):
     else:
         images = [(uri.rstrip("/").rsplit("/", 1)[-1], resolve(uri).read_bytes()) for uri in stage.images]
     out = stage.out or f"{ctx.spec.output_root.rstrip('/')}/predictions/{name}"
-    detector = load_detector(model_ref, tracking_uri=ctx.tracking_uri)
+    detector = load_artifact(model_ref, tracking_uri=ctx.tracking_uri).detector()
     document = predict_to_directory(detector, images, out, threshold=stage.threshold, max_drawn=stage.max_drawn)
     outputs = {"out": resolve(out).uri, "model": model_ref, "model_identity": identity, "json": document["json"],
                "pngs": [item["png"] for item in document["images"]],

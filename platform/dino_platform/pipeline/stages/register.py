@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Literal
 
 from dino_platform.errors import ConfigError
@@ -43,6 +43,8 @@ def _fingerprint(ctx, name: str, stage: RegisterStage) -> str:
 
 def _run(ctx, name: str, stage: RegisterStage, fp: str):
     from dino_platform.data.manifest import read_manifest
+    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
+    from dino_platform.model.artifact import load_artifact
     from dino_platform.registry.models import register_evaluated
 
     evaluation = ctx.outputs[stage.evaluation]
@@ -55,11 +57,13 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
     }
     if lineage.get("registry"):
         tags["parent_model"] = lineage["registry"]
-    categories = read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories
-    registration = register_evaluated(
-        ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"], evaluation["checkpoint"],
-        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags,
-        protocol=evaluation.get("protocol"))
+    if evaluation.get("protocol"):
+        tags.update(protocol_tags(evaluation["protocol"]))
+    # the model, transform and class names it was evaluated with
+    artifact = replace(load_artifact(evaluation["checkpoint"], **evaluation["model"]), transform=evaluation["transform"],
+                       categories=read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories)
+    registration = register_evaluated(ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"],
+                                      artifact, evaluation["metrics"], tags, compare_on=PROTOCOL_TAG)
     exports = {fmt: _attach_export(ctx, registration, evaluation["run_id"], fmt) for fmt in stage.export}
     outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
                "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
@@ -72,7 +76,7 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
 def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
     """Export the registered version (``register.export: [onnx]``) into its artifact directory, once.
 
-    The file lands next to ``weights.pt`` (``runs:/<eval run>/model/model.onnx``) and the version is
+    The file lands next to ``model.pt`` (``runs:/<eval run>/model/model.onnx``) and the version is
     tagged ``export.onnx`` with that URI; a version that already has it is not exported again.
     """
     import tempfile
@@ -80,7 +84,7 @@ def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
 
     from mlflow import MlflowClient
 
-    from dino_platform.registry.export import ONNX_FILE, export_model
+    from dino_platform.serving.onnx import ONNX_FILE, export_model
     from dino_platform.registry.models import MODEL_DIR
 
     client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)

@@ -183,7 +183,7 @@ def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    from dino_platform.train.checkpoint import weights_location
+    from dino_platform.model.artifact import weights_location
 
     try:
         weights_location(outputs["checkpoint"])

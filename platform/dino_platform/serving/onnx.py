@@ -1,7 +1,7 @@
 """Deployable exports of a model (ONNX) and running them with onnxruntime alone.
 
-    export_model("models:/dino-coco@champion", "dino.onnx", tracking_uri=...)   # or a checkpoint / .pth
-    detector = load_onnx_detector("dino.onnx")        # same ``detect`` as registry.predict.Detector
+    export_model("models:/dino-coco@champion", "dino.onnx", tracking_uri=...)   # anything load_artifact takes
+    detector = load_onnx_detector("dino.onnx")        # a model.detector.Detector
     predict_to_directory(detector, images, "predictions/")
 
 The ``.onnx`` file is self-contained: besides the graph (see :mod:`dino_core.export`) its metadata
@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from dino_platform.errors import ConfigError
+from dino_platform.model.artifact import load_artifact
+from dino_platform.model.detector import Detector, rank_and_clip
 
 log = logging.getLogger("dino.export")
 
@@ -39,12 +41,11 @@ def export_model(model_ref: str, out: str, fmt: str = "onnx", opset: int = 17, w
     import onnx
 
     from dino_core.export import ExportError, export_onnx
-    from dino_platform.registry.predict import load_detector
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
-    detector = load_detector(model_ref, tracking_uri=tracking_uri, preset=preset, num_classes=num_classes)
-    model = detector.model
+    artifact = load_artifact(model_ref, tracking_uri=tracking_uri, preset=preset, num_classes=num_classes)
+    model, _ = artifact.build()
     try:
         export_onnx(model, out, height=height, width=width, opset=opset, with_postprocess=with_postprocess)
     except ExportError as exc:
@@ -54,8 +55,8 @@ def export_model(model_ref: str, out: str, fmt: str = "onnx", opset: int = 17, w
         "format_version": 1, "source": model_ref, "model_config": dataclasses.asdict(cfg),
         "num_classes": model.num_classes, "num_queries": model.num_queries, "num_select": cfg.num_select,
         "with_postprocess": with_postprocess, "opset": opset, "export_size": [height, width],
-        "categories": {str(k): v for k, v in sorted(detector.categories.items())},
-        "transform": detector.transform,
+        "categories": {str(k): v for k, v in sorted(artifact.categories.items())},
+        "transform": artifact.transform,
         "inputs": ["images", "mask"] + (["target_sizes"] if with_postprocess else []),
         "outputs": ["pred_logits", "pred_boxes"] + (["scores", "labels", "boxes"] if with_postprocess else []),
     }
@@ -84,35 +85,25 @@ def read_metadata(path: str) -> Dict[str, Any]:
 
 
 @dataclass
-class OnnxDetector:
-    """An exported graph run by onnxruntime; ``detect`` as :class:`dino_platform.registry.predict.Detector`."""
+class OnnxDetector(Detector):
+    """An exported graph run by onnxruntime."""
 
     session: Any  # onnxruntime.InferenceSession
     metadata: Dict[str, Any]
-    source: str
-    categories: Dict[int, str] = field(default_factory=dict)
-    transform: Dict[str, Any] = field(default_factory=dict)
 
-    def detect(self, data: bytes, max_detections: int = 100) -> Tuple[Any, List[Dict[str, Any]]]:
-        from dino_platform.registry.predict import decode_for_eval, format_detections
-
-        picture, image = decode_for_eval(data, self.transform)
-        width, height = picture.size
+    def predict(self, image, height: int, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         feeds = {"images": image, "mask": np.zeros((1, image.shape[2], image.shape[3]), dtype=bool)}
         if self.metadata.get("with_postprocess"):
             feeds["target_sizes"] = np.array([[height, width]], dtype=np.int64)
             _, _, scores, labels, boxes = self.session.run(None, feeds)
-            result = {"scores": scores[0], "labels": labels[0], "boxes": boxes[0].copy()}
-        else:
-            import dino_core  # the graph was exported without post-processing: dino_core's, on its outputs
-            import torch
+            return rank_and_clip(scores[0], labels[0], boxes[0], width, height)
+        import dino_core  # the graph was exported without post-processing: dino_core's, on its outputs
+        import torch
 
-            logits, pred_boxes = self.session.run(None, feeds)
-            outputs = {"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(pred_boxes)}
-            post = dino_core.PostProcess(int(self.metadata["num_select"]))
-            result = {k: v.numpy() for k, v in post(outputs, [[height, width]])[0].items()}
-        return picture, format_detections(result["scores"], result["labels"], result["boxes"], width, height,
-                                          self.categories, max_detections)
+        logits, pred_boxes = self.session.run(None, feeds)
+        outputs = {"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(pred_boxes)}
+        (result,) = dino_core.PostProcess(int(self.metadata["num_select"]))(outputs, [[height, width]])
+        return rank_and_clip(result["scores"].numpy(), result["labels"].numpy(), result["boxes"].numpy(), width, height)
 
 
 def load_onnx_detector(path: str, threads: Optional[int] = None) -> OnnxDetector:
@@ -136,5 +127,5 @@ def load_onnx_detector(path: str, threads: Optional[int] = None) -> OnnxDetector
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(local), options, providers=["CPUExecutionProvider"])
     categories = {int(k): v for k, v in metadata.get("categories", {}).items()}
-    return OnnxDetector(session=session, metadata=metadata, source=metadata.get("source", path),
-                        categories=categories, transform=dict(metadata.get("transform") or {}))
+    return OnnxDetector(categories=categories, transform=dict(metadata.get("transform") or {}),
+                        source=metadata.get("source", path), session=session, metadata=metadata)

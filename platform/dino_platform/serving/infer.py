@@ -158,7 +158,7 @@ def _decode_batch(batch: pa.Table, eval_cfg, root: Optional[Location]) -> pa.Tab
 
 
 class DetectorActor:
-    """Callable class for ``map_batches``: loads the detector once, then runs each image alone."""
+    """Callable class for ``map_batches``: the driver's ``load_artifact(...).detector()``, each image run alone."""
 
     def __init__(self, detector, threshold: float, cpus: float):
         import ray
@@ -181,7 +181,6 @@ class DetectorActor:
         import torch
 
         from dino_platform.data.transforms import normalize_into
-        from dino_platform.registry.predict import rank_and_clip
 
         out: Dict[str, list] = {k: [] for k in ("boxes", "scores", "labels", "label_names")}
         pixels, errors = batch.column("pixels").to_pylist(), batch.column("error").to_pylist()
@@ -194,13 +193,7 @@ class DetectorActor:
             if error is None:
                 chw = np.frombuffer(data, dtype=np.uint8).reshape(3, rh, rw)
                 image = torch.from_numpy(normalize_into(np.empty(chw.shape, np.float32), chw, self.mean, self.std))
-                with torch.no_grad():
-                    outputs = self.detector.model(image[None].to(self.device),
-                                                  torch.zeros((1, rh, rw), dtype=torch.bool, device=self.device))
-                    (result,) = self.detector.postprocessor(outputs, torch.tensor([[height, width]], device=self.device))
-                scores, labels, boxes = rank_and_clip(  # the visible part, as `dino predict` reports
-                    result["scores"].float().cpu().numpy(), result["labels"].cpu().numpy().astype(np.int64),
-                    result["boxes"].float().cpu().numpy(), width, height)
+                scores, labels, boxes = self.detector.predict(image[None], height, width)
                 confident = scores >= self.threshold  # a prefix: the scores are in descending order
                 scores, labels, boxes = scores[confident], labels[confident], boxes[confident]
             out["boxes"].append(boxes.tolist())
@@ -225,14 +218,14 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     import ray.data
 
     from dino_platform.data.transforms import transform_configs
-    from dino_platform.registry.predict import load_detector
+    from dino_platform.model.artifact import load_artifact
 
     cfg.validate()
     started = time.time()
     out = resolve(cfg.out)
     out.ensure_dir()
-    detector = load_detector(cfg.model, tracking_uri=cfg.tracking_uri, preset=cfg.preset,
-                             num_classes=cfg.num_classes)
+    detector = load_artifact(cfg.model, tracking_uri=cfg.tracking_uri, preset=cfg.preset,
+                             num_classes=cfg.num_classes).detector()
     model_info = _model_identity(cfg)
     settings = {"model": model_info, "threshold": cfg.threshold, "transform": detector.transform}
     source, parts = _plan(cfg, settings)
