@@ -204,8 +204,9 @@ def run_evaluation(
     model_cfg = parse_section(ModelConfig, model_section, "model")
     transform = transform if transform is not None else recorded.get("data", {}).get("transform", {})
     _, eval_transform = transform_configs(transform)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    from dino_platform.ray_session import connect
+
+    connect()
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
