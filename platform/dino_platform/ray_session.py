@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, log_to_driver: bool = True,
@@ -32,7 +32,15 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
         return "the Ray instance this process already uses"
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        options.setdefault("runtime_env", state_api_runtime_env(address))
+        url = None  # the cluster's State API, named to every process of the job (unless named already)
+        if not os.environ.get("RAY_API_SERVER_ADDRESS"):
+            try:
+                from ray.dashboard.utils import get_address_for_submission_client
+
+                url = get_address_for_submission_client(address)
+            except Exception:  # no dashboard on that cluster: nothing to name
+                pass
+        options.setdefault("runtime_env", {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None)
         ray.init(address=address, log_to_driver=log_to_driver, **options)  # a cluster's CPUs are its own
         return f"Ray cluster at {address}"
     options.setdefault("dashboard_host", "127.0.0.1")
@@ -45,17 +53,3 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, include_dashboard=True, **options)
     return f"a local Ray instance ({num_cpus or 'all'} CPUs)"
 
-
-def state_api_runtime_env(address: str) -> Optional[Dict[str, Any]]:
-    """The ``runtime_env`` for ``ray.init(address=address)`` that names the cluster's State API
-    (``RAY_API_SERVER_ADDRESS``) to every process of the job; None when it is already set or the
-    cluster does not say where its dashboard is."""
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
-        return None
-    try:
-        from ray.dashboard.utils import get_address_for_submission_client
-
-        url = get_address_for_submission_client(address)
-    except Exception:  # no dashboard on that cluster: nothing to name
-        return None
-    return {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None

@@ -19,37 +19,25 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 from dino_core.distributed import collective_device
 
+from dino_platform import watchdog
+from dino_platform.data.transforms import transform_configs
 from dino_platform.errors import ConfigError
+from dino_platform.storage import Location
 from dino_platform.train.checkpoint import (
-    STALLS_DIR,
-    WORKER_GROUPS_DIR,
-    TrainState,
-    consolidated_optimizer_state,
-    consolidated_state_dict,
-    load_resized_weights,
-    read_consumed_image_ids,
-    read_state,
-    redeal_needed,
-    restore_checkpoint,
-    write_checkpoint,
+    STALLS_DIR, WORKER_GROUPS_DIR, TrainState, consolidated_optimizer_state, consolidated_state_dict,
+    load_resized_weights, read_consumed_image_ids, read_state, redeal_needed, restore_checkpoint, write_checkpoint,
 )
 from dino_platform.train.config import TrainConfig
-from dino_platform.train.engine import (
-    build_engine,
-    build_model,
-    init_weights,
-    seed_step,
-    set_epoch_lr,
-)
-
-if TYPE_CHECKING:
-    from dino_platform.storage import Location
-    from dino_platform.tracking import TrackingTarget
+from dino_platform.tracking import MetricsLogger, TrackingTarget
+from dino_platform.train.engine import build_engine, build_model, init_weights, seed_step, set_epoch_lr
 
 log = logging.getLogger("dino.train")
 
@@ -106,11 +94,9 @@ class WorkerInputs:
 
     def __post_init__(self) -> None:
         if bool(self.cfg.data.eval_uri) != (self.ground_truth is not None):
-            raise ValueError("WorkerInputs: ground_truth goes with data.eval_uri (read_ground_truth of it), "
-                             "and only with it")
+            raise ValueError("WorkerInputs: ground_truth (read_ground_truth) goes with data.eval_uri, only with it")
         if bool(self.cfg.model.init_from) != (self.init_location is not None):
-            raise ValueError("WorkerInputs: init_location goes with model.init_from (weights_location of it), "
-                             "and only with it")
+            raise ValueError("WorkerInputs: init_location (weights_location) goes with model.init_from, only with it")
         for world_size in {self.cfg.scaling.min_workers, self.cfg.scaling.max_workers}:
             self.plan(world_size)  # fails on the driver: every size the group may take must make a step
 
@@ -119,15 +105,8 @@ class WorkerInputs:
         return plan_epochs(self.num_train_images, self.cfg.at_world_size(world_size))
 
 
-# ---------------------------------------------------------------------------------------------
-# the loop
-
-
 def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
     """Ray Train's entry on every worker; ``loop_config`` is ``{"inputs": WorkerInputs}``."""
-    import ray.train
-    import ray.train.torch
-
     inputs = loop_config["inputs"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -135,7 +114,7 @@ def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
     cfg = inputs.cfg.at_world_size(world_size)
     plan = plan_epochs(inputs.num_train_images, cfg)
     device = ray.train.torch.get_device()
-    heartbeat = _start_heartbeat(cfg, inputs, rank)
+    heartbeat = _TrainHeartbeat(cfg, inputs, rank).start()
     try:
         _train(inputs, cfg, plan, rank, world_size, device, heartbeat)
     finally:
@@ -145,18 +124,14 @@ def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
 def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, world_size: int, device,
            heartbeat: "_TrainHeartbeat") -> None:
     """Epochs of micro-batches; after every optimizer step: progress, then evaluation and checkpoint when due."""
-    import ray.train
-
-    tracker = _rank0_tracker(inputs.tracking, rank)
+    tracker = MetricsLogger(inputs.tracking) if inputs.tracking is not None and rank == 0 else None
     worker = _set_up(inputs, cfg, rank, world_size, device, heartbeat)
     engine, criterion, state = worker.engine, worker.criterion, worker.state
     _record_worker_group(inputs, cfg, rank, world_size, worker, tracker)
 
     train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
-    evaluator = None
-    if cfg.data.eval_uri:
-        evaluator = _Evaluator(cfg, worker.postprocessor, ray.train.get_dataset_shard("eval"), inputs.ground_truth,
-                               tracker, device)
+    evaluator = _Evaluator(cfg, worker.postprocessor, ray.train.get_dataset_shard("eval"), inputs.ground_truth,
+                           tracker, device) if cfg.data.eval_uri else None
     progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
     consumed = _ConsumedImages(worker.consumed_before, inputs.image_log, rank, world_size)
     last_checkpoint_step = state.step if worker.own_checkpoint else -1
@@ -207,8 +182,15 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
 def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Forward, loss and backward of one micro-batch; DeepSpeed steps the optimizer at an accumulation's last.
 
-    Returns the weighted total loss (a 0-d tensor) and the criterion's loss terms."""
-    images, mask, targets = _to_device(images, mask, targets, device)
+    The batch goes to a GPU through pinned host memory, without waiting for the copy. Returns the
+    weighted total loss (a 0-d tensor) and the criterion's loss terms."""
+    device = torch.device(device)
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+    images, mask = move(images), move(mask)
+    targets = [{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
     outputs = engine(images, mask, targets)
     losses = criterion(outputs, targets)
     loss = criterion.total_loss(losses)
@@ -222,8 +204,7 @@ def count_micro_batch(state: TrainState, accumulation_steps: int) -> bool:
     state.batches_in_epoch += 1
     if state.batches_in_epoch % accumulation_steps:
         return False
-    state.step += 1
-    state.steps_in_epoch += 1
+    state.step, state.steps_in_epoch = state.step + 1, state.steps_in_epoch + 1
     return True
 
 
@@ -244,14 +225,13 @@ def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, fini
     epochs; checkpoints every ``checkpoint.every_n_steps`` steps and every ``checkpoint.every_n_epochs``
     epochs. ``state`` is counted past the step (an ended epoch already counted).
     """
+    def epoch_due(n: Optional[int]) -> bool:
+        return end_of_epoch and n is not None and state.epoch % n == 0
+
     c = cfg.checkpoint
-    evaluate = bool(cfg.data.eval_uri) and (finished or (end_of_epoch and _every(cfg.eval.every_n_epochs, state.epoch)))
-    checkpoint = finished or _every(c.every_n_steps, state.step) or (end_of_epoch and _every(c.every_n_epochs, state.epoch))
-    return evaluate, checkpoint
-
-
-def _every(n: Optional[int], count: int) -> bool:
-    return n is not None and count % n == 0
+    step_due = c.every_n_steps is not None and state.step % c.every_n_steps == 0
+    evaluate = bool(cfg.data.eval_uri) and (finished or epoch_due(cfg.eval.every_n_epochs))
+    return evaluate, finished or step_due or epoch_due(c.every_n_epochs)
 
 
 def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metrics: Dict[str, float],
@@ -259,8 +239,6 @@ def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metric
                              heartbeat: "_TrainHeartbeat") -> bool:
     """Every rank (both are collectives): evaluate with ``evaluator`` when given, then checkpoint when
     ``checkpoint``; scores without a checkpoint go to Ray Train's report alone. True when it checkpointed."""
-    import ray.train
-
     model_state = None
     if evaluator is not None:
         heartbeat.phase(f"evaluating at step {state.step}")
@@ -301,8 +279,6 @@ def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, 
             heartbeat: "_TrainHeartbeat") -> _Worker:
     """Build the model and the DeepSpeed engine and restore the run's latest checkpoint, else the one
     it starts from (``start_location``), else load ``model.init_from`` (or keep the seeded init)."""
-    import ray.train
-
     heartbeat.phase("building model")
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
     model, criterion, postprocessor = build_model(cfg.model)
@@ -345,81 +321,51 @@ def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, 
 # stall watchdog
 
 
-class _TrainHeartbeat:
-    """The worker's stall watchdog (``dino_platform.watchdog``) with its timeout sized from measured times.
+class _TrainHeartbeat(watchdog.Heartbeat):
+    """The worker's stall watchdog with its timeout sized from measured times; a stall's report, with
+    the training shard's stats, is written under ``<run>/stalls/`` for the driver.
 
     ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times, and
     at least twice the longest evaluation measured (an evaluation is one phase without beats).
     """
 
-    def __init__(self, cfg: TrainConfig, name: str, report_sink, details):
-        from dino_platform import watchdog
-
+    def __init__(self, cfg: TrainConfig, inputs: WorkerInputs, rank: int):
         self.configured = cfg.run.stall_timeout_s
         self.step_times: List[float] = []
         self.longest_evaluation = 0.0
         self.last_step = None
         self.shard = None  # the training data shard, once the loop holds it (its stats go in a report)
-        self._watchdog = watchdog
-        self._heartbeat = watchdog.Heartbeat(name, self.timeout, watchdog.exit_process(report_sink), details)
+        self.rank = rank
+
+        def sink(report: str) -> None:
+            name = f"{STALLS_DIR}/{inputs.session}-{time.time_ns()}-rank{rank}.txt"
+            inputs.run_location.child(name).write_bytes(report.encode())
+
+        super().__init__(f"training worker rank {rank}", self.timeout, watchdog.exit_process(sink), self.data_stats)
 
     def timeout(self) -> float:
         if self.configured is not None:
             return float(self.configured)
-        return max(self._watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+        return max(watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
 
-    def start(self) -> "_TrainHeartbeat":
-        self._heartbeat.start()
-        return self
-
-    def stop(self) -> None:
-        self._heartbeat.stop()
-
-    def phase(self, text: str) -> None:
-        self._heartbeat.phase(text)
+    def data_stats(self) -> str:
+        if self.shard is None:
+            return "training data pipeline: not requested yet"
+        return f"training data pipeline (rank {self.rank}'s shard):\n{self.shard.stats()}"
 
     def watched(self, items, phase: str):
-        return self._watchdog.watched(items, self._heartbeat, phase)
+        return watchdog.watched(items, self, phase)
 
     def step_done(self) -> None:
         now = time.monotonic()
         if self.last_step is not None:
             self.step_times = (self.step_times + [now - self.last_step])[-50:]
         self.last_step = now
-        self._heartbeat.beat()
+        self.beat()
 
     def evaluation_done(self, seconds: float) -> None:
         self.longest_evaluation = max(self.longest_evaluation, seconds)
         self.last_step = None  # the next step's time does not include the evaluation
-
-
-def _start_heartbeat(cfg: TrainConfig, inputs: WorkerInputs, rank: int) -> _TrainHeartbeat:
-    """Start this worker's watchdog; its report is written under ``<run>/stalls/`` for the driver."""
-
-    def sink(report: str) -> None:
-        name = f"{STALLS_DIR}/{inputs.session}-{time.time_ns()}-rank{rank}.txt"
-        inputs.run_location.child(name).write_bytes(report.encode())
-
-    heartbeat = _TrainHeartbeat(cfg, f"training worker rank {rank}", sink, lambda: _data_stats(heartbeat.shard, rank))
-    return heartbeat.start()
-
-
-def _data_stats(shard, rank: int) -> str:
-    if shard is None:
-        return "training data pipeline: not requested yet"
-    return f"training data pipeline (rank {rank}'s shard):\n{shard.stats()}"
-
-
-def _warn_if_data_starved(cfg: TrainConfig) -> None:
-    """Rank 0, at every group start: warn when the group's reservations leave no node a whole CPU."""
-    from dino_platform.watchdog import data_pipeline_starvation, free_cpus_per_node
-
-    diagnosis = data_pipeline_starvation(
-        free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
-                              "or keep training workers off one node, so it keeps a whole CPU free.")
-    if diagnosis:
-        log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
-                    diagnosis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +378,6 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_in
     ``first_index``: the epoch position of the shard's first batch (its re-dealt remainder after a
     resize starts at the checkpoint's position; a plain shard at 0).
     """
-    from dino_platform.data.transforms import transform_configs
     from dino_platform.train.batches import iter_collated
 
     train_transform, _ = transform_configs(cfg.data.transform)
@@ -445,18 +390,6 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_in
             yield batch
 
 
-def _to_device(images, mask, targets, device):
-    """The batch on ``device``; to a GPU through pinned host memory, without waiting for the copy."""
-    device = torch.device(device)
-    pinned = device.type == "cuda"
-
-    def move(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
-
-    moved = [{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
-    return move(images), move(mask), moved
-
-
 # ---------------------------------------------------------------------------------------------
 # checkpoints, progress, evaluation
 
@@ -464,8 +397,6 @@ def _to_device(images, mask, targets, device):
 def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float],
           consumed: "_ConsumedImages") -> None:
     """Every rank (collectives: the optimizer moments and the consumed image ids are gathered)."""
-    import ray.train
-
     optimizer_state = consolidated_optimizer_state(engine)
     image_ids = consumed.gather()
     rank = ray.train.get_context().get_world_rank()
@@ -524,8 +455,6 @@ class _Progress:
 
     def mean_over_workers(self) -> Dict[str, float]:
         """The loss terms' mean over this report's micro-batches and all workers (a collective)."""
-        import torch.distributed as dist
-
         names = sorted(self.sums)
         values = torch.stack([self.sums[n] for n in names]).to(collective_device()) / self.micro_batches
         if dist.is_initialized():
@@ -535,8 +464,6 @@ class _Progress:
 
     def report_if_due(self, state: TrainState, engine, every: int, force: bool) -> Optional[Dict[str, float]]:
         """All ranks call this at every optimizer step; on report steps it is a collective."""
-        import ray.train
-
         self.steps += 1
         if not (force or state.step % every == 0):
             return None
@@ -574,8 +501,6 @@ class _ConsumedImages:
         self.rank, self.world_size = rank, world_size
         self.log_file, self.group = None, None
         if log_dir:
-            import torch.distributed as dist
-
             # one id for this worker group on every rank: the audit tells attempts apart by it
             group = [{"id": uuid.uuid4().hex, "started_ns": time.time_ns()}]
             if dist.is_initialized():
@@ -601,8 +526,6 @@ class _ConsumedImages:
 
     def gather(self) -> List[int]:
         """Every rank: the epoch's ids trained on by all ranks so far (a collective)."""
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             return self.before + self.mine
         everyone: List[Optional[List[int]]] = [None] * dist.get_world_size()
@@ -614,7 +537,7 @@ def _record_worker_group(inputs: WorkerInputs, cfg: TrainConfig, rank: int, worl
                          tracker) -> None:
     """Rank 0: note this worker group's start (size, step, the size it resized from) in the log, in the
     run directory and in MLflow; the driver counts restarts and resizes from these records. Then warn
-    when the group's reservations starve the data pipeline."""
+    when the group's reservations leave no node a whole CPU for the data pipeline."""
     if rank != 0:
         return
     state, saved = worker.state, worker.saved
@@ -636,15 +559,12 @@ def _record_worker_group(inputs: WorkerInputs, cfg: TrainConfig, rank: int, worl
               "resumed": saved is not None, "resized_from": resized_from, "time_ns": time.time_ns()}
     name = f"{WORKER_GROUPS_DIR}/start-{record['time_ns']}.json"
     inputs.run_location.child(name).write_bytes(json.dumps(record).encode())
-    _warn_if_data_starved(cfg)
-
-
-def _rank0_tracker(target: Optional[TrackingTarget], rank: int):
-    if target is None or rank != 0:
-        return None
-    from dino_platform.tracking import MetricsLogger
-
-    return MetricsLogger(target)
+    diagnosis = watchdog.data_pipeline_starvation(
+        watchdog.free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
+                                       "or keep training workers off one node, so it keeps a whole CPU free.")
+    if diagnosis:
+        log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
+                    diagnosis)
 
 
 class _Evaluator:
@@ -657,7 +577,6 @@ class _Evaluator:
 
     def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> Dict[str, float]:
         """Evaluate on every rank together; rank 0 returns the summary COCO stats (``eval/AP`` ...), others {}."""
-        from dino_platform.data.transforms import transform_configs
         from dino_platform.evaluation.coco_eval import EvalProtocol
         from dino_platform.evaluation.runner import evaluate_shard
 

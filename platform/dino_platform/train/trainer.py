@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +22,17 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dino_platform.data.manifest import read_ground_truth, read_manifest
 from dino_platform.data.sharding import OrderedShards
+from dino_platform.data.streaming import SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, dataset_size
 from dino_platform.errors import ConfigError, StallError, TrainingError
+from dino_platform.ray_session import connect
 from dino_platform.storage import resolve
+from dino_platform.tracking import MetricsLogger, finish_run, resolve_tracking_uri, start_or_resume_run
+from dino_platform.train.checkpoint import STALLS_DIR, WORKER_GROUPS_DIR, read_train_state, weights_location
 from dino_platform.train.config import TrainConfig, flat_params
 from dino_platform.train.loop import WorkerInputs, train_loop_per_worker
+from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 log = logging.getLogger("dino.train")
 
@@ -74,9 +82,6 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     another run) whose whole state (weights, optimizer, step, epoch) a *new* run continues from,
     with ``cfg``'s hyper-parameters; once the run has checkpoints of its own, those win.
     """
-    from dino_platform.ray_session import connect
-    from dino_platform.train.checkpoint import read_train_state
-
     connect()
     storage = resolve(cfg.run.storage_path)
     run_location = storage.child(cfg.run.name)
@@ -103,7 +108,14 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
         dataset_config=OrderedShards(run_location, start_epoch=start.epoch if start else 0,
                                      start_location=start.location if start else None),
     )
-    _log_plan(inputs)
+    s = cfg.scaling
+    log.info("run %s: %s workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
+             cfg.run.name, s.num_workers, s.batch_size_per_worker, s.accumulation_steps,
+             cfg.total_batch_size, inputs.plan(s.max_workers).steps_per_epoch, cfg.optim.epochs)
+    if s.elastic:
+        log.info("elastic group %s (%s): %s", s.num_workers, s.placement_strategy, ", ".join(
+            f"{w} workers x accumulation {cfg.at_world_size(w).scaling.accumulation_steps}"
+            for w in range(s.min_workers, s.max_workers + 1)))
     nodes_at_start = _alive_nodes()
     try:
         result = trainer.fit()
@@ -115,8 +127,6 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
 
 def _datasets(cfg: TrainConfig, run_location) -> Dict[str, Any]:
     """Ray Datasets {"train", "eval" (with data.eval_uri)}; skipped samples are recorded under the run."""
-    from dino_platform.data.streaming import SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, read_manifest
-
     categories = read_manifest(cfg.data.train_uri).categories
     if categories and max(categories) >= cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is too small for category id "
@@ -130,40 +140,19 @@ def _datasets(cfg: TrainConfig, run_location) -> Dict[str, Any]:
 
 def _worker_inputs(cfg: TrainConfig, run_location, start) -> WorkerInputs:
     """The workers' inputs, locations and ground truth resolved here (see ``WorkerInputs``); tracking off."""
-    from dino_platform.data.manifest import read_ground_truth
-    from dino_platform.data.streaming import dataset_size
-    from dino_platform.train.checkpoint import weights_location
-
     return WorkerInputs(
-        cfg=cfg,
-        num_train_images=dataset_size(cfg.data.train_uri),
-        run_location=run_location,
-        session=uuid.uuid4().hex,  # tags this call's worker-group records (restarts, resizes)
+        cfg, dataset_size(cfg.data.train_uri), run_location, session=uuid.uuid4().hex,
         ground_truth=read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
         init_location=weights_location(cfg.model.init_from) if cfg.model.init_from else None,
         start_location=start.location if start is not None else None,
         # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
-        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None,
-    )
-
-
-def _log_plan(inputs: WorkerInputs) -> None:
-    cfg, s = inputs.cfg, inputs.cfg.scaling
-    log.info("run %s: %s workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
-             cfg.run.name, s.num_workers, s.batch_size_per_worker, s.accumulation_steps,
-             cfg.total_batch_size, inputs.plan(s.max_workers).steps_per_epoch, cfg.optim.epochs)
-    if s.elastic:
-        log.info("elastic group %s (%s): %s", s.num_workers, s.placement_strategy, ", ".join(
-            f"{w} workers x accumulation {cfg.at_world_size(w).scaling.accumulation_steps}"
-            for w in range(s.min_workers, s.max_workers + 1)))
+        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None)
 
 
 def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]], error: Optional[BaseException],
              nodes_at_start: Dict[str, str]) -> TrainingOutcome:
     """Collect what the workers recorded (skipped samples, stalls, worker groups), close the MLflow run,
     and return the outcome; a failed run raises, naming a stall or a lost node when that was the cause."""
-    from dino_platform.data.streaming import SAMPLE_ERRORS_DIR
-
     cfg, run_location = inputs.cfg, inputs.run_location
     skipped = _skipped_samples(run_location.child(SAMPLE_ERRORS_DIR))
     stalls = stall_reports(run_location, inputs.session)
@@ -171,8 +160,6 @@ def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]]
         log.error("run %s: a worker stalled; its watchdog reported:\n%s", cfg.run.name, report)
     groups = worker_groups(run_location, inputs.session)
     if inputs.tracking is not None:
-        from dino_platform.tracking import MetricsLogger, finish_run
-
         if skipped:
             logger = MetricsLogger(inputs.tracking)
             logger.log_metrics({"data/skipped_samples": len(skipped)}, step=0)
@@ -204,16 +191,12 @@ def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]]
 def collective_timeout_s(cfg: TrainConfig) -> int:
     """The process group's timeout: past the stall timeout, so a collective waiting on a lost peer
     errors instead of hanging, after the watchdog has had the chance to report where it waited."""
-    from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
-
     stall = cfg.run.stall_timeout_s if cfg.run.stall_timeout_s is not None else DEFAULT_STALL_TIMEOUT_S
     return int(math.ceil(1.5 * stall))
 
 
 def stall_reports(run_location, session: str) -> List[str]:
     """The stall watchdog reports the workers of this ``run_training`` call wrote, oldest first."""
-    from dino_platform.train.checkpoint import STALLS_DIR
-
     folder = run_location.child(STALLS_DIR)
     if not folder.exists():
         return []
@@ -223,8 +206,6 @@ def stall_reports(run_location, session: str) -> List[str]:
 
 def _skipped_samples(error_log) -> List[Dict[str, Any]]:
     """The records ``data.on_sample_error: skip`` wrote for this run (all its passes), in file order."""
-    import json
-
     records = [json.loads(error_log.child(name).read_bytes()) for name in sorted(error_log.list_files())]
     if records:
         log.warning("%d samples were skipped (data.on_sample_error: skip); listed in %s", len(records), error_log.uri)
@@ -233,8 +214,6 @@ def _skipped_samples(error_log) -> List[Dict[str, Any]]:
 
 def lost_nodes(error: BaseException) -> List[str]:
     """'node <id> (<ip>)' for every worker that died with its node, from Ray Train's error (else [])."""
-    import re
-
     failures = getattr(error, "worker_failures", None) or {}
     lost = []
     for failure in failures.values():
@@ -263,8 +242,6 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
     A killed node's workers surface as "actor unavailable" before the GCS declares the node dead
     (after its missed health checks), so wait a little for that verdict.
     """
-    import time
-
     if not getattr(error, "worker_failures", None):
         return []
     deadline = time.monotonic() + wait_s
@@ -278,22 +255,14 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
 
 def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
     """The worker groups this ``run_training`` call started, in order (see ``loop._record_worker_group``)."""
-    from dino_platform.train.checkpoint import WORKER_GROUPS_DIR
-
     folder = run_location.child(WORKER_GROUPS_DIR)
     if not folder.exists():
         return []
-    records = []
-    for name in folder.list_files(recursive=False):
-        record = json.loads(folder.child(name).read_bytes())
-        if record.get("session") == session:
-            records.append(record)
-    return sorted(records, key=lambda r: (r["step"], r["time_ns"]))
+    records = [json.loads(folder.child(name).read_bytes()) for name in folder.list_files(recursive=False)]
+    return sorted((r for r in records if r.get("session") == session), key=lambda r: (r["step"], r["time_ns"]))
 
 
 def _open_tracking(cfg: TrainConfig, run_dir: str):
-    from dino_platform.tracking import resolve_tracking_uri, start_or_resume_run
-
     # the default SQLite store lives under the run directory when that is local, else under ./runs
     local_dir = Path(run_dir) if "://" not in run_dir else Path("runs") / cfg.run.name
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)
