@@ -66,8 +66,6 @@ def test_worker_inputs_carry_the_ground_truth_exactly_with_an_eval_set(tmp_path)
         _inputs(tmp_path, _cfg(data={"train_uri": "x", "eval_uri": "y"}))
     with pytest.raises(ValueError, match="ground_truth .* goes with data.eval_uri"):
         _inputs(tmp_path, _cfg(), ground_truth={"images": []})
-    with pytest.raises(ValueError, match="init_location .* goes with model.init_from"):
-        _inputs(tmp_path, _cfg(model={"init_from": "/w.pth"}))
 
 
 def test_plan_caps_the_run_at_max_steps_and_keeps_the_schedule_across_sizes():

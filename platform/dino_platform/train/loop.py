@@ -95,8 +95,6 @@ class WorkerInputs:
     def __post_init__(self) -> None:
         if bool(self.cfg.data.eval_uri) != (self.ground_truth is not None):
             raise ValueError("WorkerInputs: ground_truth (read_ground_truth) goes with data.eval_uri, only with it")
-        if bool(self.cfg.model.init_from) != (self.init_location is not None):
-            raise ValueError("WorkerInputs: init_location (weights_location) goes with model.init_from, only with it")
         for world_size in {self.cfg.scaling.min_workers, self.cfg.scaling.max_workers}:
             self.plan(world_size)  # fails on the driver: every size the group may take must make a step
 
@@ -179,6 +177,63 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
         _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
 
 
+@dataclass
+class _Worker:
+    """What setup built on this worker, and where its training continues."""
+
+    engine: Any  # the DeepSpeed engine around the model
+    base_lrs: List[float]  # each optimizer group's learning rate before the schedule
+    criterion: Any
+    postprocessor: Any
+    state: TrainState  # step, epoch and position to continue from (step 0 on a fresh start)
+    saved: Optional[TrainState]  # the restored checkpoint's state as written (None: a fresh start)
+    consumed_before: List[int]  # the current epoch's image ids trained on before this group started
+    own_checkpoint: bool  # restored from this run's own checkpoint (not a start_location)
+    redeal: bool  # the epoch's remaining images are re-dealt over this group (data.sharding)
+
+
+def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, device,
+            heartbeat: "_TrainHeartbeat") -> _Worker:
+    """Build the model and the DeepSpeed engine and restore the run's latest checkpoint, else the one
+    it starts from (``start_location``), else load ``model.init_from`` (or keep the seeded init)."""
+    heartbeat.phase("building model")
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
+    model, criterion, postprocessor = build_model(cfg.model)
+    checkpoint = ray.train.get_checkpoint()
+    own_checkpoint = checkpoint is not None
+    if checkpoint is None and inputs.start_location is not None:
+        # a new run continuing another run's checkpoint (e.g. a PBT trial cloning a better one)
+        start = inputs.start_location
+        checkpoint = ray.train.Checkpoint(path=start.path, filesystem=start.fs)
+        if rank == 0:
+            log.info("starting from %s", start.uri)
+    elif checkpoint is None and cfg.model.init_from:
+        init_weights(model, cfg.model, inputs.init_location)
+
+    state = TrainState(seed=cfg.run.seed, world_size=world_size)
+    saved: Optional[TrainState] = None
+    consumed_before: List[int] = []
+    heartbeat.phase("restoring checkpoint" if checkpoint is not None else "building DeepSpeed engine")
+    with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()) as path:
+        directory = Path(path) if path is not None else None
+        if directory is not None:
+            saved = read_state(directory)
+            if saved.world_size not in (0, world_size):  # a resize: DeepSpeed's partitions do not fit
+                load_resized_weights(model, directory)
+        model.to(device)
+        criterion.to(device)
+        engine, base_lrs = build_engine(model, cfg)
+        if directory is not None:
+            # the optimizer state restores each group's weight decay; this run's config decides it
+            decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
+            state = restore_checkpoint(engine, directory, world_size, cfg.scaling.accumulation_steps)
+            for group, value in zip(engine.optimizer.param_groups, decay):
+                group["weight_decay"] = value
+            consumed_before = read_consumed_image_ids(directory, state.epoch)
+    return _Worker(engine, base_lrs, criterion, postprocessor, state, saved, consumed_before, own_checkpoint,
+                   redeal=saved is not None and redeal_needed(saved, world_size))
+
+
 def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Forward, loss and backward of one micro-batch; DeepSpeed steps the optimizer at an accumulation's last.
 
@@ -254,67 +309,6 @@ def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metric
     elif model_state is not None:
         ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
     return checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# setup: model, engine, restored state
-
-
-@dataclass
-class _Worker:
-    """What setup built on this worker, and where its training continues."""
-
-    engine: Any  # the DeepSpeed engine around the model
-    base_lrs: List[float]  # each optimizer group's learning rate before the schedule
-    criterion: Any
-    postprocessor: Any
-    state: TrainState  # step, epoch and position to continue from (step 0 on a fresh start)
-    saved: Optional[TrainState]  # the restored checkpoint's state as written (None: a fresh start)
-    consumed_before: List[int]  # the current epoch's image ids trained on before this group started
-    own_checkpoint: bool  # restored from this run's own checkpoint (not a start_location)
-    redeal: bool  # the epoch's remaining images are re-dealt over this group (data.sharding)
-
-
-def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, device,
-            heartbeat: "_TrainHeartbeat") -> _Worker:
-    """Build the model and the DeepSpeed engine and restore the run's latest checkpoint, else the one
-    it starts from (``start_location``), else load ``model.init_from`` (or keep the seeded init)."""
-    heartbeat.phase("building model")
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
-    model, criterion, postprocessor = build_model(cfg.model)
-    checkpoint = ray.train.get_checkpoint()
-    own_checkpoint = checkpoint is not None
-    if checkpoint is None and inputs.start_location is not None:
-        # a new run continuing another run's checkpoint (e.g. a PBT trial cloning a better one)
-        start = inputs.start_location
-        checkpoint = ray.train.Checkpoint(path=start.path, filesystem=start.fs)
-        if rank == 0:
-            log.info("starting from %s", start.uri)
-    elif checkpoint is None and cfg.model.init_from:
-        init_weights(model, cfg.model, inputs.init_location)
-
-    state = TrainState(seed=cfg.run.seed, world_size=world_size)
-    saved: Optional[TrainState] = None
-    consumed_before: List[int] = []
-    heartbeat.phase("restoring checkpoint" if checkpoint is not None else "building DeepSpeed engine")
-    with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()) as path:
-        directory = Path(path) if path is not None else None
-        if directory is not None:
-            saved = read_state(directory)
-            if saved.world_size not in (0, world_size):  # a resize: DeepSpeed's partitions do not fit
-                load_resized_weights(model, directory)
-        model.to(device)
-        criterion.to(device)
-        engine, base_lrs = build_engine(model, cfg)
-        if directory is not None:
-            # the optimizer state restores each group's weight decay; this run's config decides it
-            decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
-            state = restore_checkpoint(engine, directory, world_size, cfg.scaling.accumulation_steps)
-            for group, value in zip(engine.optimizer.param_groups, decay):
-                group["weight_decay"] = value
-            consumed_before = read_consumed_image_ids(directory, state.epoch)
-    return _Worker(engine, base_lrs, criterion, postprocessor, state, saved, consumed_before, own_checkpoint,
-                   redeal=saved is not None and redeal_needed(saved, world_size))
 
 
 # ---------------------------------------------------------------------------------------------

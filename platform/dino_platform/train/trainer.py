@@ -90,24 +90,7 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     inputs = _worker_inputs(cfg, run_location, start)  # validated before an MLflow run is opened
     if cfg.tracking.enabled:
         inputs = dataclasses.replace(inputs, tracking=_open_tracking(cfg, run_location.uri))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"inputs": inputs},
-        scaling_config=ray_scaling_config(cfg),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
-                                 timeout_s=collective_timeout_s(cfg)),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage.path,
-            storage_filesystem=storage.fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-        dataset_config=OrderedShards(run_location, start_epoch=start.epoch if start else 0,
-                                     start_location=start.location if start else None),
-    )
+    trainer = _torch_trainer(cfg, storage, inputs, datasets, start, callbacks)
     s = cfg.scaling
     log.info("run %s: %s workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
              cfg.run.name, s.num_workers, s.batch_size_per_worker, s.accumulation_steps,
@@ -136,6 +119,28 @@ def _datasets(cfg: TrainConfig, run_location) -> Dict[str, Any]:
     if cfg.data.eval_uri:
         datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform, **policy)
     return datasets
+
+
+def _torch_trainer(cfg: TrainConfig, storage, inputs: WorkerInputs, datasets, start, callbacks) -> TorchTrainer:
+    """Ray Train's trainer: the worker loop and its inputs, scaling, process group, storage, failures, checkpoints."""
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"inputs": inputs},
+        scaling_config=ray_scaling_config(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                 timeout_s=collective_timeout_s(cfg)),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=OrderedShards(inputs.run_location, start_epoch=start.epoch if start else 0,
+                                     start_location=start.location if start else None),
+    )
 
 
 def _worker_inputs(cfg: TrainConfig, run_location, start) -> WorkerInputs:
