@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # an elastic group learns its size only here: fix num_workers and the accumulation for it
     cfg = inputs.cfg.at_world_size(world_size)
-    plan = plan_epochs(inputs.num_train_images, cfg)
+    plan = inputs.plan(world_size)
     device = ray.train.torch.get_device()
     heartbeat = _TrainHeartbeat(cfg, inputs, rank).start()
     try:
