@@ -1,4 +1,4 @@
-"""Starting Ray for a platform command that runs without a cluster (pipelines and sweeps).
+"""Joining Ray: every platform entry point (train, eval, ingest, infer, pipeline, sweep) calls ``connect``.
 
 Ray Train's ``PlacementGroupCleaner`` (a detached actor started with every ``TorchTrainer``) asks
 the State API whether the training's controller is still alive, and frees the workers' placement
@@ -14,46 +14,42 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 
-def init_local_ray(**options: Any) -> None:
-    """``ray.init(address="local", **options)`` with the dashboard on and its State API named."""
+def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, log_to_driver: bool = True,
+            **options: Any) -> str:
+    """Join Ray once per process; returns where, for the log.
+
+    Already connected: nothing to do. Else the cluster at ``address``, else at ``$RAY_ADDRESS`` (set
+    by ``ray job submit``), else a fresh local instance with ``num_cpus`` CPUs (all when None), never
+    a cluster someone else started on this machine; ``address="local"`` asks for the local instance
+    even when ``$RAY_ADDRESS`` is set. ``options``: further ``ray.init`` arguments.
+    """
     import ray
 
-    options = dict(options)
-    options["address"] = "local"
+    if ray.is_initialized():
+        return "the Ray instance this process already uses"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        url = None  # the cluster's State API, named to every process of the job (unless named already)
+        if not os.environ.get("RAY_API_SERVER_ADDRESS"):
+            try:
+                from ray.dashboard.utils import get_address_for_submission_client
+
+                url = get_address_for_submission_client(address)
+            except Exception:  # no dashboard on that cluster: nothing to name
+                pass
+        options.setdefault("runtime_env", {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None)
+        ray.init(address=address, log_to_driver=log_to_driver, **options)  # a cluster's CPUs are its own
+        return f"Ray cluster at {address}"
+    options.setdefault("dashboard_host", "127.0.0.1")
     if "dashboard_port" not in options:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             options["dashboard_port"] = probe.getsockname()[1]
-    options.setdefault("dashboard_host", "127.0.0.1")
+    # the dashboard on, its State API named: Ray Train's PlacementGroupCleaner needs it (above)
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
-    ray.init(include_dashboard=True, **options)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, include_dashboard=True, **options)
+    return f"a local Ray instance ({num_cpus or 'all'} CPUs)"
 
-
-def init_ray(options: Dict[str, Any]) -> None:
-    """Connect with ``ray.init(**options)``; a local instance (``address="local"``) via :func:`init_local_ray`."""
-    import ray
-
-    options = dict(options)
-    if options.get("address") == "local":
-        options.pop("address")
-        init_local_ray(**options)
-    else:
-        ray.init(include_dashboard=True, **options)
-
-
-def state_api_runtime_env(address: str) -> Optional[Dict[str, Any]]:
-    """The ``runtime_env`` for ``ray.init(address=address)`` that names the cluster's State API
-    (``RAY_API_SERVER_ADDRESS``) to every process of the job; None when it is already set or the
-    cluster does not say where its dashboard is."""
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
-        return None
-    try:
-        from ray.dashboard.utils import get_address_for_submission_client
-
-        url = get_address_for_submission_client(address)
-    except Exception:  # no dashboard on that cluster: nothing to name
-        return None
-    return {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None

@@ -817,8 +817,9 @@ def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Locatio
         return results
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from dino_platform.ray_session import connect
+
+    connect(log_to_driver=False)
     progress = tqdm(total=len(todo), unit="shard", desc="ingest", disable=not todo)
     remote = ray.remote(num_cpus=1, max_retries=2)(build_shard)
     images_ref, out_ref = ray.put(images), ray.put(out)

@@ -180,6 +180,7 @@ def run_evaluation(
     from dino_platform.data.sharding import OrderedShards
     from dino_platform.data.transforms import transform_configs
     from dino_platform.model.artifact import load_artifact
+    from dino_platform.ray_session import connect
 
     protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}
     try:
@@ -190,8 +191,7 @@ def run_evaluation(
     if transform is not None:
         artifact = replace(artifact, transform=dict(transform))
     _, eval_transform = transform_configs(artifact.transform)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+    connect()
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,

@@ -10,32 +10,11 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
-from dino_platform.ray_session import init_local_ray, state_api_runtime_env
-
-
-def connect_ray(spec: PipelineSpec) -> str:
-    """Join the Ray cluster this pipeline runs on; returns a description for the log.
-
-    ``ray.address`` in the spec, else ``RAY_ADDRESS`` (set by ``ray job submit``), else a fresh local
-    instance with ``ray.num_cpus`` CPUs (never a cluster someone else started on this machine).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return "the Ray instance this process already uses"
-    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=state_api_runtime_env(address))
-        return f"Ray cluster at {address}"
-    # the dashboard on, its State API named: Ray Train's PlacementGroupCleaner needs it (ray_session)
-    init_local_ray(num_cpus=spec.ray.num_cpus, log_to_driver=True)
-    return f"a local Ray instance ({spec.ray.num_cpus or 'all'} CPUs)"
 
 
 def check_resources(spec: PipelineSpec, total: Dict[str, float], nodes: List[Dict[str, float]],

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from dino_platform.pipeline.context import StageContext
-from dino_platform.pipeline.preflight import connect_ray, preflight
+from dino_platform.pipeline.preflight import preflight
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.state import PipelineState
+from dino_platform.ray_session import connect
 
 log = logging.getLogger("dino.pipeline")
 
@@ -69,7 +70,7 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
     from dino_platform.registry.models import git_commit
 
     started = time.time()
-    where = connect_ray(spec)
+    where = connect(spec.ray.address, num_cpus=spec.ray.num_cpus)
     _note_where_output_goes(spec)
     capacity = preflight(spec)  # everything that can fail before work starts
     log.info("pipeline %s on %s (%s); output root %s", spec.name, where,

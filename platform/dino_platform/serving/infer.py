@@ -240,8 +240,9 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     log.info("infer: %d images in %d parts; %d parts already written, %d to run", total, len(parts),
              len(done), len(todo))
     if todo:
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False)
+        from dino_platform.ray_session import connect
+
+        connect()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = ray.cluster_resources().get("CPU", 0)
         if cfg.concurrency * cfg.cpus_per_actor + cfg.cpus_per_decode_task > cpus:

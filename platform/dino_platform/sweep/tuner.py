@@ -32,7 +32,7 @@ from dino_platform.errors import DataError
 from dino_platform.storage import resolve
 from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
-from dino_platform.ray_session import init_ray
+from dino_platform.ray_session import connect
 from dino_platform.tracking import find_or_create_run
 
 log = logging.getLogger("dino.sweep")
@@ -88,15 +88,13 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec) -> SweepOutcome:
     """Run (or resume) the sweep, then evaluate and register its best checkpoint."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.search import BasicVariantGenerator
 
     # progress reports between evaluations carry no eval/AP: only the scheduler needs it (ASHA skips those)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if not ray.is_initialized():
-        init_ray(spec.ray)  # the dashboard on: stopped trials give their CPUs back (ray_session)
+    connect(**spec.ray)  # a local instance keeps the dashboard on: stopped trials give their CPUs back
     _prepare_synthetic_data(spec)
     tracking_uri = _tracking_uri(spec)
     parent_run_id = _parent_run(spec, tracking_uri)

@@ -1,11 +1,12 @@
 """The per-worker training loop: a plain PyTorch loop with Ray Train and DeepSpeed at its edges.
 
-Every worker runs ``train_loop_per_worker``. Ray Train has set up the process group and hands each
-worker its shard of the training (and evaluation) dataset; DeepSpeed owns the optimizer step.
-Exact resume rests on four things: the data order is deterministic (ordered, equal shards);
-each data pass is positioned at the checkpoint's epoch (data.sharding.OrderedShards); every RNG is
-seeded per micro-batch from (seed, micro-batch, rank); and a checkpoint records the step, epoch
-and micro-batches consumed, so a resumed worker skips exactly what it already trained on.
+Every worker runs ``train_loop_per_worker`` with the driver's ``WorkerInputs``. Ray Train has set
+up the process group and hands each worker its shard of the training (and evaluation) dataset;
+DeepSpeed owns the optimizer step. Exact resume rests on four things: the data order is
+deterministic (ordered, equal shards); each data pass is positioned at the checkpoint's epoch
+(data.sharding.OrderedShards); every RNG is seeded per micro-batch from (seed, micro-batch, rank);
+and a checkpoint records the step, epoch and micro-batches consumed, so a resumed worker skips
+exactly what it already trained on.
 """
 from __future__ import annotations
 
@@ -16,46 +17,42 @@ import math
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
 from dino_core.distributed import collective_device
 
-from dino_platform.run_state import (
-    STALLS_DIR,
-    WORKER_GROUPS_DIR,
-    TrainState,
-    read_consumed_image_ids,
-    read_state,
-    redeal_needed,
-)
-from dino_platform.train.checkpoint import (
-    consolidated_optimizer_state,
-    consolidated_state_dict,
-    load_resized_weights,
-    restore_checkpoint,
-    write_checkpoint,
-)
+from dino_platform import watchdog
+from dino_platform.data.batches import iter_collated
+from dino_platform.data.transforms import transform_configs
+from dino_platform.errors import ConfigError
 from dino_platform.model.config import build_model
-from dino_platform.train.config import TrainConfig, load_config
-from dino_platform.train.engine import (
-    build_engine,
-    init_weights,
-    seed_step,
-    set_epoch_lr,
+from dino_platform.run_state import (
+    STALLS_DIR, WORKER_GROUPS_DIR, TrainState, read_consumed_image_ids, read_state, redeal_needed,
 )
+from dino_platform.storage import Location
+from dino_platform.train.checkpoint import (
+    consolidated_optimizer_state, consolidated_state_dict, load_resized_weights, restore_checkpoint, write_checkpoint,
+)
+from dino_platform.train.config import TrainConfig
+from dino_platform.tracking import MetricsLogger, TrackingTarget
+from dino_platform.train.engine import build_engine, init_weights, seed_step, set_epoch_lr
 
 log = logging.getLogger("dino.train")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EpochPlan:
-    """Sizes the driver computed before starting workers (identical on every rank)."""
+    """Sizes of a training run at one world size (identical on every rank)."""
 
     micro_batches_per_epoch: int  # per worker; a multiple of the accumulation steps
     steps_per_epoch: int  # optimizer steps
+    total_steps: int  # optimizer steps of the whole run: optim.epochs, capped at optim.max_steps
 
 
 def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
@@ -64,8 +61,6 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     ``cfg`` at one world size (``TrainConfig.at_world_size``). With the total batch kept, the steps
     per epoch, hence the schedule, are the same at every size.
     """
-    from dino_platform.errors import ConfigError
-
     s = cfg.scaling
     per_worker = num_train_images // s.num_workers
     micro = per_worker // s.batch_size_per_worker
@@ -75,52 +70,156 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
             f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
             f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
         )
-    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=micro // s.accumulation_steps)
+    steps_per_epoch = micro // s.accumulation_steps
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps is not None:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+    return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
-def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class WorkerInputs:
+    """Everything a training worker needs besides its dataset shards, built once by the driver
+    (``trainer.run_training``) and pickled by Ray Train to every worker of every worker group.
 
+    Locations are resolved on the driver: workers may not share its storage settings (``AWS_*``).
+    """
+
+    cfg: TrainConfig  # as configured; each worker group fixes it at its own size (at_world_size)
+    num_train_images: int  # rows of data.train_uri: sizes every epoch (plan_epochs)
+    run_location: Location  # <run.storage_path>/<run.name>: stall reports and worker-group records
+    session: str  # the id of one run_training call: tags the stall reports and worker-group records
+    tracking: Optional[TrackingTarget] = None  # the MLflow run rank 0 logs to (None: tracking off)
+    # data.eval_uri's COCO ground truth {"images", "annotations", "categories"} (None without eval_uri)
+    ground_truth: Optional[Dict[str, Any]] = field(default=None, repr=False)
+    init_location: Optional[Location] = None  # model.init_from's weights: a run without a checkpoint starts there
+    start_location: Optional[Location] = None  # a checkpoint a new run continues from (run_training's start_from)
+    image_log: Optional[str] = None  # $DINO_TRAIN_IMAGE_LOG: a folder where each rank logs every step's image ids
+
+    def __post_init__(self) -> None:
+        if bool(self.cfg.data.eval_uri) != (self.ground_truth is not None):
+            raise ValueError("WorkerInputs: ground_truth (read_ground_truth) goes with data.eval_uri, only with it")
+        for world_size in {self.cfg.scaling.min_workers, self.cfg.scaling.max_workers}:
+            self.plan(world_size)  # fails on the driver: every size the group may take must make a step
+
+    def plan(self, world_size: int) -> EpochPlan:
+        """The run's sizes for a worker group of ``world_size``."""
+        return plan_epochs(self.num_train_images, self.cfg.at_world_size(world_size))
+
+
+def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
+    """Ray Train's entry on every worker; ``loop_config`` is ``{"inputs": WorkerInputs}``."""
+    inputs = loop_config["inputs"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # an elastic group learns its size only here: fix num_workers and the accumulation for it
-    cfg = load_config(loop_config["config"]).at_world_size(world_size)
-    plan = plan_epochs(loop_config["num_train_images"], cfg)
+    cfg = inputs.cfg.at_world_size(world_size)
+    plan = inputs.plan(world_size)
     device = ray.train.torch.get_device()
-    heartbeat = _start_heartbeat(cfg, loop_config, rank)
+    heartbeat = _TrainHeartbeat(cfg, inputs, rank).start()
     try:
-        _train(loop_config, cfg, plan, rank, world_size, device, heartbeat)
+        _train(inputs, cfg, plan, rank, world_size, device, heartbeat)
     finally:
         heartbeat.stop()
 
 
-def _train(loop_config: Dict[str, Any], cfg: TrainConfig, plan: EpochPlan, rank: int, world_size: int, device,
+def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, world_size: int, device,
            heartbeat: "_TrainHeartbeat") -> None:
-    import ray.train
+    """Epochs of micro-batches; after every optimizer step: progress, then evaluation and checkpoint when due."""
+    tracker = MetricsLogger(inputs.tracking) if inputs.tracking is not None and rank == 0 else None
+    worker = _set_up(inputs, cfg, rank, world_size, device, heartbeat)
+    engine, criterion, state = worker.engine, worker.criterion, worker.state
+    _record_worker_group(inputs, cfg, rank, world_size, worker, tracker)
 
-    tracker = _rank0_tracker(loop_config.get("tracking"), rank)
+    train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
+    evaluator = _Evaluator(cfg, worker.postprocessor, ray.train.get_dataset_shard("eval"), inputs.ground_truth,
+                           tracker, device) if cfg.data.eval_uri else None
+    progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
+    consumed = _ConsumedImages(worker.consumed_before, inputs.image_log, rank, world_size)
+    last_checkpoint_step = state.step if worker.own_checkpoint else -1
+    redeal = worker.redeal
+    while state.step < plan.total_steps:
+        set_epoch_lr(engine.optimizer, worker.base_lrs, cfg.optim, state.epoch)
+        engine.train()
+        # after a resize the first pass holds only the epoch's remaining images (data.sharding)
+        batches = _train_batches(train_shard, cfg, plan, skip=state.batches_in_epoch,
+                                 first_index=state.batches_in_epoch if redeal else 0)
+        redeal = False
+        epoch_started = state.epoch
+        for images, mask, targets in heartbeat.watched(batches, f"epoch {state.epoch}: waiting for micro-batch"):
+            progress.batch_arrived()
+            heartbeat.phase(f"train step {state.step + 1} (micro-batch {state.batches_in_epoch})")
+            seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
+            consumed.add(targets)
+            loss, losses = _train_step(engine, criterion, images, mask, targets, device)
+            progress.add_micro_batch(loss, losses)
+            if not count_micro_batch(state, cfg.scaling.accumulation_steps):
+                continue
+
+            heartbeat.step_done()
+            consumed.step_done(state)
+            end_of_epoch = end_epoch_if_complete(state, plan)
+            if end_of_epoch:
+                consumed.new_epoch()
+            finished = state.step >= plan.total_steps
+            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps, force=end_of_epoch or finished)
+            if metrics and tracker is not None:
+                tracker.log_metrics(metrics, step=state.step)
+            evaluate, checkpoint = due_after_step(cfg, state, end_of_epoch, finished)
+            if _evaluate_and_checkpoint(engine, state, cfg, metrics or {}, evaluator if evaluate else None,
+                                        checkpoint, consumed, heartbeat):
+                last_checkpoint_step = state.step
+            progress.mark()
+            if finished:
+                break
+        if state.step < plan.total_steps and state.epoch == epoch_started:
+            raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
+                               f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
+    if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
+        heartbeat.phase(f"checkpointing at step {state.step}")
+        # consolidating is a collective under ZeRO: every rank calls it
+        _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
+
+
+@dataclass
+class _Worker:
+    """What setup built on this worker, and where its training continues."""
+
+    engine: Any  # the DeepSpeed engine around the model
+    base_lrs: List[float]  # each optimizer group's learning rate before the schedule
+    criterion: Any
+    postprocessor: Any
+    state: TrainState  # step, epoch and position to continue from (step 0 on a fresh start)
+    saved: Optional[TrainState]  # the restored checkpoint's state as written (None: a fresh start)
+    consumed_before: List[int]  # the current epoch's image ids trained on before this group started
+    own_checkpoint: bool  # restored from this run's own checkpoint (not a start_location)
+    redeal: bool  # the epoch's remaining images are re-dealt over this group (data.sharding)
+
+
+def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, device,
+            heartbeat: "_TrainHeartbeat") -> _Worker:
+    """Build the model and the DeepSpeed engine and restore the run's latest checkpoint, else the one
+    it starts from (``start_location``), else load ``model.init_from`` (or keep the seeded init)."""
     heartbeat.phase("building model")
-
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
     model, criterion, postprocessor = build_model(cfg.model)
     checkpoint = ray.train.get_checkpoint()
     own_checkpoint = checkpoint is not None
-    if checkpoint is None and cfg.model.init_from and loop_config.get("start_location") is None:
-        init_weights(model, cfg.model, loop_config["init_location"])
-    if checkpoint is None and loop_config.get("start_location") is not None:
+    if checkpoint is None and inputs.start_location is not None:
         # a new run continuing another run's checkpoint (e.g. a PBT trial cloning a better one)
-        start = loop_config["start_location"]
+        start = inputs.start_location
         checkpoint = ray.train.Checkpoint(path=start.path, filesystem=start.fs)
         if rank == 0:
             log.info("starting from %s", start.uri)
+    elif checkpoint is None and cfg.model.init_from:
+        init_weights(model, cfg.model, inputs.init_location)
 
     state = TrainState(seed=cfg.run.seed, world_size=world_size)
     saved: Optional[TrainState] = None
-    consumed_before: List[int] = []  # images of the current epoch trained on before this group started
-    with contextlib.ExitStack() as stack:
-        heartbeat.phase("restoring checkpoint" if checkpoint is not None else "building DeepSpeed engine")
-        directory = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint is not None else None
+    consumed_before: List[int] = []
+    heartbeat.phase("restoring checkpoint" if checkpoint is not None else "building DeepSpeed engine")
+    with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext()) as path:
+        directory = Path(path) if path is not None else None
         if directory is not None:
             saved = read_state(directory)
             if saved.world_size not in (0, world_size):  # a resize: DeepSpeed's partitions do not fit
@@ -135,180 +234,136 @@ def _train(loop_config: Dict[str, Any], cfg: TrainConfig, plan: EpochPlan, rank:
             for group, value in zip(engine.optimizer.param_groups, decay):
                 group["weight_decay"] = value
             consumed_before = read_consumed_image_ids(directory, state.epoch)
-    redeal = saved is not None and redeal_needed(saved, world_size)
-    if saved is not None:
-        if rank == 0:
-            log.info("resumed at step %d (epoch %d, %d steps in) with %d workers%s", state.step, state.epoch,
-                     state.steps_in_epoch, world_size,
-                     f" (checkpoint written by {saved.world_size}; the epoch's remaining images re-dealt)"
-                     if redeal else "")
-        if tracker is not None:
-            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
-    _record_worker_group(loop_config, rank, state.step, world_size, saved, tracker)
-    if rank == 0:
-        _warn_if_data_starved(cfg)
+    return _Worker(engine, base_lrs, criterion, postprocessor, state, saved, consumed_before, own_checkpoint,
+                   redeal=saved is not None and redeal_needed(saved, world_size))
 
-    train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if cfg.data.eval_uri else None
-    evaluator = None
-    if eval_shard is not None:
-        evaluator = _Evaluator(cfg, postprocessor, eval_shard, loop_config["ground_truth"], tracker, device)
-    accumulation = cfg.scaling.accumulation_steps
-    total_steps = plan.steps_per_epoch * cfg.optim.epochs
-    if cfg.optim.max_steps is not None:
-        total_steps = min(total_steps, cfg.optim.max_steps)
-    progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
-    last_checkpoint_step = state.step if own_checkpoint else -1
 
-    consumed = _ConsumedImages(consumed_before, loop_config.get("image_log"), rank, world_size)
-    while state.step < total_steps:
-        set_epoch_lr(engine.optimizer, base_lrs, cfg.optim, state.epoch)
-        engine.train()
-        # after a resize the first pass holds only the epoch's remaining images (data.sharding)
-        batches = _train_batches(train_shard, cfg, plan, skip=state.batches_in_epoch,
-                                 first_index=state.batches_in_epoch if redeal else 0)
-        redeal = False
-        epoch_started = state.epoch
-        for images, mask, targets in heartbeat.watched(batches, f"epoch {state.epoch}: waiting for micro-batch"):
-            progress.batch_arrived()
-            heartbeat.phase(f"train step {state.step + 1} (micro-batch {state.batches_in_epoch})")
-            seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
-            consumed.add(targets)
-            images, mask, targets = _to_device(images, mask, targets, device)
-            outputs = engine(images, mask, targets)
-            losses = criterion(outputs, targets)
-            loss = criterion.total_loss(losses)
-            engine.backward(loss)
-            engine.step()
-            state.batches_in_epoch += 1
-            progress.add_micro_batch(loss, losses)
-            if state.batches_in_epoch % accumulation:
-                continue
+def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Forward, loss and backward of one micro-batch; DeepSpeed steps the optimizer at an accumulation's last.
 
-            state.step += 1
-            state.steps_in_epoch += 1
-            heartbeat.step_done()
-            consumed.step_done(state)
-            if state.batches_in_epoch == plan.micro_batches_per_epoch:
-                state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
-                state.epoch_redealt = False
-                consumed.new_epoch()
-            end_of_epoch = state.batches_in_epoch == 0
-            finished = state.step >= total_steps
-            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps, force=end_of_epoch or finished)
-            if metrics and tracker is not None:
-                tracker.log_metrics(metrics, step=state.step)
+    The batch goes to a GPU through pinned host memory, without waiting for the copy. Returns the
+    weighted total loss (a 0-d tensor) and the criterion's loss terms."""
+    device = torch.device(device)
 
-            model_state = None
-            if evaluator is not None and (finished or (end_of_epoch and _every(cfg.eval.every_n_epochs, state.epoch))):
-                heartbeat.phase(f"evaluating at step {state.step}")
-                started = time.monotonic()
-                model_state = consolidated_state_dict(engine)
-                # eval/AP etc. go into Ray Train's report too (a Tune sweep schedules on them)
-                metrics = {**(metrics or {}), **evaluator.run(model_state, state.step, state.epoch)}
-                heartbeat.evaluation_done(time.monotonic() - started)
-            if finished or _checkpoint_due(cfg, state, end_of_epoch):
-                heartbeat.phase(f"checkpointing at step {state.step}")
-                model_state = model_state if model_state is not None else consolidated_state_dict(engine)
-                _save(engine, state, model_state, cfg, metrics or {}, consumed)
-                last_checkpoint_step = state.step
-            elif model_state is not None:  # evaluated without a checkpoint: report the scores alone
-                ray.train.report({**(metrics or {}), "step": state.step, "epoch": state.epoch})
-            progress.mark()
-            if finished:
-                break
-        if state.step < total_steps and state.epoch == epoch_started:
-            raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
-                               f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
-    if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+    images, mask = move(images), move(mask)
+    targets = [{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
+    outputs = engine(images, mask, targets)
+    losses = criterion(outputs, targets)
+    loss = criterion.total_loss(losses)
+    engine.backward(loss)
+    engine.step()
+    return loss, losses
+
+
+def count_micro_batch(state: TrainState, accumulation_steps: int) -> bool:
+    """Count one trained micro-batch in ``state``; True when it completed an optimizer step."""
+    state.batches_in_epoch += 1
+    if state.batches_in_epoch % accumulation_steps:
+        return False
+    state.step, state.steps_in_epoch = state.step + 1, state.steps_in_epoch + 1
+    return True
+
+
+def end_epoch_if_complete(state: TrainState, plan: EpochPlan) -> bool:
+    """After an optimizer step: move ``state`` to the next epoch when this one's micro-batches are all
+    trained; True when it did."""
+    if state.batches_in_epoch != plan.micro_batches_per_epoch:
+        return False
+    state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
+    state.epoch_redealt = False
+    return True
+
+
+def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, finished: bool) -> Tuple[bool, bool]:
+    """(evaluate, checkpoint) after an optimizer step.
+
+    Both at the run's last step. Evaluation (with ``data.eval_uri``) every ``eval.every_n_epochs``
+    epochs; checkpoints every ``checkpoint.every_n_steps`` steps and every ``checkpoint.every_n_epochs``
+    epochs. ``state`` is counted past the step (an ended epoch already counted).
+    """
+    def epoch_due(n: Optional[int]) -> bool:
+        return end_of_epoch and n is not None and state.epoch % n == 0
+
+    c = cfg.checkpoint
+    step_due = c.every_n_steps is not None and state.step % c.every_n_steps == 0
+    evaluate = bool(cfg.data.eval_uri) and (finished or epoch_due(cfg.eval.every_n_epochs))
+    return evaluate, finished or step_due or epoch_due(c.every_n_epochs)
+
+
+def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metrics: Dict[str, float],
+                             evaluator: Optional["_Evaluator"], checkpoint: bool, consumed: "_ConsumedImages",
+                             heartbeat: "_TrainHeartbeat") -> bool:
+    """Every rank (both are collectives): evaluate with ``evaluator`` when given, then checkpoint when
+    ``checkpoint``; scores without a checkpoint go to Ray Train's report alone. True when it checkpointed."""
+    model_state = None
+    if evaluator is not None:
+        heartbeat.phase(f"evaluating at step {state.step}")
+        started = time.monotonic()
+        model_state = consolidated_state_dict(engine)
+        # eval/AP etc. go into Ray Train's report too (a Tune sweep schedules on them)
+        metrics = {**metrics, **evaluator.run(model_state, state.step, state.epoch)}
+        heartbeat.evaluation_done(time.monotonic() - started)
+    if checkpoint:
         heartbeat.phase(f"checkpointing at step {state.step}")
-        # consolidating is a collective under ZeRO: every rank calls it
-        _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
+        model_state = model_state if model_state is not None else consolidated_state_dict(engine)
+        _save(engine, state, model_state, cfg, metrics, consumed)
+    elif model_state is not None:
+        ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
 # stall watchdog
 
 
-class _TrainHeartbeat:
-    """The worker's stall watchdog (``dino_platform.watchdog``) with its timeout sized from measured times.
+class _TrainHeartbeat(watchdog.Heartbeat):
+    """The worker's stall watchdog with its timeout sized from measured times; a stall's report, with
+    the training shard's stats, is written under ``<run>/stalls/`` for the driver.
 
     ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times, and
     at least twice the longest evaluation measured (an evaluation is one phase without beats).
     """
 
-    def __init__(self, cfg: TrainConfig, name: str, report_sink, details):
-        from dino_platform import watchdog
-
+    def __init__(self, cfg: TrainConfig, inputs: WorkerInputs, rank: int):
         self.configured = cfg.run.stall_timeout_s
         self.step_times: List[float] = []
         self.longest_evaluation = 0.0
         self.last_step = None
         self.shard = None  # the training data shard, once the loop holds it (its stats go in a report)
-        self._watchdog = watchdog
-        self._heartbeat = watchdog.Heartbeat(name, self.timeout, watchdog.exit_process(report_sink), details)
+        self.rank = rank
+
+        def sink(report: str) -> None:
+            name = f"{STALLS_DIR}/{inputs.session}-{time.time_ns()}-rank{rank}.txt"
+            inputs.run_location.child(name).write_bytes(report.encode())
+
+        super().__init__(f"training worker rank {rank}", self.timeout, watchdog.exit_process(sink), self.data_stats)
 
     def timeout(self) -> float:
         if self.configured is not None:
             return float(self.configured)
-        return max(self._watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+        return max(watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
 
-    def start(self) -> "_TrainHeartbeat":
-        self._heartbeat.start()
-        return self
-
-    def stop(self) -> None:
-        self._heartbeat.stop()
-
-    def phase(self, text: str) -> None:
-        self._heartbeat.phase(text)
+    def data_stats(self) -> str:
+        if self.shard is None:
+            return "training data pipeline: not requested yet"
+        return f"training data pipeline (rank {self.rank}'s shard):\n{self.shard.stats()}"
 
     def watched(self, items, phase: str):
-        return self._watchdog.watched(items, self._heartbeat, phase)
+        return watchdog.watched(items, self, phase)
 
     def step_done(self) -> None:
         now = time.monotonic()
         if self.last_step is not None:
             self.step_times = (self.step_times + [now - self.last_step])[-50:]
         self.last_step = now
-        self._heartbeat.beat()
+        self.beat()
 
     def evaluation_done(self, seconds: float) -> None:
         self.longest_evaluation = max(self.longest_evaluation, seconds)
         self.last_step = None  # the next step's time does not include the evaluation
-
-
-def _start_heartbeat(cfg: TrainConfig, loop_config: Dict[str, Any], rank: int) -> _TrainHeartbeat:
-    """Start this worker's watchdog; its report is written under ``<run>/stalls/`` for the driver."""
-
-    run_location = loop_config.get("run_location")
-    session = loop_config.get("session") or "session"
-
-    def sink(report: str) -> None:
-        if run_location is not None:
-            name = f"{STALLS_DIR}/{session}-{time.time_ns()}-rank{rank}.txt"
-            run_location.child(name).write_bytes(report.encode())
-
-    heartbeat = _TrainHeartbeat(cfg, f"training worker rank {rank}", sink, lambda: _data_stats(heartbeat.shard, rank))
-    return heartbeat.start()
-
-
-def _data_stats(shard, rank: int) -> str:
-    if shard is None:
-        return "training data pipeline: not requested yet"
-    return f"training data pipeline (rank {rank}'s shard):\n{shard.stats()}"
-
-
-def _warn_if_data_starved(cfg: TrainConfig) -> None:
-    """Rank 0, at every group start: warn when the group's reservations leave no node a whole CPU."""
-    from dino_platform.watchdog import data_pipeline_starvation, free_cpus_per_node
-
-    diagnosis = data_pipeline_starvation(
-        free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
-                              "or keep training workers off one node, so it keeps a whole CPU free.")
-    if diagnosis:
-        log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
-                    diagnosis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +376,6 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_in
     ``first_index``: the epoch position of the shard's first batch (its re-dealt remainder after a
     resize starts at the checkpoint's position; a plain shard at 0).
     """
-    from dino_platform.data.transforms import transform_configs
-    from dino_platform.data.batches import iter_collated
 
     train_transform, _ = transform_configs(cfg.data.transform)
     batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
@@ -334,36 +387,13 @@ def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_in
             yield batch
 
 
-def _to_device(images, mask, targets, device):
-    """The batch on ``device``; to a GPU through pinned host memory, without waiting for the copy."""
-    device = torch.device(device)
-    pinned = device.type == "cuda"
-
-    def move(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
-
-    moved = [{k: (move(v) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in targets]
-    return move(images), move(mask), moved
-
-
 # ---------------------------------------------------------------------------------------------
 # checkpoints, progress, evaluation
-
-
-def _every(n: Optional[int], count: int) -> bool:
-    return n is not None and count % n == 0
-
-
-def _checkpoint_due(cfg: TrainConfig, state: TrainState, end_of_epoch: bool) -> bool:
-    c = cfg.checkpoint
-    return _every(c.every_n_steps, state.step) or (end_of_epoch and _every(c.every_n_epochs, state.epoch))
 
 
 def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float],
           consumed: "_ConsumedImages") -> None:
     """Every rank (collectives: the optimizer moments and the consumed image ids are gathered)."""
-    import ray.train
-
     optimizer_state = consolidated_optimizer_state(engine)
     image_ids = consumed.gather()
     rank = ray.train.get_context().get_world_rank()
@@ -422,8 +452,6 @@ class _Progress:
 
     def mean_over_workers(self) -> Dict[str, float]:
         """The loss terms' mean over this report's micro-batches and all workers (a collective)."""
-        import torch.distributed as dist
-
         names = sorted(self.sums)
         values = torch.stack([self.sums[n] for n in names]).to(collective_device()) / self.micro_batches
         if dist.is_initialized():
@@ -433,8 +461,6 @@ class _Progress:
 
     def report_if_due(self, state: TrainState, engine, every: int, force: bool) -> Optional[Dict[str, float]]:
         """All ranks call this at every optimizer step; on report steps it is a collective."""
-        import ray.train
-
         self.steps += 1
         if not (force or state.step % every == 0):
             return None
@@ -472,8 +498,6 @@ class _ConsumedImages:
         self.rank, self.world_size = rank, world_size
         self.log_file, self.group = None, None
         if log_dir:
-            import torch.distributed as dist
-
             # one id for this worker group on every rank: the audit tells attempts apart by it
             group = [{"id": uuid.uuid4().hex, "started_ns": time.time_ns()}]
             if dist.is_initialized():
@@ -499,8 +523,6 @@ class _ConsumedImages:
 
     def gather(self) -> List[int]:
         """Every rank: the epoch's ids trained on by all ranks so far (a collective)."""
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             return self.before + self.mine
         everyone: List[Optional[List[int]]] = [None] * dist.get_world_size()
@@ -508,33 +530,38 @@ class _ConsumedImages:
         return self.before + [i for ids in everyone for i in ids]
 
 
-def _record_worker_group(loop_config, rank: int, step: int, world_size: int, saved: Optional[TrainState],
+def _record_worker_group(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, worker: _Worker,
                          tracker) -> None:
-    """Rank 0: note this worker group's start (size, step, the size it resized from) in the run directory
-    and in MLflow; the driver counts restarts and resizes from these records."""
+    """Rank 0: note this worker group's start (size, step, the size it resized from) in the log, in the
+    run directory and in MLflow; the driver counts restarts and resizes from these records. Then warn
+    when the group's reservations leave no node a whole CPU for the data pipeline."""
     if rank != 0:
         return
+    state, saved = worker.state, worker.saved
+    if saved is not None:
+        log.info("resumed at step %d (epoch %d, %d steps in) with %d workers%s", state.step, state.epoch,
+                 state.steps_in_epoch, world_size,
+                 f" (checkpoint written by {saved.world_size}; the epoch's remaining images re-dealt)"
+                 if worker.redeal else "")
+        if tracker is not None:
+            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
     resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
     if resized_from is not None:
-        log.info("resized %d -> %d workers at step %d", resized_from, world_size, step)
+        log.info("resized %d -> %d workers at step %d", resized_from, world_size, state.step)
     if tracker is not None:
         tracker.log_metrics({"world_size": world_size, **({"resize/from_workers": resized_from,
                                                            "resize/to_workers": world_size}
-                                                          if resized_from is not None else {})}, step=step)
-    run_location = loop_config.get("run_location")
-    if run_location is not None:
-        record = {"session": loop_config.get("session"), "step": step, "world_size": world_size,
-                  "resumed": saved is not None, "resized_from": resized_from, "time_ns": time.time_ns()}
-        name = f"{WORKER_GROUPS_DIR}/start-{record['time_ns']}.json"
-        run_location.child(name).write_bytes(json.dumps(record).encode())
-
-
-def _rank0_tracker(target, rank: int):
-    if target is None or rank != 0:
-        return None
-    from dino_platform.tracking import MetricsLogger
-
-    return MetricsLogger(target)
+                                                          if resized_from is not None else {})}, step=state.step)
+    record = {"session": inputs.session, "step": state.step, "world_size": world_size,
+              "resumed": saved is not None, "resized_from": resized_from, "time_ns": time.time_ns()}
+    name = f"{WORKER_GROUPS_DIR}/start-{record['time_ns']}.json"
+    inputs.run_location.child(name).write_bytes(json.dumps(record).encode())
+    diagnosis = watchdog.data_pipeline_starvation(
+        watchdog.free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
+                                       "or keep training workers off one node, so it keeps a whole CPU free.")
+    if diagnosis:
+        log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
+                    diagnosis)
 
 
 class _Evaluator:
@@ -547,7 +574,6 @@ class _Evaluator:
 
     def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> Dict[str, float]:
         """Evaluate on every rank together; rank 0 returns the summary COCO stats (``eval/AP`` ...), others {}."""
-        from dino_platform.data.transforms import transform_configs
         from dino_platform.evaluation.coco_eval import EvalProtocol
         from dino_platform.evaluation.runner import evaluate_shard
 

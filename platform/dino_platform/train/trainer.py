@@ -6,10 +6,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +22,18 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from dino_platform.data.manifest import read_ground_truth, read_manifest
 from dino_platform.data.sharding import OrderedShards
+from dino_platform.data.streaming import SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, dataset_size
 from dino_platform.errors import ConfigError, StallError, TrainingError
+from dino_platform.ray_session import connect
 from dino_platform.storage import resolve
+from dino_platform.tracking import MetricsLogger, finish_run, resolve_tracking_uri, start_or_resume_run
+from dino_platform.model.artifact import weights_location
+from dino_platform.run_state import STALLS_DIR, WORKER_GROUPS_DIR, read_train_state
 from dino_platform.train.config import TrainConfig, flat_params
-from dino_platform.train.loop import plan_epochs, train_loop_per_worker
+from dino_platform.train.loop import WorkerInputs, train_loop_per_worker
+from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
 
 log = logging.getLogger("dino.train")
 
@@ -66,56 +76,57 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
                  start_from: Optional[str] = None) -> TrainingOutcome:
     """Train (or resume) the job described by ``cfg`` on the current Ray cluster and return its outcome.
 
-    Starts a local Ray instance when none is running. Checkpoints go to
-    ``<run.storage_path>/<run.name>`` (local or S3, resolved by ``dino_platform.storage``).
+    Joins the Ray cluster at ``$RAY_ADDRESS``, else starts a local instance (``ray_session.connect``).
+    Checkpoints go to ``<run.storage_path>/<run.name>`` (local or S3, resolved by ``dino_platform.storage``).
     ``callbacks``: Ray Train callbacks, e.g. a sweep trial's reporter to Tune.
     ``start_from``: a training checkpoint (URI of a ``checkpoint_step*`` directory, possibly of
     another run) whose whole state (weights, optimizer, step, epoch) a *new* run continues from,
     with ``cfg``'s hyper-parameters; once the run has checkpoints of its own, those win.
     """
-    from dino_platform.data.manifest import read_ground_truth
-    from dino_platform.data.streaming import (
-        SAMPLE_ERRORS_DIR, build_eval_dataset, build_train_dataset, dataset_size, read_manifest,
-    )
-    from dino_platform.model.artifact import weights_location
-    from dino_platform.run_state import read_train_state
+    connect()
+    storage = resolve(cfg.run.storage_path)
+    run_location = storage.child(cfg.run.name)
+    datasets = _datasets(cfg, run_location)
+    start = read_train_state(start_from) if start_from else None
+    inputs = _worker_inputs(cfg, run_location, start)  # validated before an MLflow run is opened
+    if cfg.tracking.enabled:
+        inputs = dataclasses.replace(inputs, tracking=_open_tracking(cfg, run_location.uri))
+    trainer = _torch_trainer(cfg, storage, inputs, datasets, start, callbacks)
+    s = cfg.scaling
+    log.info("run %s: %s workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
+             cfg.run.name, s.num_workers, s.batch_size_per_worker, s.accumulation_steps,
+             cfg.total_batch_size, inputs.plan(s.max_workers).steps_per_epoch, cfg.optim.epochs)
+    if s.elastic:
+        log.info("elastic group %s (%s): %s", s.num_workers, s.placement_strategy, ", ".join(
+            f"{w} workers x accumulation {cfg.at_world_size(w).scaling.accumulation_steps}"
+            for w in range(s.min_workers, s.max_workers + 1)))
+    nodes_at_start = _alive_nodes()
+    try:
+        result = trainer.fit()
+        checkpoint, metrics, error = result.checkpoint, result.metrics, result.error
+    except Exception as exc:  # TrainingFailedError: workers failed more than max_failures times
+        checkpoint, metrics, error = None, None, exc
+    return _outcome(inputs, checkpoint, metrics, error, nodes_at_start)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+
+def _datasets(cfg: TrainConfig, run_location) -> Dict[str, Any]:
+    """Ray Datasets {"train", "eval" (with data.eval_uri)}; skipped samples are recorded under the run."""
     categories = read_manifest(cfg.data.train_uri).categories
     if categories and max(categories) >= cfg.model.num_classes:
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is too small for category id "
                           f"{max(categories)} of {cfg.data.train_uri}; use {max(categories) + 1}")
-    storage = resolve(cfg.run.storage_path)
-    run_dir = storage.child(cfg.run.name).uri
-    error_log = storage.child(cfg.run.name).child(SAMPLE_ERRORS_DIR)
-    policy = {"on_sample_error": cfg.data.on_sample_error, "error_log": error_log}
+    policy = {"on_sample_error": cfg.data.on_sample_error, "error_log": run_location.child(SAMPLE_ERRORS_DIR)}
     datasets = {"train": build_train_dataset(cfg.data.train_uri, cfg.data.transform, cfg.run.seed, **policy)}
     if cfg.data.eval_uri:
         datasets["eval"] = build_eval_dataset(cfg.data.eval_uri, cfg.data.transform, **policy)
-    num_train_images = dataset_size(cfg.data.train_uri)
-    # fails here, not in the workers: every size the group may take must make at least one step
-    plans = {w: plan_epochs(num_train_images, cfg.at_world_size(w)) for w in {cfg.scaling.min_workers,
-                                                                             cfg.scaling.max_workers}}
-    plan = plans[cfg.scaling.max_workers]
-    start = read_train_state(start_from) if start_from else None
-    session = uuid.uuid4().hex  # tags this call's worker-group records (restarts, resizes)
-    tracking = _open_tracking(cfg, run_dir) if cfg.tracking.enabled else None
-    trainer = TorchTrainer(
+    return datasets
+
+
+def _torch_trainer(cfg: TrainConfig, storage, inputs: WorkerInputs, datasets, start, callbacks) -> TorchTrainer:
+    """Ray Train's trainer: the worker loop and its inputs, scaling, process group, storage, failures, checkpoints."""
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "num_train_images": num_train_images,
-            "run_location": storage.child(cfg.run.name),
-            "session": session,
-            # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
-            "image_log": os.environ.get("DINO_TRAIN_IMAGE_LOG") or None,
-            "tracking": tracking,
-            # resolved here: workers may not share the driver's storage settings (AWS_* variables)
-            "ground_truth": read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
-            "init_location": weights_location(cfg.model.init_from) if cfg.model.init_from else None,
-            "start_location": start.location if start is not None else None,
-        },
+        train_loop_config={"inputs": inputs},
         scaling_config=ray_scaling_config(cfg),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
                                  timeout_s=collective_timeout_s(cfg)),
@@ -128,73 +139,70 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=OrderedShards(storage.child(cfg.run.name), start_epoch=start.epoch if start else 0,
+        dataset_config=OrderedShards(inputs.run_location, start_epoch=start.epoch if start else 0,
                                      start_location=start.location if start else None),
     )
-    s = cfg.scaling
-    log.info("run %s: %s workers x batch %d x accumulation %d = total batch %d; %d steps/epoch x %d epochs",
-             cfg.run.name, s.num_workers, s.batch_size_per_worker, s.accumulation_steps,
-             cfg.total_batch_size, plan.steps_per_epoch, cfg.optim.epochs)
-    if s.elastic:
-        log.info("elastic group %s (%s): %s", s.num_workers, s.placement_strategy, ", ".join(
-            f"{w} workers x accumulation {cfg.at_world_size(w).scaling.accumulation_steps}"
-            for w in range(s.min_workers, s.max_workers + 1)))
-    error: Optional[BaseException] = None
-    nodes_at_start = _alive_nodes()
-    try:
-        result = trainer.fit()
-        checkpoint, metrics, error = result.checkpoint, result.metrics, result.error
-    except Exception as exc:  # TrainingFailedError: workers failed more than max_failures times
-        checkpoint, metrics, error = None, None, exc
-    skipped = _skipped_samples(error_log)
-    stalls = stall_reports(storage.child(cfg.run.name), session)
+
+
+def _worker_inputs(cfg: TrainConfig, run_location, start) -> WorkerInputs:
+    """The workers' inputs, locations and ground truth resolved here (see ``WorkerInputs``); tracking off."""
+    return WorkerInputs(
+        cfg, dataset_size(cfg.data.train_uri), run_location, session=uuid.uuid4().hex,
+        ground_truth=read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
+        init_location=weights_location(cfg.model.init_from) if cfg.model.init_from else None,
+        start_location=start.location if start is not None else None,
+        # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
+        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None)
+
+
+def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]], error: Optional[BaseException],
+             nodes_at_start: Dict[str, str]) -> TrainingOutcome:
+    """Collect what the workers recorded (skipped samples, stalls, worker groups), close the MLflow run,
+    and return the outcome; a failed run raises, naming a stall or a lost node when that was the cause."""
+    cfg, run_location = inputs.cfg, inputs.run_location
+    skipped = _skipped_samples(run_location.child(SAMPLE_ERRORS_DIR))
+    stalls = stall_reports(run_location, inputs.session)
     for report in stalls:
         log.error("run %s: a worker stalled; its watchdog reported:\n%s", cfg.run.name, report)
-    groups = worker_groups(storage.child(cfg.run.name), session)
-    if tracking is not None:
-        from dino_platform.tracking import MetricsLogger, finish_run
-
+    groups = worker_groups(run_location, inputs.session)
+    if inputs.tracking is not None:
         if skipped:
-            logger = MetricsLogger(tracking)
+            logger = MetricsLogger(inputs.tracking)
             logger.log_metrics({"data/skipped_samples": len(skipped)}, step=0)
             logger.log_dict({"skipped": skipped}, "sample_errors.json")
-        finish_run(tracking, status="FAILED" if error else "FINISHED")
-    outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_dir, tracking=tracking, error=error,
-                              worker_groups=groups)
+        finish_run(inputs.tracking, status="FAILED" if error else "FINISHED")
+    outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_location.uri,
+                              tracking=inputs.tracking, error=error, worker_groups=groups)
     if groups and (outcome.restarts or outcome.resizes):
         log.info("run %s: %d worker-group restarts, %d resizes (%s)", cfg.run.name, outcome.restarts,
                  outcome.resizes, " -> ".join(str(g["world_size"]) for g in groups))
-    if error is not None and stalls:
+    if error is None:
+        return outcome
+    if stalls:
         raise StallError(
             f"run {cfg.run.name}: training failed after {len(stalls)} stall(s) (run.max_failures is "
             f"{cfg.run.max_failures}; run.stall_timeout_s is {cfg.run.stall_timeout_s or 'sized from step times'}). "
-            f"The run continues from its last checkpoint in {run_dir} when started again. Last report:\n"
+            f"The run continues from its last checkpoint in {run_location.uri} when started again. Last report:\n"
             f"{stalls[-1]}") from error
-    if error is not None:
-        lost = lost_nodes(error) or _nodes_lost_since(nodes_at_start, error)
-        if lost:
-            raise TrainingError(
-                f"run {cfg.run.name}: training failed: lost {', '.join(lost)} (the node and its workers died); "
-                f"run.max_failures is {cfg.run.max_failures} and scaling.num_workers is {s.num_workers}. The run "
-                f"continues from its last checkpoint in {run_dir} when started again; to ride through lost nodes, "
-                "set run.max_failures > 0 and scaling.num_workers: [min, max]") from error
-        raise error
-    return outcome
+    lost = lost_nodes(error) or _nodes_lost_since(nodes_at_start, error)
+    if lost:
+        raise TrainingError(
+            f"run {cfg.run.name}: training failed: lost {', '.join(lost)} (the node and its workers died); "
+            f"run.max_failures is {cfg.run.max_failures} and scaling.num_workers is {cfg.scaling.num_workers}. The "
+            f"run continues from its last checkpoint in {run_location.uri} when started again; to ride through lost "
+            "nodes, set run.max_failures > 0 and scaling.num_workers: [min, max]") from error
+    raise error
 
 
 def collective_timeout_s(cfg: TrainConfig) -> int:
     """The process group's timeout: past the stall timeout, so a collective waiting on a lost peer
     errors instead of hanging, after the watchdog has had the chance to report where it waited."""
-    from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
-
     stall = cfg.run.stall_timeout_s if cfg.run.stall_timeout_s is not None else DEFAULT_STALL_TIMEOUT_S
     return int(math.ceil(1.5 * stall))
 
 
 def stall_reports(run_location, session: str) -> List[str]:
     """The stall watchdog reports the workers of this ``run_training`` call wrote, oldest first."""
-    from dino_platform.run_state import STALLS_DIR
-
     folder = run_location.child(STALLS_DIR)
     if not folder.exists():
         return []
@@ -204,8 +212,6 @@ def stall_reports(run_location, session: str) -> List[str]:
 
 def _skipped_samples(error_log) -> List[Dict[str, Any]]:
     """The records ``data.on_sample_error: skip`` wrote for this run (all its passes), in file order."""
-    import json
-
     records = [json.loads(error_log.child(name).read_bytes()) for name in sorted(error_log.list_files())]
     if records:
         log.warning("%d samples were skipped (data.on_sample_error: skip); listed in %s", len(records), error_log.uri)
@@ -214,8 +220,6 @@ def _skipped_samples(error_log) -> List[Dict[str, Any]]:
 
 def lost_nodes(error: BaseException) -> List[str]:
     """'node <id> (<ip>)' for every worker that died with its node, from Ray Train's error (else [])."""
-    import re
-
     failures = getattr(error, "worker_failures", None) or {}
     lost = []
     for failure in failures.values():
@@ -244,8 +248,6 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
     A killed node's workers surface as "actor unavailable" before the GCS declares the node dead
     (after its missed health checks), so wait a little for that verdict.
     """
-    import time
-
     if not getattr(error, "worker_failures", None):
         return []
     deadline = time.monotonic() + wait_s
@@ -259,22 +261,14 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
 
 def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
     """The worker groups this ``run_training`` call started, in order (see ``loop._record_worker_group``)."""
-    from dino_platform.run_state import WORKER_GROUPS_DIR
-
     folder = run_location.child(WORKER_GROUPS_DIR)
     if not folder.exists():
         return []
-    records = []
-    for name in folder.list_files(recursive=False):
-        record = json.loads(folder.child(name).read_bytes())
-        if record.get("session") == session:
-            records.append(record)
-    return sorted(records, key=lambda r: (r["step"], r["time_ns"]))
+    records = [json.loads(folder.child(name).read_bytes()) for name in folder.list_files(recursive=False)]
+    return sorted((r for r in records if r.get("session") == session), key=lambda r: (r["step"], r["time_ns"]))
 
 
 def _open_tracking(cfg: TrainConfig, run_dir: str):
-    from dino_platform.tracking import resolve_tracking_uri, start_or_resume_run
-
     # the default SQLite store lives under the run directory when that is local, else under ./runs
     local_dir = Path(run_dir) if "://" not in run_dir else Path("runs") / cfg.run.name
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, local_dir)

@@ -42,7 +42,7 @@ def test_total_loss_uses_only_weighted_terms():
 
 
 def test_epoch_plan_counts_whole_accumulations_and_rejects_tiny_datasets():
-    from dino_platform.train.trainer import plan_epochs
+    from dino_platform.train.loop import plan_epochs
 
     cfg = load_config({"data": {"train_uri": "x"},
                        "scaling": {"num_workers": 2, "batch_size_per_worker": 2, "accumulation_steps": 3}})
