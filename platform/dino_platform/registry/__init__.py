@@ -1,1 +1,1 @@
-"""The MLflow model registry (registered versions, the champion alias); ``registry.cli`` holds ``dino predict``/``dino export``."""
+"""The MLflow model registry: registered versions and the champion alias."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from dino_platform.cli.model_source import MODEL_HELP, add_model_options
+
 INFER_EXAMPLE = """\
 example:
   dino infer --model models:/dino-coco@champion --images s3://bucket/raw/imgs/ --out s3://bucket/dets/run1
@@ -22,8 +24,7 @@ def add_parser(sub) -> None:
     infer = sub.add_parser("infer", help="batch inference over a bucket of images or shards (Ray Data)",
                            description="Detections for every image of a prefix or shard directory, as Parquet.",
                            epilog=INFER_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    infer.add_argument("--model", required=True,
-                       help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint directory, model.pt or .pth")
+    infer.add_argument("--model", required=True, help=MODEL_HELP)
     source = infer.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="prefix (local or s3://) whose image files are read")
     source.add_argument("--shards", help="shard directory written by `dino ingest`")
@@ -41,9 +42,7 @@ def add_parser(sub) -> None:
     infer.add_argument("--coco-json", action="store_true", help="also write OUT/coco_results.json")
     infer.add_argument("--stall-timeout-s", type=float, default=600.0,
                        help="fail with a report of where it waits when no batch arrives for this long (default 600)")
-    infer.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
-    infer.add_argument("--preset", help="dino_core preset, for official .pth files")
-    infer.add_argument("--num-classes", type=int, help="class-head size, for official .pth files")
+    add_model_options(infer)
     infer.set_defaults(func=_infer)
 
 

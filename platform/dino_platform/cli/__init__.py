@@ -1,7 +1,7 @@
-"""The ``dino`` console command: one entry point, one sub-command per module.
+"""The ``dino`` console command: one entry point, one module of this package per group of sub-commands.
 
-Each sub-command lives next to the code it drives and exposes ``add_parser(subparsers)``; this file
-only lists them, so adding a command never means editing another command's code.
+Each module exposes ``add_parser(subparsers)`` and imports what its commands drive only when one
+runs, so ``dino --help`` stays fast; adding a command never means editing another command's code.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import List, Optional
 
 from dino_platform.spec_cli import setup_logging
 
-# module path (relative to dino_platform) of each sub-command provider, in --help order
+# the modules of this package that add sub-commands, in --help order
 COMMAND_MODULES: List[str] = [
-    "data.cli",       # dino synth, dino ingest
-    "train.cli",      # dino train, dino eval
-    "registry.cli",   # dino predict
-    "infer.cli",      # dino infer
+    "data",      # dino synth, dino ingest
+    "train",     # dino train, dino eval
+    "predict",   # dino predict, dino export
+    "infer",     # dino infer
 ]
 
 
@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"dino_platform.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(f"dino_platform.{name.split('.')[0]}"):
-                continue  # that part of the platform is not installed/built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"dino_platform.cli.{name}").add_parser(sub)
     return parser
 
 
@@ -56,6 +50,3 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         raise
 
-
-if __name__ == "__main__":
-    sys.exit(main())

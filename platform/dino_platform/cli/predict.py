@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dino_platform.cli.model_source import MODEL_HELP, add_model_options
+
 PREDICT_EXAMPLE = """\
 example:
   export MLFLOW_TRACKING_URI=sqlite:///$PWD/runs/o365_pretrain_coco_ft_smoke/mlflow.db
@@ -24,17 +26,14 @@ def add_parser(sub) -> None:
                              epilog=PREDICT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or URIs")
     source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model",
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint directory, model.pt or .pth")
+    source.add_argument("--model", help=MODEL_HELP)
     source.add_argument("--onnx", metavar="FILE", help="a .onnx file written by `dino export`, run with onnxruntime")
     predict.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
     predict.add_argument("--threshold", type=float, default=0.3, help="draw boxes scoring at least this (default 0.3)")
     predict.add_argument("--max-detections", type=int, default=100, help="detections kept per image (default 100)")
     predict.add_argument("--max-drawn", type=int, help="draw at most this many boxes per image (default: all above "
                                                        "--threshold)")
-    predict.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
-    predict.add_argument("--preset", help="dino_core preset, for official .pth files")
-    predict.add_argument("--num-classes", type=int, help="class-head size, for official .pth files")
+    add_model_options(predict)
     predict.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                          help="an image that cannot be decoded or transformed: stop (default) or leave it out "
                               "and list it in detections.json")
@@ -44,8 +43,7 @@ def add_parser(sub) -> None:
                             description="Export a DINO model to a self-contained ONNX file that runs at any batch "
                                         "size and image size with onnxruntime.",
                             epilog=EXPORT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    export.add_argument("--model", required=True,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint directory, model.pt or .pth")
+    export.add_argument("--model", required=True, help=MODEL_HELP)
     export.add_argument("--format", default="onnx", choices=["onnx"], help="export format (default onnx)")
     export.add_argument("--out", required=True, help="the file to write, e.g. dino.onnx")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 16 (default 17)")
@@ -53,9 +51,7 @@ def add_parser(sub) -> None:
                         help="add a target_sizes input and scores/labels/boxes outputs (top-num_select, pixels)")
     export.add_argument("--height", type=int, default=512, help="example input height used to trace (default 512)")
     export.add_argument("--width", type=int, default=512, help="example input width used to trace (default 512)")
-    export.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI)")
-    export.add_argument("--preset", help="dino_core preset, for official .pth files")
-    export.add_argument("--num-classes", type=int, help="class-head size, for official .pth files")
+    add_model_options(export)
     export.set_defaults(func=_export)
 
 

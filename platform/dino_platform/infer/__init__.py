@@ -1,1 +1,0 @@
-"""``dino infer`` (the command; the job itself is ``serving.infer``)."""
