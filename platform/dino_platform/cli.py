@@ -15,7 +15,8 @@ from dino_platform.spec_cli import setup_logging
 # module path (relative to dino_platform) of each sub-command provider, in --help order
 COMMAND_MODULES: List[str] = [
     "data.cli",       # dino synth, dino ingest
-    "train.cli",      # dino train, dino eval
+    "train.cli",      # dino train
+    "evaluation.cli", # dino eval
     "registry.cli",   # dino predict
     "infer.cli",      # dino infer
 ]

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dino_platform.errors import ConfigError, DataError
+from dino_platform.errors import DataError
 from dino_platform.evaluation.coco_eval import (
-    CocoResult, Detections, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
+    CocoResult, Detections, EvalConfig, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
 )
 from dino_platform.evaluation.inference import gather_detections, predict_batch, valid_sizes
 
@@ -144,8 +144,8 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     outcome = evaluate_shard(
         model, postprocessor, ray.train.get_dataset_shard("eval"),
         loop_config["ground_truth"] if ray.train.get_context().get_world_rank() == 0 else None,
-        batch_size=loop_config["batch_size"],
-        protocol=EvalProtocol(num_select=int(postprocessor.num_select), **loop_config["protocol"]),
+        batch_size=loop_config["eval"].batch_size,
+        protocol=loop_config["eval"].protocol(num_select=int(postprocessor.num_select)),
         normalization=loop_config["normalization"],
     )
     if outcome is None:
@@ -159,11 +159,8 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 def run_evaluation(
     checkpoint_uri: str,
     data_uri: str,
+    config: EvalConfig = EvalConfig(),
     num_workers: int = 1,
-    batch_size: int = 2,
-    detections_per_image: Optional[int] = None,
-    max_dets: int = 100,
-    engine: str = "faster_coco_eval",
     model: Optional[Dict[str, Any]] = None,
     transform: Optional[Dict[str, Any]] = None,
     use_gpu: bool = False,
@@ -173,7 +170,7 @@ def run_evaluation(
 
     ``model``/``transform`` default to those recorded in a platform checkpoint
     (``train_config.json``); an official ``.pth`` needs ``model`` (preset, num_classes).
-    ``detections_per_image``/``max_dets``/``engine``: the ``EvalProtocol`` (default: official DINO).
+    ``config``: batch size and protocol (default: official DINO).
     Returns the COCO eval JSON (``protocol``, ``stats``, ``per_class``, ``detections``) and the ``model``
     (preset, num_classes, overrides) and ``transform`` it evaluated with.
     """
@@ -189,11 +186,6 @@ def run_evaluation(
     from dino_platform.typed_config import parse_section
     from dino_platform.data.sharding import OrderedShards
 
-    protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}
-    try:
-        EvalProtocol(**protocol)
-    except ValueError as exc:
-        raise ConfigError(f"eval.{exc}") from None
     weights = weights_location(checkpoint_uri)  # fails first, and clearly, on a wrong path
     recorded = read_train_config(checkpoint_uri) or {}
     model_section = {**recorded.get("model", {}), **(model or {})}
@@ -210,8 +202,7 @@ def run_evaluation(
         trainer = TorchTrainer(
             eval_loop_per_worker,
             train_loop_config={"model": model_cfg.__dict__, "weights": weights,
-                               "ground_truth": read_ground_truth(data_uri), "batch_size": batch_size,
-                               "protocol": protocol,
+                               "ground_truth": read_ground_truth(data_uri), "eval": config,
                                "normalization": (eval_transform.mean, eval_transform.std)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),

@@ -42,9 +42,6 @@ def _fingerprint(ctx, name: str, stage: RegisterStage) -> str:
 
 
 def _run(ctx, name: str, stage: RegisterStage, fp: str):
-    from dino_platform.data.manifest import read_manifest
-    from dino_platform.registry.models import register_evaluated
-
     evaluation = ctx.outputs[stage.evaluation]
     lineage = evaluation["lineage"]
     tags = {
@@ -55,11 +52,8 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
     }
     if lineage.get("registry"):
         tags["parent_model"] = lineage["registry"]
-    categories = read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories
-    registration = register_evaluated(
-        ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"], evaluation["checkpoint"],
-        evaluation["model"], evaluation["transform"], categories, evaluation["metrics"], tags,
-        protocol=evaluation.get("protocol"))
+    registration = register_checkpoint(ctx.tracking_uri, stage.model_name, stage.alias, evaluation,
+                                       ctx.spec.shards_uri(evaluation["data"]), tags)
     exports = {fmt: _attach_export(ctx, registration, evaluation["run_id"], fmt) for fmt in stage.export}
     outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
                "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
@@ -67,6 +61,19 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
                "decision": registration.decision, "AP": evaluation["metrics"]["AP"],
                "AP50": evaluation["metrics"]["AP50"], "exports": exports}
     return outputs, {"version": registration.version, "decision": registration.decision}
+
+
+def register_checkpoint(tracking_uri: str, model_name: str, alias: str, evaluation: Dict[str, Any], data_uri: str,
+                        tags: Dict[str, str]):
+    """``evaluation`` (``evaluate.evaluate_checkpoint``'s result) as a new version of ``model_name``, with
+    the categories of the shards at ``data_uri``; ``alias`` moves to it only when its AP is better
+    (``registry.models.Registration``). The register stage's run and the sweep's gate."""
+    from dino_platform.data.manifest import read_manifest
+    from dino_platform.registry.models import register_evaluated
+
+    return register_evaluated(tracking_uri, model_name, alias, evaluation["run_id"], evaluation["checkpoint"],
+                              evaluation["model"], evaluation["transform"], read_manifest(data_uri).categories,
+                              evaluation["metrics"], tags, protocol=evaluation.get("protocol"))
 
 
 def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
