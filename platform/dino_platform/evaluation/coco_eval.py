@@ -55,15 +55,12 @@ class ImagePrediction:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How a COCO evaluation runs: the one place its settings and their defaults live.
+    """How a COCO evaluation runs, and the one place its defaults live: ``dino train``'s and a pipeline
+    evaluate stage's ``eval`` section, ``dino eval``'s flags. Errors name the field.
 
-    Read with ``typed_config.parse_section`` as ``dino train``'s ``eval`` section (which adds when
-    training evaluates, ``train.config.TrainEvalConfig``) and a pipeline evaluate stage's ``eval``
-    section; ``dino eval``'s flags default to it. Errors name the field (``max_dets: 0 must be >= 1``).
-
-    batch_size: images loaded per batch on each worker (the scores do not depend on it).
-    detections_per_image: None = the official DINO protocol (every post-processed detection goes to
-        the evaluator); 100 = the COCO-challenge rule (the best 100 per image across classes).
+    batch_size: images loaded per batch on each worker (speed only; the scores do not depend on it).
+    detections_per_image: None = the official DINO protocol (every post-processed detection is
+        scored); 100 = the COCO-challenge rule (the best 100 per image across classes).
     max_dets: COCOeval's ``maxDets[-1]``: the per-image, per-category cap (AP and AR100 use it).
     engine: ``faster_coco_eval`` or ``pycocotools``; identical numbers.
     """
@@ -92,11 +89,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """How detections were scored: an ``EvalConfig``'s protocol fields (with its defaults and checks)
-    and the model's ``num_select`` (detections per image the postprocessor keeps; recorded, not
-    applied). Recorded with every result so that only like is compared with like; the engine gives
-    identical numbers, so it is not part of ``key``.
-    """
+    """How detections were scored, recorded with every result so that only like is compared with like:
+    an ``EvalConfig``'s protocol (its defaults, its checks) and the model's ``num_select`` (recorded,
+    not applied). The engine gives identical numbers, so it is not part of ``key``."""
 
     num_select: Optional[int] = None
     detections_per_image: Optional[int] = EvalConfig.detections_per_image

@@ -33,11 +33,10 @@ from dino_platform.storage import resolve
 from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
 from dino_platform.ray_session import init_ray
-from dino_platform.tracking import find_or_create_run
+from dino_platform.tracking import find_or_create_run, start_or_resume_run
 
 log = logging.getLogger("dino.sweep")
 
-SWEEP_KEY_TAG = "dino.sweep_key"
 TRIAL_TAG = "dino.sweep_trial"
 CLONED_FROM_TAG = "dino.cloned_from_trial"  # PBT: the trial whose checkpoint this training run continued
 RESULT_FILE = "sweep_result.json"  # <sweep dir>/: the last run's trials, best trial, evaluation, registry decision
@@ -289,32 +288,16 @@ def _tracking_uri(spec: SweepSpec) -> str:
 
 
 def _parent_run(spec: SweepSpec, tracking_uri: str) -> str:
-    """The sweep's MLflow run (found again by its key when the sweep resumes)."""
-    from mlflow import MlflowClient
+    """The sweep's MLflow run, keyed by the sweep directory (found again when the sweep resumes)."""
+    import yaml
 
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(spec.experiment)
-    if found is None:
-        location = None
-        if tracking_uri.startswith("sqlite:") and "://" not in spec.sweep_dir:
-            location = (Path(spec.sweep_dir) / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(spec.experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
-    key = resolve(spec.sweep_dir).uri.replace("'", "\\'")
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'", max_results=1)
-    if existing:
-        client.update_run(existing[0].info.run_id, status="RUNNING")
-        return existing[0].info.run_id
-    run = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_KEY_TAG: resolve(spec.sweep_dir).uri})
-    run_id = run.info.run_id
-    client.log_dict(run_id, {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
-                             "scheduler": spec.scheduler.__dict__, "budget": spec.budget.__dict__,
-                             "train": spec.train}, "sweep.json")
-    for name, value in (("scheduler", spec.scheduler.kind), ("metric", spec.scheduler.metric),
-                        ("num_samples", spec.budget.num_samples), ("max_concurrent", spec.budget.max_concurrent)):
-        client.log_param(run_id, name, str(value))
-    return run_id
+    params = {"scheduler": spec.scheduler.kind, "metric": spec.scheduler.metric,
+              "num_samples": str(spec.budget.num_samples), "max_concurrent": str(spec.budget.max_concurrent)}
+    sweep = {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
+             "scheduler": spec.scheduler.__dict__, "budget": spec.budget.__dict__, "train": spec.train}
+    artifacts = Path(spec.sweep_dir) / "mlartifacts" if "://" not in spec.sweep_dir else None
+    return start_or_resume_run(tracking_uri, spec.experiment, resolve(spec.sweep_dir).uri, spec.name, params,
+                               yaml.safe_dump(sweep, sort_keys=False), artifacts).run_id
 
 
 def _close_parent(tracking_uri: str, run_id: str, status: str, trials: Optional[List[TrialSummary]] = None,

@@ -72,8 +72,7 @@ def _workers(spec: PipelineSpec, name: str, stage: EvaluateStage) -> WorkerGroup
 
 
 def _settings(stage: EvaluateStage) -> Dict[str, Any]:
-    """What is fingerprinted: the stage's fields, with the eval section's beside them (one flat mapping)."""
-    settings = asdict(stage)
+    settings = asdict(stage)  # fingerprinted flat: the eval section's fields beside the stage's own
     return {**settings, **settings.pop("eval")}
 
 
@@ -119,12 +118,8 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, config: EvalConfig, trac
                         run_name: str, tags: Dict[str, str], workers: int = 1, cpus_per_worker: float = 0.5,
                         use_gpu: bool = False, model: Optional[Dict[str, Any]] = None,
                         transform: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """COCO evaluation of ``checkpoint`` on the shards at ``data_uri`` (``run_evaluation``), logged as one
-    MLflow run of ``experiment`` (``tags`` + the protocol's, the stats as metrics, ``coco_eval.json``).
-
-    Returns ``{checkpoint, metrics (the COCO stats), run_id, model, transform, protocol}``: what
-    ``register.register_checkpoint`` registers. The evaluate stage's run and the sweep's gate.
-    """
+    """``run_evaluation`` logged as one MLflow run (``tags`` + the protocol's, the stats, ``coco_eval.json``); the
+    evaluate stage's and the sweep's. ``{checkpoint, metrics (COCO stats), run_id, model, transform, protocol}``."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 

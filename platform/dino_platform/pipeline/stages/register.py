@@ -65,9 +65,8 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
 
 def register_checkpoint(tracking_uri: str, model_name: str, alias: str, evaluation: Dict[str, Any], data_uri: str,
                         tags: Dict[str, str]):
-    """``evaluation`` (``evaluate.evaluate_checkpoint``'s result) as a new version of ``model_name``, with
-    the categories of the shards at ``data_uri``; ``alias`` moves to it only when its AP is better
-    (``registry.models.Registration``). The register stage's run and the sweep's gate."""
+    """``evaluate.evaluate_checkpoint``'s result as a version with the categories of ``data_uri``'s shards, the
+    alias moved only when its AP is better (``registry.models.Registration``); the register stage's and the sweep's."""
     from dino_platform.data.manifest import read_manifest
     from dino_platform.registry.models import register_evaluated
 
