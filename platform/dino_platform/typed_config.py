@@ -29,7 +29,10 @@ def parse_section(cls: type, raw: Any, prefix: str) -> Any:
         hint = f"; did you mean {where}{close[0]}?" if close else ""
         raise ConfigError(f"unknown field {where}{unknown[0]}; allowed: {', '.join(names)}{hint}")
     values = {name: _coerce(hints[name], raw[name], f"{prefix}.{name}".lstrip(".")) for name in names if name in raw}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # a dataclass's own checks (``__post_init__``) name its fields without the prefix
+        raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:

@@ -235,11 +235,12 @@ def _command_line(process) -> str:
 def test_evaluation_does_not_depend_on_workers_or_batch_size(reference, shards):
     from mlflow import MlflowClient
 
+    from dino_platform.evaluation.coco_eval import EvalConfig
     from dino_platform.evaluation.runner import run_evaluation
 
     with reference.checkpoint.as_directory() as directory:
         checkpoint = str(directory)
-        results = {(w, b): run_evaluation(checkpoint, shards["val"], num_workers=w, batch_size=b)
+        results = {(w, b): run_evaluation(checkpoint, shards["val"], EvalConfig(batch_size=b), num_workers=w)
                    for w, b in ((1, 1), (2, 1), (2, 4))}
     baseline = results[(1, 1)]
     assert baseline["num_images"] == 4

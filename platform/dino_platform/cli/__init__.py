@@ -15,7 +15,8 @@ from dino_platform.spec_cli import setup_logging
 # the modules of this package that add sub-commands, in --help order
 COMMAND_MODULES: List[str] = [
     "data",      # dino synth, dino ingest
-    "train",     # dino train, dino eval
+    "train",     # dino train
+    "evaluate",  # dino eval
     "predict",   # dino predict, dino export
     "infer",     # dino infer
 ]

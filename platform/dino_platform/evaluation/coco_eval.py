@@ -5,9 +5,9 @@ on), so the score covers exactly the images evaluated. Labels are the dataset's 
 (models are built with ``num_classes = max id + 1``), so results need no id remapping; detections
 whose label is not one of the dataset's categories are ignored, as pycocotools ignores unknown ids.
 
-The protocol (``EvalProtocol``) is the official DINO one by default: every post-processed detection
-(``num_select``, 300 for the presets) goes to the evaluator, whose ``maxDets`` (100) caps detections
-per image *per category*. The COCO-challenge rule (at most 100 per image across classes) is
+The protocol (``EvalConfig``; recorded as ``EvalProtocol``) is the official DINO one by default: every
+post-processed detection (``num_select``, 300 for the presets) goes to the evaluator, whose ``maxDets``
+(100) caps detections per image *per category*. The COCO-challenge rule (at most 100 per image across classes) is
 ``detections_per_image=100``. Two engines compute the same numbers: ``faster_coco_eval`` (C++,
 the default) and ``pycocotools`` (the reference); tests/platform/evaluation/test_eval_engines.py holds them to 1e-9.
 """
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Union, get_args
 
 import numpy as np
 
+from dino_platform.errors import ConfigError
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-ENGINES = ("faster_coco_eval", "pycocotools")
+Engine = Literal["faster_coco_eval", "pycocotools"]
+ENGINES = get_args(Engine)
 
 
 @dataclass
@@ -51,31 +54,52 @@ class ImagePrediction:
 
 
 @dataclass(frozen=True)
-class EvalProtocol:
-    """How detections are scored; recorded with every result so that only like is compared with like.
+class EvalConfig:
+    """How a COCO evaluation runs, and the one place its defaults live: ``dino train``'s and a pipeline
+    evaluate stage's ``eval`` section, ``dino eval``'s flags. Errors name the field.
 
-    num_select: detections per image the postprocessor keeps (the model's; recorded, not applied).
-    detections_per_image: None = the official DINO protocol (all of them go to the evaluator);
-        100 = the COCO-challenge rule (the best 100 per image across classes).
+    batch_size: images loaded per batch on each worker (speed only; the scores do not depend on it).
+    detections_per_image: None = the official DINO protocol (every post-processed detection is
+        scored); 100 = the COCO-challenge rule (the best 100 per image across classes).
     max_dets: COCOeval's ``maxDets[-1]``: the per-image, per-category cap (AP and AR100 use it).
-    engine: ``faster_coco_eval`` (default) or ``pycocotools``; identical numbers, so not part of ``key``.
+    engine: ``faster_coco_eval`` or ``pycocotools``; identical numbers.
     """
 
-    num_select: Optional[int] = None
+    batch_size: int = 2
     detections_per_image: Optional[int] = None
     max_dets: int = 100
-    engine: str = "faster_coco_eval"
+    engine: Engine = "faster_coco_eval"
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
-        if self.max_dets < 1:
-            raise ValueError(f"max_dets: {self.max_dets} must be >= 1")
-        if self.engine == "pycocotools" and self.max_dets != 100:
-            raise ValueError(f"max_dets: {self.max_dets} with engine pycocotools, whose summary AP is defined "
-                             "only at maxDets=100; use engine faster_coco_eval or max_dets 100")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: {self.batch_size} must be >= 1")
         if self.detections_per_image is not None and self.detections_per_image < 1:
-            raise ValueError(f"detections_per_image: {self.detections_per_image} must be >= 1 (or null: all)")
+            raise ConfigError(f"detections_per_image: {self.detections_per_image} must be >= 1 (or null: all)")
+        if self.max_dets < 1:
+            raise ConfigError(f"max_dets: {self.max_dets} must be >= 1")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "pycocotools" and self.max_dets != 100:
+            raise ConfigError(f"max_dets: {self.max_dets} with engine pycocotools, whose summary AP is defined "
+                              "only at maxDets=100; use engine faster_coco_eval or max_dets 100")
+
+    def protocol(self, num_select: Optional[int] = None) -> "EvalProtocol":
+        return EvalProtocol(num_select, self.detections_per_image, self.max_dets, self.engine)
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How detections were scored, recorded with every result so that only like is compared with like:
+    an ``EvalConfig``'s protocol (its defaults, its checks) and the model's ``num_select`` (recorded,
+    not applied). The engine gives identical numbers, so it is not part of ``key``."""
+
+    num_select: Optional[int] = None
+    detections_per_image: Optional[int] = EvalConfig.detections_per_image
+    max_dets: int = EvalConfig.max_dets
+    engine: str = EvalConfig.engine
+
+    def __post_init__(self):
+        EvalConfig(detections_per_image=self.detections_per_image, max_dets=self.max_dets, engine=self.engine)
 
     @property
     def name(self) -> str:

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dino_platform.errors import ConfigError, DataError
+from dino_platform.errors import DataError
 from dino_platform.evaluation.coco_eval import (
-    CocoResult, Detections, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
+    CocoResult, Detections, EvalConfig, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
 )
 from dino_platform.evaluation.inference import gather_detections, predict_batch, valid_sizes
 
@@ -138,8 +138,8 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     outcome = evaluate_shard(
         model, postprocessor, ray.train.get_dataset_shard("eval"),
         loop_config["ground_truth"] if ray.train.get_context().get_world_rank() == 0 else None,
-        batch_size=loop_config["batch_size"],
-        protocol=EvalProtocol(num_select=int(postprocessor.num_select), **loop_config["protocol"]),
+        batch_size=loop_config["eval"].batch_size,
+        protocol=loop_config["eval"].protocol(num_select=int(postprocessor.num_select)),
         normalization=loop_config["normalization"],
     )
     if outcome is None:
@@ -153,11 +153,8 @@ def eval_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 def run_evaluation(
     checkpoint_uri: str,
     data_uri: str,
+    config: EvalConfig = EvalConfig(),
     num_workers: int = 1,
-    batch_size: int = 2,
-    detections_per_image: Optional[int] = None,
-    max_dets: int = 100,
-    engine: str = "faster_coco_eval",
     model: Optional[Dict[str, Any]] = None,
     transform: Optional[Dict[str, Any]] = None,
     use_gpu: bool = False,
@@ -167,7 +164,7 @@ def run_evaluation(
 
     ``checkpoint_uri``: anything ``model.artifact.load_artifact`` reads. ``model`` (preset, num_classes,
     overrides) and ``transform`` replace what the artifact records; an official ``.pth`` needs ``model``.
-    ``detections_per_image``/``max_dets``/``engine``: the ``EvalProtocol`` (default: official DINO).
+    ``config``: batch size and protocol (default: official DINO).
     Returns the COCO eval JSON (``protocol``, ``stats``, ``per_class``, ``detections``) and the ``model``
     (preset, num_classes, overrides) and ``transform`` it evaluated with.
     """
@@ -182,11 +179,6 @@ def run_evaluation(
     from dino_platform.model.artifact import load_artifact
     from dino_platform.ray_session import connect
 
-    protocol = {"detections_per_image": detections_per_image, "max_dets": max_dets, "engine": engine}
-    try:
-        EvalProtocol(**protocol)
-    except ValueError as exc:
-        raise ConfigError(f"eval.{exc}") from None
     artifact = load_artifact(checkpoint_uri, **(model or {}))
     if transform is not None:
         artifact = replace(artifact, transform=dict(transform))
@@ -195,8 +187,8 @@ def run_evaluation(
     with tempfile.TemporaryDirectory(prefix="dino-eval-") as storage:
         trainer = TorchTrainer(
             eval_loop_per_worker,
-            train_loop_config={"artifact": artifact, "ground_truth": read_ground_truth(data_uri), "protocol": protocol,
-                               "batch_size": batch_size, "normalization": (eval_transform.mean, eval_transform.std)},
+            train_loop_config={"artifact": artifact, "ground_truth": read_ground_truth(data_uri), "eval": config,
+                               "normalization": (eval_transform.mean, eval_transform.std)},
             scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -96,14 +96,6 @@ class PipelineSpec:
         """Where synthetic raw data is generated (synth datasets only)."""
         return _join(self.output_root, f"raw/{dataset}")
 
-    def annotations_uri(self, dataset: str) -> str:
-        ds = self.datasets[dataset]
-        return f"{self.raw_uri(dataset)}/annotations.json" if ds.synth else ds.annotations
-
-    def images_uri(self, dataset: str) -> str:
-        ds = self.datasets[dataset]
-        return f"{self.raw_uri(dataset)}/images" if ds.synth else ds.images
-
     @property
     def state_uri(self) -> str:
         return _join(self.output_root, "pipeline_state.json")

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,11 +33,10 @@ from dino_platform.storage import resolve
 from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
 from dino_platform.ray_session import connect
-from dino_platform.tracking import find_or_create_run
+from dino_platform.tracking import find_or_create_run, start_or_resume_run
 
 log = logging.getLogger("dino.sweep")
 
-SWEEP_KEY_TAG = "dino.sweep_key"
 TRIAL_TAG = "dino.sweep_trial"
 CLONED_FROM_TAG = "dino.cloned_from_trial"  # PBT: the trial whose checkpoint this training run continued
 RESULT_FILE = "sweep_result.json"  # <sweep dir>/: the last run's trials, best trial, evaluation, registry decision
@@ -251,45 +250,28 @@ def _best(trials: List[TrialSummary], mode: str) -> Optional[TrialSummary]:
 
 
 def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str, parent_run_id: str):
-    """The pipelines' gate: COCO evaluation (its own MLflow run) -> registry version -> alias if better."""
-    import time
+    """The pipelines' gate, with the evaluate and register stages' functions: COCO evaluation under the
+    training config's ``eval`` section (its own MLflow run) -> registry version -> alias if better."""
+    from dataclasses import asdict
 
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from dino_platform.data.manifest import read_manifest
-    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
-    from dino_platform.evaluation.runner import run_evaluation
-    from dino_platform.model.artifact import load_artifact
-    from dino_platform.registry.models import git_commit, register_evaluated
+    from dino_platform.pipeline.stages.evaluate import evaluate_checkpoint
+    from dino_platform.pipeline.stages.register import register_checkpoint
+    from dino_platform.registry.models import git_commit
 
     base = spec.base_config()
     data_uri = spec.register.eval_data or base.data.eval_uri
     if not data_uri:
         raise DataError("register.eval_data: no evaluation data (set it or train.data.eval_uri)")
-    result = run_evaluation(best.checkpoint, data_uri, num_workers=spec.register.eval_workers,
-                            batch_size=base.eval.batch_size, detections_per_image=base.eval.detections_per_image,
-                            max_dets=base.eval.max_dets, engine=base.eval.engine,
-                            cpus_per_worker=spec.register.eval_cpus_per_worker)
-    stats = result["stats"]
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.get_experiment_by_name(spec.experiment).experiment_id
-    eval_run = client.create_run(experiment_id, run_name=f"evaluate-best-{best.trial_id}", tags={
-        "mlflow.parentRunId": parent_run_id, "checkpoint": best.checkpoint, "data": data_uri,
-        "dino.sweep_stage": "evaluate", TRIAL_TAG: best.trial_id, **protocol_tags(result["protocol"])})
-    run_id = eval_run.info.run_id
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in stats.items()])
-    client.log_dict(run_id, result, "coco_eval.json")
-    client.set_terminated(run_id)
-    artifact = replace(load_artifact(best.checkpoint), categories=read_manifest(data_uri).categories)
+    evaluation = evaluate_checkpoint(
+        best.checkpoint, data_uri, base.eval, tracking_uri, spec.experiment, f"evaluate-best-{best.trial_id}",
+        {"mlflow.parentRunId": parent_run_id, "checkpoint": best.checkpoint, "data": data_uri,
+         "dino.sweep_stage": "evaluate", TRIAL_TAG: best.trial_id},
+        workers=spec.register.eval_workers, cpus_per_worker=spec.register.eval_cpus_per_worker)
     tags = {"sweep": spec.name, "sweep_run": parent_run_id, "sweep_trial": best.trial_id, "git_commit": git_commit(),
-            **{f"sweep.{k}": str(v) for k, v in best.config.items()}, **protocol_tags(result["protocol"])}
-    registration = register_evaluated(tracking_uri, spec.register.model_name, spec.register.alias, run_id,
-                                      artifact, stats, tags, compare_on=PROTOCOL_TAG)
-    return stats, {"name": registration.name, "version": registration.version, "alias": registration.alias,
-                   "promoted": registration.promoted, "champion_version": registration.champion_version,
-                   "decision": registration.decision, "eval_run_id": run_id}
+            **{f"sweep.{k}": str(v) for k, v in best.config.items()}}
+    registration = register_checkpoint(tracking_uri, spec.register.model_name, spec.register.alias, evaluation,
+                                       data_uri, tags)
+    return evaluation["metrics"], {**asdict(registration), "eval_run_id": evaluation["run_id"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,32 +286,16 @@ def _tracking_uri(spec: SweepSpec) -> str:
 
 
 def _parent_run(spec: SweepSpec, tracking_uri: str) -> str:
-    """The sweep's MLflow run (found again by its key when the sweep resumes)."""
-    from mlflow import MlflowClient
+    """The sweep's MLflow run, keyed by the sweep directory (found again when the sweep resumes)."""
+    import yaml
 
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(spec.experiment)
-    if found is None:
-        location = None
-        if tracking_uri.startswith("sqlite:") and "://" not in spec.sweep_dir:
-            location = (Path(spec.sweep_dir) / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(spec.experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
-    key = resolve(spec.sweep_dir).uri.replace("'", "\\'")
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_KEY_TAG}` = '{key}'", max_results=1)
-    if existing:
-        client.update_run(existing[0].info.run_id, status="RUNNING")
-        return existing[0].info.run_id
-    run = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_KEY_TAG: resolve(spec.sweep_dir).uri})
-    run_id = run.info.run_id
-    client.log_dict(run_id, {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
-                             "scheduler": spec.scheduler.__dict__, "budget": spec.budget.__dict__,
-                             "train": spec.train}, "sweep.json")
-    for name, value in (("scheduler", spec.scheduler.kind), ("metric", spec.scheduler.metric),
-                        ("num_samples", spec.budget.num_samples), ("max_concurrent", spec.budget.max_concurrent)):
-        client.log_param(run_id, name, str(value))
-    return run_id
+    params = {"scheduler": spec.scheduler.kind, "metric": spec.scheduler.metric,
+              "num_samples": str(spec.budget.num_samples), "max_concurrent": str(spec.budget.max_concurrent)}
+    sweep = {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
+             "scheduler": spec.scheduler.__dict__, "budget": spec.budget.__dict__, "train": spec.train}
+    artifacts = Path(spec.sweep_dir) / "mlartifacts" if "://" not in spec.sweep_dir else None
+    return start_or_resume_run(tracking_uri, spec.experiment, resolve(spec.sweep_dir).uri, spec.name, params,
+                               yaml.safe_dump(sweep, sort_keys=False), artifacts).run_id
 
 
 def _close_parent(tracking_uri: str, run_id: str, status: str, trials: Optional[List[TrialSummary]] = None,
@@ -348,23 +314,19 @@ def _close_parent(tracking_uri: str, run_id: str, status: str, trials: Optional[
 
 
 def _prepare_synthetic_data(spec: SweepSpec) -> None:
-    """Smoke presets: write synthetic COCO-like images and ingest them where train.data points."""
-    if not spec.synth:
-        return
-    from dino_platform.data.ingest import IngestConfig, ingest
-    from dino_platform.data.synth import SynthConfig, generate
+    """Smoke presets: synthetic COCO-like images, ingested (as an ingest stage does) where train.data
+    points when it holds no shards yet."""
+    from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
+    from dino_platform.pipeline.stages.ingest import ingest_dataset
 
     data = spec.train.get("data") or {}
     targets = {"train": data.get("train_uri"), "val": data.get("eval_uri")}
-    for split, options in spec.synth.items():
+    for split, options in (spec.synth or {}).items():
         if split not in targets or not targets[split]:
             raise DataError(f"synth.{split}: expected train or val, each with train.data.train_uri/eval_uri set")
-        out = resolve(targets[split])
-        if out.child("manifest.json").exists():
+        if resolve(targets[split]).child("manifest.json").exists():
             continue
-        raw = f"{spec.sweep_dir}/data/raw/{split}"
-        generate(SynthConfig(kind="coco", images=int(options.get("images", 8)), seed=int(options.get("seed", 0)),
-                             size=tuple(options.get("size", (128, 96)))), raw)
-        ingest(IngestConfig(format="coco", annotations_uri=f"{raw}/annotations.json", images_uri=f"{raw}/images",
-                            out_uri=targets[split], shard_size=int(options.get("shard_size", 8)), parallel=False))
-        log.info("synthetic %s data: %s", split, json.dumps({"images": options.get("images"), "out": out.uri}))
+        synth = SynthSpec(kind="coco", images=int(options.get("images", 8)), seed=int(options.get("seed", 0)),
+                          size=list(options.get("size", (128, 96))))
+        ingest_dataset(DatasetSpec(synth=synth, shard_size=int(options.get("shard_size", 8))), targets[split],
+                       f"{spec.sweep_dir}/data/raw/{split}", parallel=False)

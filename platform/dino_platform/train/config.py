@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 
 from dino_platform.errors import ConfigError
+from dino_platform.evaluation.coco_eval import EvalConfig
 from dino_platform.model.config import ModelConfig
 from dino_platform.typed_config import parse_section
 from dino_platform.yaml_docs import apply_override, read_mapping
@@ -138,19 +139,22 @@ class DataConfig:
     on_sample_error: str = "fail"
 
 
-@dataclass
-class EvalConfig:
+@dataclass(frozen=True)
+class TrainEvalConfig(EvalConfig):
+    """``eval``: the COCO evaluation (``EvalConfig``: batch_size, detections_per_image, max_dets,
+    engine) plus when training evaluates and what it logs."""
+
     every_n_epochs: Optional[int] = 1
-    batch_size: int = 2
-    # COCO AP protocol (evaluation.coco_eval.EvalProtocol). Official DINO: every post-processed
-    # detection (model num_select, 300) is scored and COCOeval's max_dets caps them per image per
-    # category. detections_per_image: 100 is the COCO-challenge rule (best 100 per image, all classes).
-    detections_per_image: Optional[int] = None
-    max_dets: int = 100
-    engine: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
     # validation images drawn with their predicted boxes and logged to MLflow
     num_logged_images: int = 4
     logged_score_threshold: float = 0.3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.every_n_epochs is not None and self.every_n_epochs < 1:
+            raise ConfigError(f"every_n_epochs: {self.every_n_epochs} must be >= 1 (or null: only at the end)")
+        if self.num_logged_images < 0:
+            raise ConfigError(f"num_logged_images: {self.num_logged_images} must be >= 0")
 
 
 @dataclass
@@ -192,7 +196,7 @@ class TrainConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -240,7 +244,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def validate(cfg: TrainConfig) -> None:
     """Cross-field and range checks; raises ConfigError naming the field."""
-    o, s, e, c = cfg.optim, cfg.scaling, cfg.eval, cfg.checkpoint
+    o, s, c = cfg.optim, cfg.scaling, cfg.checkpoint
     _positive("optim.lr", o.lr)
     _non_negative("optim.lr_backbone", o.lr_backbone)
     _non_negative("optim.weight_decay", o.weight_decay)
@@ -266,17 +270,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
     if cfg.data.on_sample_error not in ("fail", "skip"):
         raise ConfigError(f"data.on_sample_error: one of fail, skip; got {cfg.data.on_sample_error!r}")
-    _positive("eval.batch_size", e.batch_size)
-    if e.detections_per_image is not None:
-        _positive("eval.detections_per_image", e.detections_per_image)
-    _positive("eval.max_dets", e.max_dets)
-    if e.engine == "pycocotools" and e.max_dets != 100:
-        raise ConfigError(f"eval.max_dets: {e.max_dets} with eval.engine pycocotools, whose summary AP is defined "
-                          "only at maxDets=100; use engine faster_coco_eval or max_dets 100")
-    _non_negative("eval.num_logged_images", e.num_logged_images)
-    for name in ("every_n_epochs",):
-        if getattr(e, name) is not None:
-            _positive(f"eval.{name}", getattr(e, name))
     for name in ("every_n_steps", "every_n_epochs", "num_to_keep"):
         if getattr(c, name) is not None:
             _positive(f"checkpoint.{name}", getattr(c, name))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional
 
 from dino_platform.errors import ConfigError
-from dino_platform.evaluation.coco_eval import EvalProtocol
+from dino_platform.evaluation.coco_eval import EvalConfig
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
 from dino_platform.pipeline.kind import StageKind, WorkerGroup
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
@@ -42,12 +42,11 @@ class EvaluateStage:
     model: Optional[ModelSpec] = None
     transform: Optional[Dict[str, Any]] = None
     resources: Resources = field(default_factory=Resources)
-    batch_size: int = 2
-    # the COCO AP protocol, as in `dino train`'s eval section (evaluation.coco_eval.EvalProtocol):
-    # null = official DINO (all num_select detections), 100 = COCO-challenge top 100 per image
-    detections_per_image: Optional[int] = None
-    max_dets: int = 100
-    engine: str = "faster_coco_eval"
+    # batch_size and the COCO AP protocol: `dino train`'s eval section (evaluation.coco_eval.EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    MOVED: ClassVar[Dict[str, str]] = {key: f"eval.{key}" for key in (
+        "batch_size", "detections_per_image", "max_dets", "engine")}
 
 
 def _validate(scope, name: str, stage: EvaluateStage) -> None:
@@ -63,12 +62,6 @@ def _validate(scope, name: str, stage: EvaluateStage) -> None:
     if r.workers < 1 or r.cpus_per_worker <= 0:
         raise ConfigError(f"{where}.resources: workers ({r.workers}) must be >= 1 and cpus_per_worker "
                           f"({r.cpus_per_worker}) > 0")
-    if stage.batch_size < 1:
-        raise ConfigError(f"{where}.batch_size: must be >= 1")
-    try:
-        EvalProtocol(detections_per_image=stage.detections_per_image, max_dets=stage.max_dets, engine=stage.engine)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.{exc}") from None
 
 
 def _workers(spec: PipelineSpec, name: str, stage: EvaluateStage) -> WorkerGroup:
@@ -76,57 +69,63 @@ def _workers(spec: PipelineSpec, name: str, stage: EvaluateStage) -> WorkerGroup
     return WorkerGroup("resources", r.workers, r.cpus_per_worker, r.gpus_per_worker)
 
 
+def _settings(stage: EvaluateStage) -> Dict[str, Any]:
+    settings = asdict(stage)  # fingerprinted flat: the eval section's fields beside the stage's own
+    return {**settings, **settings.pop("eval")}
+
+
 def _fingerprint(ctx, name: str, stage: EvaluateStage) -> str:
-    return fingerprint("evaluate", asdict(stage), ctx.dataset_digest(stage.data),
+    return fingerprint("evaluate", _settings(stage), ctx.dataset_digest(stage.data),
                        weights_identity(ctx, stage.checkpoint))
 
 
 def _run(ctx, name: str, stage: EvaluateStage, fp: str):
-    from dino_platform.evaluation.runner import run_evaluation
-
     checkpoint, lineage = weights_source(ctx, stage.checkpoint)
     model = asdict(stage.model) if stage.model is not None else None  # None: what the checkpoint records
     transform = dict(stage.transform) if stage.transform is not None else None
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)
-    log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
-    result = run_evaluation(checkpoint, data_uri, num_workers=r.workers, batch_size=stage.batch_size,
-                            detections_per_image=stage.detections_per_image, max_dets=stage.max_dets,
-                            engine=stage.engine, model=model, transform=transform,
-                            use_gpu=r.gpus_per_worker > 0, cpus_per_worker=r.cpus_per_worker)
-    stats = result["stats"]
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
-               "configs": {**lineage.get("configs", {}), name: fingerprint(asdict(stage))}}
-    run_id = _log_evaluation(ctx, name, stage, checkpoint, result, lineage, fp)
-    log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], run_id)
-    outputs = {"checkpoint": checkpoint, "metrics": stats, "run_id": run_id, "model": result["model"],
-               "transform": result["transform"], "data": stage.data, "lineage": lineage, "protocol": result["protocol"]}
-    return outputs, {"AP": stats["AP"], "AP50": stats["AP50"]}
-
-
-def _log_evaluation(ctx, name: str, stage: EvaluateStage, checkpoint: str, result: Dict[str, Any],
-                    lineage: Dict[str, Any], fp: str) -> str:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from dino_platform.evaluation.coco_eval import protocol_tags
-
-    client = MlflowClient(ctx.tracking_uri)
-    experiment = client.get_experiment_by_name(ctx.spec.experiment)
+               "configs": {**lineage.get("configs", {}), name: fingerprint(_settings(stage))}}
     producers = [run for run in lineage.get("runs", {}).values() if run]
     tags = {"dino.pipeline": ctx.spec.name, "dino.stage": name, "dino.fingerprint": fp, "checkpoint": checkpoint,
             "data": stage.data, "git_commit": ctx.git_commit,
             **{f"parent_run.{s}": run for s, run in lineage.get("runs", {}).items() if run},
-            **{f"data_digest.{d}": digest for d, digest in lineage.get("datasets", {}).items()},
-            **protocol_tags(result["protocol"])}
+            **{f"data_digest.{d}": digest for d, digest in lineage["datasets"].items()}}
     if producers:
         tags["mlflow.parentRunId"] = producers[-1]  # shown nested under the run that trained the checkpoint
-    run = client.create_run(experiment.experiment_id, run_name=f"{name}-{fp[:10]}", tags=tags)
+    log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
+    evaluation = evaluate_checkpoint(checkpoint, data_uri, stage.eval, ctx.tracking_uri, ctx.spec.experiment,
+                                     f"{name}-{fp[:10]}", tags, workers=r.workers, cpus_per_worker=r.cpus_per_worker,
+                                     use_gpu=r.gpus_per_worker > 0, model=model, transform=transform)
+    stats = evaluation["metrics"]
+    log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], evaluation["run_id"])
+    return {**evaluation, "data": stage.data, "lineage": lineage}, {"AP": stats["AP"], "AP50": stats["AP50"]}
+
+
+def evaluate_checkpoint(checkpoint: str, data_uri: str, config: EvalConfig, tracking_uri: str, experiment: str,
+                        run_name: str, tags: Dict[str, str], workers: int = 1, cpus_per_worker: float = 0.5,
+                        use_gpu: bool = False, model: Optional[Dict[str, Any]] = None,
+                        transform: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``run_evaluation`` logged as one MLflow run (``tags`` + the protocol's, the stats, ``coco_eval.json``); the
+    evaluate stage's and the sweep's. ``{checkpoint, metrics (COCO stats), run_id, model, transform, protocol}``."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from dino_platform.evaluation.coco_eval import protocol_tags
+    from dino_platform.evaluation.runner import run_evaluation
+
+    result = run_evaluation(checkpoint, data_uri, config, num_workers=workers, model=model, transform=transform,
+                            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(client.get_experiment_by_name(experiment).experiment_id, run_name=run_name,
+                            tags={**tags, **protocol_tags(result["protocol"])})
     now = int(time.time() * 1000)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result["stats"].items()])
     client.log_dict(run.info.run_id, result, "coco_eval.json")
     client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return {"checkpoint": checkpoint, "metrics": result["stats"], "run_id": run.info.run_id, "model": result["model"],
+            "transform": result["transform"], "protocol": result["protocol"]}
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:

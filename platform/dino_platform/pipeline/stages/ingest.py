@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
 
@@ -60,32 +61,38 @@ def _fingerprint(ctx, name: str, stage: IngestStage) -> str:
 
 
 def _run(ctx, name: str, stage: IngestStage, fp: str):
-    from dino_platform.data.ingest import IngestConfig, ingest
-
     spec, done, built = ctx.spec, {}, []
     for dataset in stage.datasets:
-        ds = spec.datasets[dataset]
         shards = spec.shards_uri(dataset)
-        if ds.synth is not None:
-            _synthesize(spec, dataset)
-        annotations, images = spec.annotations_uri(dataset), spec.images_uri(dataset)
-        # NOTE: synthetic annotations are small and may have been regenerated: `ingest` compares their
-        # content. Real ones can be many GB: complete shards of the same URIs are trusted without
-        # reading them (a file changed in place at the same URI needs its shards deleted).
-        before = _complete_ingest(shards, annotations, ds.shard_size)
-        manifest = None if ds.synth is not None else before
-        if manifest is None:
-            log.info("stage %s: ingesting %s -> %s", name, dataset, shards)
-            manifest = ingest(IngestConfig(format=ds.format, annotations_uri=annotations, images_uri=images,
-                                           out_uri=shards, shard_size=ds.shard_size, parallel=stage.parallel))
-            if before is None or manifest.digest != before.digest:
-                built.append(dataset)
-        else:
-            log.info("stage %s: %s already has complete shards at %s", name, dataset, shards)
+        manifest, changed = ingest_dataset(spec.datasets[dataset], shards, spec.raw_uri(dataset), stage.parallel)
+        if changed:
+            built.append(dataset)
         ctx.forget_digest(dataset)
         done[dataset] = {"shards": shards, "digest": manifest.digest, "images": manifest.images,
                          "quarantined": len(manifest.quarantined)}
     return {"datasets": done}, {"ingested": built}
+
+
+def ingest_dataset(ds: DatasetSpec, shards: str, raw_uri: str, parallel: bool):
+    """(manifest, whether the shards changed) of dataset ``ds`` ingested to ``shards``; the ingest
+    stage and a sweep's synthetic data. A ``synth`` dataset is generated under ``raw_uri`` first (once)."""
+    from dino_platform.data.ingest import IngestConfig, ingest
+
+    annotations, images = ds.annotations, ds.images
+    if ds.synth is not None:
+        _synthesize(ds.synth, raw_uri)
+        annotations, images = f"{raw_uri}/annotations.json", f"{raw_uri}/images"
+    # NOTE: synthetic annotations are small and may have been regenerated: `ingest` compares their
+    # content. Real ones can be many GB: complete shards of the same URIs are trusted without
+    # reading them (a file changed in place at the same URI needs its shards deleted).
+    before = _complete_ingest(shards, annotations, ds.shard_size)
+    if before is not None and ds.synth is None:
+        log.info("%s already holds complete shards of %s", shards, annotations)
+        return before, False
+    log.info("ingesting %s -> %s", annotations, shards)
+    manifest = ingest(IngestConfig(format=ds.format, annotations_uri=annotations, images_uri=images,
+                                   out_uri=shards, shard_size=ds.shard_size, parallel=parallel))
+    return manifest, before is None or manifest.digest != before.digest
 
 
 def _complete_ingest(shards: str, annotations: str, shard_size: int):
@@ -101,17 +108,16 @@ def _complete_ingest(shards: str, annotations: str, shard_size: int):
     return manifest
 
 
-def _synthesize(spec, dataset: str) -> None:
+def _synthesize(s: SynthSpec, raw_uri: str) -> None:
     """Generate the synthetic raw data once (``synth.json`` records what was generated)."""
     from dino_platform.data.synth import SynthConfig, generate
 
-    s = spec.datasets[dataset].synth
     wanted = {"kind": s.kind, "images": s.images, "seed": s.seed, "size": list(s.size)}
-    root = resolve(spec.raw_uri(dataset))
+    root = resolve(raw_uri)
     marker = root.child("synth.json")
     if marker.exists() and json.loads(marker.read_bytes()) == wanted and root.child("annotations.json").exists():
         return
-    log.info("generating synthetic %s data for %s (%d images) in %s", s.kind, dataset, s.images, root.uri)
+    log.info("generating synthetic %s data (%d images) in %s", s.kind, s.images, root.uri)
     generate(SynthConfig(kind=s.kind, images=s.images, seed=s.seed, size=tuple(s.size)), root.uri)
     marker.write_bytes(json.dumps(wanted).encode())
 

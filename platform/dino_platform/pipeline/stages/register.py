@@ -42,11 +42,6 @@ def _fingerprint(ctx, name: str, stage: RegisterStage) -> str:
 
 
 def _run(ctx, name: str, stage: RegisterStage, fp: str):
-    from dino_platform.data.manifest import read_manifest
-    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
-    from dino_platform.model.artifact import load_artifact
-    from dino_platform.registry.models import register_evaluated
-
     evaluation = ctx.outputs[stage.evaluation]
     lineage = evaluation["lineage"]
     tags = {
@@ -57,13 +52,8 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
     }
     if lineage.get("registry"):
         tags["parent_model"] = lineage["registry"]
-    if evaluation.get("protocol"):
-        tags.update(protocol_tags(evaluation["protocol"]))
-    # the model, transform and class names it was evaluated with
-    artifact = replace(load_artifact(evaluation["checkpoint"], **evaluation["model"]), transform=evaluation["transform"],
-                       categories=read_manifest(ctx.spec.shards_uri(evaluation["data"])).categories)
-    registration = register_evaluated(ctx.tracking_uri, stage.model_name, stage.alias, evaluation["run_id"],
-                                      artifact, evaluation["metrics"], tags, compare_on=PROTOCOL_TAG)
+    registration = register_checkpoint(ctx.tracking_uri, stage.model_name, stage.alias, evaluation,
+                                       ctx.spec.shards_uri(evaluation["data"]), tags)
     exports = {fmt: _attach_export(ctx, registration, evaluation["run_id"], fmt) for fmt in stage.export}
     outputs = {"model_name": registration.name, "version": registration.version, "alias": registration.alias,
                "version_uri": registration.version_uri, "alias_uri": registration.alias_uri,
@@ -71,6 +61,24 @@ def _run(ctx, name: str, stage: RegisterStage, fp: str):
                "decision": registration.decision, "AP": evaluation["metrics"]["AP"],
                "AP50": evaluation["metrics"]["AP50"], "exports": exports}
     return outputs, {"version": registration.version, "decision": registration.decision}
+
+
+def register_checkpoint(tracking_uri: str, model_name: str, alias: str, evaluation: Dict[str, Any], data_uri: str,
+                        tags: Dict[str, str]):
+    """``evaluate.evaluate_checkpoint``'s result as a version: the artifact with the model and transform it was
+    evaluated with and the categories of ``data_uri``'s shards; the alias moves only when its AP is better
+    (``registry.models.Registration``). The register stage's and the sweep's."""
+    from dino_platform.data.manifest import read_manifest
+    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
+    from dino_platform.model.artifact import load_artifact
+    from dino_platform.registry.models import register_evaluated
+
+    if evaluation.get("protocol"):
+        tags = {**tags, **protocol_tags(evaluation["protocol"])}
+    artifact = replace(load_artifact(evaluation["checkpoint"], **evaluation["model"]), transform=evaluation["transform"],
+                       categories=read_manifest(data_uri).categories)
+    return register_evaluated(tracking_uri, model_name, alias, evaluation["run_id"], artifact, evaluation["metrics"],
+                              tags, compare_on=PROTOCOL_TAG)
 
 
 def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
