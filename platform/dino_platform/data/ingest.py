@@ -135,14 +135,6 @@ class ShardResult:
     dropped_annotations: int  # annotations that left with a quarantined image
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # --- reading the annotation JSON as a stream (driver) ---------------------------------------------
 class _ImageRecords:
     """The ``images`` list, checked record by record as it streams past, kept as columns."""
@@ -190,27 +182,25 @@ class _AnnotationChunk:
     """COLUMN_CHUNK consecutive annotation records, as typed columns of fixed capacity (no
     reallocation while they fill, so no heap fragments left behind)."""
 
-    _COLUMNS = {  # name: (array typecode, numpy dtype, values per record)
-   "ids": ("q", np.int64, 1), "image_ids": ("q", np.int64, 1), "category_ids": ("q", np.int64, 1),
-                "x": ("d", np.float64, 1), "y": ("d", np.float64, 1),  # the bbox as given (floats);
-                "w": ("d", np.float64, 1), "h": ("d", np.float64, 1),  # clipped once checked
-                "int_mask": ("B", np.uint8, 1),    # bit k: bbox[k] was an integer (for the details' repr)
-                "state": ("B", np.uint8, 1), "iscrowd": ("b", np.int8, 1),
-                "areas": ("d", np.float64, 1)}     # NaN where the record's area is absent or unusable
+    _COLUMNS = {  # name: array typecode, also the numpy dtype ("q" int64, "d" float64, "B" uint8, "b" int8)
+        "ids": "q", "image_ids": "q", "category_ids": "q",
+        "x": "d", "y": "d", "w": "d", "h": "d",  # the bbox as given (floats); clipped once checked
+        "int_mask": "B",  # bit k: bbox[k] was an integer (for the details' repr)
+        "state": "B", "iscrowd": "b",
+        "areas": "d"}  # NaN where the record's area is absent or unusable
 
     def __init__(self, first: int) -> None:
         self.first = first  # position of its first record in the ``annotations`` list
         self.size = 0
-        for name, (code, _, width) in self._COLUMNS.items():
-            setattr(self, name, array.array(code, [0]) * (COLUMN_CHUNK * width))
+        for name, code in self._COLUMNS.items():
+            setattr(self, name, array.array(code, [0]) * COLUMN_CHUNK)
 
     def __len__(self) -> int:
         return self.size
 
     def column(self, name: str) -> np.ndarray:
         """The filled part of column ``name`` (a view)."""
-        _, dtype, width = self._COLUMNS[name]
-        return np.frombuffer(getattr(self, name), dtype=dtype, count=self.size * width)
+        return np.frombuffer(getattr(self, name), dtype=self._COLUMNS[name], count=self.size)
 
 
 class _AnnotationRecords:
@@ -257,7 +247,8 @@ class _AnnotationRecords:
         crowd = record.get("iscrowd", 0)
         chunk.iscrowd[row] = 1 if crowd in (1, True) else 0
         area = record.get("area")
-        chunk.areas[row] = float(area) if _is_number(area) and area >= 0 else math.nan
+        sound_area = type(area) in (int, float) and math.isfinite(area) and area >= 0
+        chunk.areas[row] = float(area) if sound_area else math.nan
 
 
 def _box_int_mask(bbox: Any) -> int:
@@ -315,7 +306,7 @@ class _SectionPrefix(str):
     __hash__ = str.__hash__
 
 
-def _section_parser() -> Tuple[Any, list, Optional[_SectionPrefix]]:
+def _section_parser() -> Tuple[Any, list, _SectionPrefix]:
     buffer = ijson.sendable_list()
     prefix = _SectionPrefix(buffer)
     return json_stream.items_coro(buffer, prefix, use_float=True), buffer, prefix
@@ -323,8 +314,7 @@ def _section_parser() -> Tuple[Any, list, Optional[_SectionPrefix]]:
 
 @functools.lru_cache(maxsize=None)
 def _one_parser_works() -> bool:
-    """Whether this ijson dispatches every section through one parser (checked once, on a
-    tiny document); if not, each section gets a parser of its own (three passes in C)."""
+    """Whether this ijson dispatches every section through one parser (checked once, on a tiny document)."""
     parser, buffer, prefix = _section_parser()
     parser.send(b'{"images": [1], "annotations": [{"a": 2}], "categories": [3]}')
     parser.close()
@@ -333,49 +323,37 @@ def _one_parser_works() -> bool:
 
 def read_annotation_file(location: Location) -> AnnotationFile:
     """Stream ``location`` once: check its records into columns and hash its bytes."""
+    if not _one_parser_works():  # pragma: no cover - ijson is pinned (pyproject.toml)
+        raise RuntimeError("this ijson does not dispatch every section through one parser; install ijson==3.6.0")
     categories: List[Any] = []
     images, annotations = _ImageRecords(), _AnnotationRecords()
     consumers: Dict[str, Callable[[Any], None]] = {
         "categories": categories.append, "images": images.add, "annotations": annotations.add}
-    if _one_parser_works():
-        parsers = [_section_parser()]
-    else:  # pragma: no cover - another ijson: one parser per section
-        parsers = []
-        for section in _SECTIONS:
-            buffer = ijson.sendable_list()
-            parsers.append((json_stream.items_coro(buffer, f"{section}.item", use_float=True), buffer, section))
-    current = [None] * len(parsers)
+    parser, buffer, prefix = _section_parser()
+    marks, current = prefix.marks, None
 
-    def hand_over(k: int) -> None:  # the records parser k finished, to their section's consumer
-        _, buffer, prefix = parsers[k]
-        if isinstance(prefix, str) and not isinstance(prefix, _SectionPrefix):
-            current[k] = prefix
-            marks = []
-        else:
-            marks = prefix.marks
+    def hand_over() -> None:  # the records the parser finished, to their section's consumer
+        nonlocal current
         mark = 0
         for index, record in enumerate(buffer):
             while mark < len(marks) and marks[mark][0] <= index:
-                current[k] = marks[mark][1]
+                current = marks[mark][1]
                 mark += 1
-            consumers[current[k]](record)
+            consumers[current](record)
         if mark < len(marks):
-            current[k] = marks[-1][1]
+            current = marks[-1][1]
         del buffer[:]
-        if marks:
-            del marks[:]
+        del marks[:]
 
     hasher, seen = hashlib.sha256(), 0
     try:
         for chunk in location.iter_chunks(READ_CHUNK):
             hasher.update(chunk)
             seen += len(chunk)
-            for k, (parser, _, _) in enumerate(parsers):
-                parser.send(chunk)
-                hand_over(k)
-        for k, (parser, _, _) in enumerate(parsers):
-            parser.close()
-            hand_over(k)
+            parser.send(chunk)
+            hand_over()
+        parser.close()
+        hand_over()
     except (ijson.JSONError, UnicodeDecodeError) as exc:
         raise _malformed_json(location, exc, seen) from None
     counts = {"categories": len(categories), "images": images.count, "annotations": annotations.count}
@@ -434,7 +412,7 @@ def _check_layout(location: Location) -> None:
 def check_categories(records: Iterable[Any], quarantine: List[dict]) -> Dict[int, str]:
     categories: Dict[int, str] = {}
     for record in records:
-        if not isinstance(record, dict) or not _is_int(record.get("id")) or not isinstance(record.get("name"), str):
+        if type(record) is not dict or type(record.get("id")) is not int or type(record.get("name")) is not str:
             quarantine.append({"category": repr(record)[:200], "reason": Reason.MALFORMED_CATEGORY,
                                "detail": "a category needs an integer id and a string name"})
         elif record["id"] in categories:
@@ -485,7 +463,8 @@ class KnownImages:
     file_names: pa.Array   # large_string
 
 
-def check_images(records: _ImageRecords, available: Set[str], images_uri: str) -> Tuple[KnownImages, List[Tuple[int, dict]]]:
+def check_images(records: _ImageRecords, available: Set[str],
+                 images_uri: str) -> Tuple[KnownImages, List[Tuple[int, dict]]]:
     """Duplicate ids and missing files; returns the known images and (position, entry) quarantines."""
     quarantine = list(records.quarantine)
     positions = np.frombuffer(records.positions, dtype=np.int64)
@@ -781,14 +760,6 @@ def build_shard(index: int, shard: ShardSlice, images: Location, out: Location) 
 
 
 # --- the whole ingest (driver) ---------------------------------------------------------------------
-def _plan_digest(cfg: IngestConfig, file_hasher: Any) -> str:
-    """sha256 over the annotation file's bytes followed by the settings that shape the shards."""
-    hasher = file_hasher.copy()
-    hasher.update(json.dumps([cfg.format, cfg.shard_size, resolve(cfg.images_uri).uri,
-                              SHARD_FORMAT_VERSION]).encode())
-    return hasher.hexdigest()
-
-
 def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
     """Shards a run of the same plan finished; the work of a run of another plan is cleared."""
     plan = out.child(f"{WORK_DIR}/plan.json")
@@ -807,7 +778,7 @@ def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
 
 
 def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Location,
-                parallel: bool, stall_timeout_s: float = 600.0) -> List[ShardResult]:
+                parallel: bool, stall_timeout_s: float) -> List[ShardResult]:
     from tqdm import tqdm
 
     results: List[ShardResult] = []
@@ -833,26 +804,25 @@ def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Locatio
             pending.append(remote.remote(index, ray.put(plan.shard(index)), images_ref, out_ref))
         finished, pending = ray.wait(pending, num_returns=1, timeout=stall_timeout_s)
         if not finished:
-            raise _stalled(len(pending), len(queue), len(results), stall_timeout_s)
+            from dino_platform.watchdog import cluster_report
+
+            raise StallError(f"STALL: dino ingest: no shard task finished in {stall_timeout_s:.0f} s "
+                             f"(stall_timeout_s); {len(pending)} shard tasks submitted and unfinished, "
+                             f"{len(queue)} queued, {len(results)} done. Each shard task asks for 1 CPU."
+                             f"\n{cluster_report()}".rstrip())
         results.extend(ray.get(finished))
         progress.update(len(finished))
     progress.close()
     return results
 
 
-def _stalled(running: int, queued: int, done: int, timeout_s: float) -> StallError:
-    from dino_platform.watchdog import cluster_report
-
-    return StallError(f"STALL: dino ingest: no shard task finished in {timeout_s:.0f} s (stall_timeout_s); "
-                      f"{running} shard tasks submitted and unfinished, {queued} queued, {done} done. Each shard task "
-                      f"asks for 1 CPU.\n{cluster_report()}".rstrip())
-
-
 def ingest(cfg: IngestConfig) -> Manifest:
     """Ingest ``cfg.annotations_uri`` + ``cfg.images_uri`` into shards at ``cfg.out_uri``."""
     out, images = resolve(cfg.out_uri), resolve(cfg.images_uri)
     source = read_annotation_file(resolve(cfg.annotations_uri))
-    plan_digest = _plan_digest(cfg, source.hasher)
+    # the plan digest: sha256 over the annotation file's bytes, then the settings that shape the shards
+    source.hasher.update(json.dumps([cfg.format, cfg.shard_size, images.uri, SHARD_FORMAT_VERSION]).encode())
+    plan_digest = source.hasher.hexdigest()
     if out.child(MANIFEST_NAME).exists():
         existing = read_manifest(out.uri)
         if existing.plan_digest == plan_digest:
