@@ -116,14 +116,11 @@ def content_digest(categories: Dict[int, str], shards: List[ShardInfo]) -> str:
     return hasher.hexdigest()
 
 
-def _manifest_location(uri: str) -> Location:
-    location = resolve(uri)
-    return location if location.name == MANIFEST_NAME else location.child(MANIFEST_NAME)
-
-
 def read_manifest(uri: str) -> Manifest:
     """The manifest of the shard directory ``uri`` (or of ``uri`` naming manifest.json itself)."""
-    location = _manifest_location(uri)
+    location = resolve(uri)
+    if location.name != MANIFEST_NAME:
+        location = location.child(MANIFEST_NAME)
     try:
         data = location.read_bytes()
     except StorageNotFoundError:

@@ -53,14 +53,6 @@ TrainTransform = Union[TrainTransformConfig, Mapping[str, Any], None]
 EvalTransform = Union[EvalTransformConfig, Mapping[str, Any], None]
 
 
-def _train_config(transform: TrainTransform) -> TrainTransformConfig:
-    return transform if isinstance(transform, TrainTransformConfig) else transform_configs(transform)[0]
-
-
-def _eval_config(transform: EvalTransform) -> EvalTransformConfig:
-    return transform if isinstance(transform, EvalTransformConfig) else transform_configs(transform)[1]
-
-
 def _execution_index() -> int:
     from ray.data import DataContext
 
@@ -139,9 +131,7 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
         for key, value in sample.items():
             columns[key].append(value)
     return {
-        "image": columns["image"],
-        "labels": columns["labels"],
-        "boxes": columns["boxes"],
+        **columns,
         "image_id": np.asarray(columns["image_id"], dtype=np.int64),
         "orig_size": np.stack(columns["orig_size"]),
         "size": np.stack(columns["size"]),
@@ -151,15 +141,13 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
     }
 
 
-def _check_policy(on_sample_error: str) -> str:
-    if on_sample_error not in SAMPLE_ERROR_POLICIES:
-        raise ConfigError(f"data.on_sample_error: one of {', '.join(SAMPLE_ERROR_POLICIES)}, got {on_sample_error!r}")
-    return on_sample_error
-
-
-def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: int):
+def _transformed_shards(shards_uri: str, shuffle_seed: Optional[int], batch_size: int, on_sample_error: str,
+                        **fn_kwargs: Any):
+    """The shards of ``shards_uri`` read in small blocks and mapped through ``_transform_batch``."""
     import ray.data
 
+    if on_sample_error not in SAMPLE_ERROR_POLICIES:
+        raise ConfigError(f"data.on_sample_error: one of {', '.join(SAMPLE_ERROR_POLICIES)}, got {on_sample_error!r}")
     manifest = verify_shards(shards_uri)
     locations = shard_locations(shards_uri, manifest)
     if not locations:
@@ -171,7 +159,9 @@ def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: i
                                     shuffle=shuffle).select_columns(READ_COLUMNS)
     # The Parquet reader packs files into blocks of up to ~128 MB; one decode task per block would
     # leave cores idle and give streaming_split nothing to divide. Small blocks, streamed:
-    return dataset.repartition(target_num_rows_per_block=rows_per_block)
+    return dataset.repartition(target_num_rows_per_block=batch_size).map_batches(
+        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+        fn_kwargs={**fn_kwargs, "on_sample_error": on_sample_error})
 
 
 def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *, epoch: int = 0,
@@ -184,12 +174,9 @@ def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *
     seed, plan); ``skip`` leaves it out (a placeholder row with ``sample_error`` set, which
     ``collate`` drops) and writes a JSON record under ``error_log`` (a storage Location) if given.
     """
-    cfg = _train_config(transform)
-    _check_policy(on_sample_error)
-    return _read_shards(shards_uri, shuffle_seed=seed, rows_per_block=batch_size).map_batches(
-        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        fn_kwargs={"train_cfg": cfg, "eval_cfg": None, "seed": int(seed), "epoch": int(epoch),
-                   "on_sample_error": on_sample_error, "error_log": error_log})
+    cfg = transform if isinstance(transform, TrainTransformConfig) else transform_configs(transform)[0]
+    return _transformed_shards(shards_uri, seed, batch_size, on_sample_error, train_cfg=cfg, eval_cfg=None,
+                               seed=int(seed), epoch=int(epoch), error_log=error_log)
 
 
 def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batch_size: int = MAP_BATCH_SIZE,
@@ -199,12 +186,9 @@ def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batc
     ``transform``: an EvalTransformConfig, or the same mapping given to ``build_train_dataset``.
     ``on_sample_error``/``error_log``: as for ``build_train_dataset``.
     """
-    cfg = _eval_config(transform)
-    _check_policy(on_sample_error)
-    return _read_shards(shards_uri, shuffle_seed=None, rows_per_block=batch_size).map_batches(
-        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        fn_kwargs={"train_cfg": None, "eval_cfg": cfg, "seed": 0, "epoch": 0,
-                   "on_sample_error": on_sample_error, "error_log": error_log})
+    cfg = transform if isinstance(transform, EvalTransformConfig) else transform_configs(transform)[1]
+    return _transformed_shards(shards_uri, None, batch_size, on_sample_error, train_cfg=None, eval_cfg=cfg,
+                               seed=0, epoch=0, error_log=error_log)
 
 
 def dataset_size(shards_uri: str) -> int:

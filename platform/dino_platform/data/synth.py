@@ -244,8 +244,8 @@ def draw_image(cfg: SynthConfig, index: int) -> Tuple[Image.Image, List[dict]]:
             x0 = rng.uniform(-margin * w, width - w * (1 - margin))
             y0 = rng.uniform(-margin * h, height - h * (1 - margin))
             silhouette = Image.new("L", (width, height), 0)
-            polygons = shape(ImageDraw.Draw(silhouette), ImageDraw.Draw(Image.new("RGB", (1, 1))),
-                             (x0, y0, x0 + w, y0 + h), np.random.default_rng(0))
+            shape(ImageDraw.Draw(silhouette), ImageDraw.Draw(Image.new("RGB", (1, 1))), (x0, y0, x0 + w, y0 + h),
+                  np.random.default_rng(0))
             candidate = np.asarray(silhouette) > 127
             if candidate.sum() < 30:
                 continue
@@ -281,25 +281,14 @@ def _crowd(image: Image.Image, rng, width: int, height: int, placed: List[dict])
     unit = min(width, height) * 0.09
     gx, gy = rng.uniform(0, width - 6 * unit), rng.uniform(0, height - 2.5 * unit)
     for k in range(int(rng.integers(5, 10))):
-        box = (gx + k * unit * 0.6 + rng.uniform(0, unit * 0.3), gy + rng.uniform(0, unit * 0.5),
-               gx + k * unit * 0.6 + unit * 0.45, gy + unit * 2.2)
-        box = (box[0], box[1], max(box[2], box[0] + 3), box[3])
-        _person(ImageDraw.Draw(silhouette), draw, box, rng)
+        left = gx + k * unit * 0.6
+        x0, y0 = left + rng.uniform(0, unit * 0.3), gy + rng.uniform(0, unit * 0.5)
+        _person(ImageDraw.Draw(silhouette), draw, (x0, y0, max(left + unit * 0.45, x0 + 3), gy + unit * 2.2), rng)
     crowd = np.asarray(silhouette) > 127
     image.paste(_jitter(rng, _SHAPES["person"][2]), mask=silhouette)
     for p in placed:
         p["visible"] &= ~crowd
     return {"name": "person", "visible": crowd, "full": int(crowd.sum()), "iscrowd": 1}
-
-
-def _image_record(cfg: SynthConfig, index: int, image_id: int, width: int, height: int) -> Tuple[dict, str]:
-    """The JSON image record and the file's path relative to the images folder."""
-    if cfg.kind == "o365":
-        relative = f"patch{index // IMAGES_PER_PATCH}/objects365_v2_{image_id:08d}.jpg"
-        file_name = f"images/v2/{relative}"  # the release's JSON names a longer path than on disk
-    else:
-        relative = file_name = f"{image_id:012d}.jpg"
-    return {"id": image_id, "file_name": file_name, "width": width, "height": height}, relative
 
 
 def _image_ids(cfg: SynthConfig) -> List[int]:
@@ -318,11 +307,15 @@ def generate(cfg: SynthConfig, out_uri: str) -> Dict[str, int]:
     images, annotations = [], []
     for index, image_id in enumerate(_image_ids(cfg)):
         picture, objects = draw_image(cfg, index)
-        record, relative = _image_record(cfg, index, image_id, picture.width, picture.height)
+        if cfg.kind == "o365":
+            relative = f"patch{index // IMAGES_PER_PATCH}/objects365_v2_{image_id:08d}.jpg"
+            file_name = f"images/v2/{relative}"  # the release's JSON names a longer path than on disk
+        else:
+            relative = file_name = f"{image_id:012d}.jpg"
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=90)
         out.child(f"images/{relative}").write_bytes(buffer.getvalue())
-        images.append(record)
+        images.append({"id": image_id, "file_name": file_name, "width": picture.width, "height": picture.height})
         for obj in objects:
             annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": ids[obj["name"]],
                           "bbox": obj["bbox"], "area": obj["area"], "iscrowd": obj["iscrowd"]}
