@@ -1,22 +1,17 @@
 """COCO / Objects365 annotations + images -> Parquet shards and ``manifest.json``.
 
-The driver reads the annotation JSON as a stream (ijson's C parser; the sha256 of the file is
-taken as its bytes pass) and keeps the records as columns (numpy arrays: ids, image ids, category
-ids, boxes, flags), never a Python object per box, so that Objects365's 25M boxes fit a modest
-head node. It lists the image store (one listing per top-level folder, in parallel: Objects365's
-``patchN/``), checks every record, groups the surviving annotations by image with one sort and
-cuts the images, sorted by id, into shards of ``shard_size``. Each shard is then built by one
-task (Ray tasks over the cores, or in-process) that receives only its own slice of the columns:
-read every image, decode it fully to prove it is sound, write the shard, and record it as done.
-The manifest is written last, after stale shards are removed: a shard directory without a
-manifest is unfinished.
+The driver streams the annotation JSON once (ijson's C parser, hashing the bytes as they pass) and
+keeps the records as numpy columns, never a Python object per box, so that Objects365's 25M boxes
+fit a modest head node. It lists the image store, checks every record, groups the kept annotations
+by image with one sort and cuts the images, sorted by id, into shards of ``shard_size``. One task
+per shard (Ray, or in-process) receives only its own slice of the columns, decodes every image
+fully to prove it sound, writes the shard and records it as done. The manifest is written last,
+after stale shards are removed: a shard directory without a manifest is unfinished.
 
 Bad input never stops the run and is never silent: each rejected item goes to
 ``manifest.quarantined`` with a :class:`Reason` code, in the order of the file. Malformed JSON or
-an unreachable store is a clear error naming the file.
-
-Re-running after an interruption with the same inputs ends with byte-identical shards: shard
-content depends only on the inputs, and shards recorded as done under ``_ingest/`` are kept.
+an unreachable store is a clear error naming the file. Re-running after an interruption with the
+same inputs keeps the shards recorded as done under ``_ingest/`` and ends with byte-identical shards.
 
 NOTE: the streaming parser accepts strict JSON only: ``NaN``/``Infinity``, integers beyond 64 bits
 and UTF-16/32 files are refused with an error that says so (``json.loads`` would accept them).
@@ -124,9 +119,6 @@ class ShardSlice:
     iscrowd: np.ndarray         # int8 [m]
     areas: np.ndarray           # float64 [m]
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
 
 @dataclass
 class ShardResult:
@@ -194,9 +186,6 @@ class _AnnotationChunk:
         self.size = 0
         for name, code in self._COLUMNS.items():
             setattr(self, name, array.array(code, [0]) * COLUMN_CHUNK)
-
-    def __len__(self) -> int:
-        return self.size
 
     def column(self, name: str) -> np.ndarray:
         """The filled part of column ``name`` (a view)."""
@@ -383,8 +372,7 @@ _EVENT_TYPES = {"start_map": "dict", "start_array": "list", "string": "str", "bo
 def _check_layout(location: Location) -> None:
     """Raise DataError unless the file is an object whose images/annotations/categories are lists.
 
-    A second pass, taken only when a section gave no records: it follows the parse events, which
-    costs more than the record pass, but such a file has at least one section empty.
+    A second pass over the parse events (slower than the record pass), taken only when a section gave no records.
     """
     events = ijson.sendable_list()
     parser = json_stream.parse_coro(events, use_float=True)
@@ -525,11 +513,6 @@ def release_freed_memory() -> None:
         pass
 
 
-def _box_repr(box: List[float], mask: int) -> str:
-    """``repr(list(bbox))`` of the record's bbox, ints printed as ints as in the file."""
-    return repr([int(v) if mask >> k & 1 else float(v) for k, v in enumerate(box)])
-
-
 @dataclass
 class GroupedAnnotations:
     """The sound annotations, sorted by (image, annotation id); ``image_rows`` indexes the images
@@ -560,7 +543,7 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
     category_ids = np.fromiter(sorted(categories), dtype=np.int64, count=len(categories))
     file_rank = np.cumsum(known.starts >= 0, dtype=np.int64) - 1  # row among the images with a file
     for chunk in records.chunks:  # one chunk at a time; its kept annotations are compacted in place
-        quarantine += _check_chunk(chunk, duplicate[chunk.first:chunk.first + len(chunk)], known, category_ids,
+        quarantine += _check_chunk(chunk, duplicate[chunk.first:chunk.first + chunk.size], known, category_ids,
                                    file_rank, records.details, stats)
     records.details.clear()
     return _join_chunks(records.chunks), quarantine
@@ -589,7 +572,13 @@ def _check_chunk(chunk: _AnnotationChunk, dup: np.ndarray, known: KnownImages, c
     x1, y1 = np.where(width < x + w, width, x + w), np.where(height < y + h, height, y + h)
     inside = ~((x1 <= x0) | (y1 <= y0))
     stats["clipped_boxes"] += int(((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))[inside].sum())
-    quarantine += _outside(chunk, placed[~inside], rows[placed[~inside]], known)
+    ids, masks = chunk.column("ids"), chunk.column("int_mask")
+    for j in np.flatnonzero(~inside).tolist():  # boxes outside their images; ints printed as in the file
+        row, image, mask = int(placed[j]), int(rows[placed[j]]), int(masks[placed[j]])
+        box = repr([int(v) if mask >> k & 1 else float(v) for k, v in enumerate((x[j], y[j], w[j], h[j]))])
+        quarantine.append((chunk.first + row, {
+            "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
+            "detail": f"bbox {box} lies outside the {int(known.widths[image])}x{int(known.heights[image])} image"}))
     _compact(chunk, placed[inside], (x0[inside], y0[inside], x1[inside], y1[inside]),
              file_rank[rows[placed[inside]]])
     return quarantine
@@ -616,19 +605,6 @@ def _refusals(chunk: _AnnotationChunk, dup: np.ndarray, unknown_image: np.ndarra
                          else Reason.NON_POSITIVE_BOX, detail=details[position])
         refused.append((position, entry))
     return refused
-
-
-def _outside(chunk: _AnnotationChunk, chunk_rows: np.ndarray, image_rows: np.ndarray,
-             known: KnownImages) -> List[Tuple[int, dict]]:
-    """(position, entry) of the records at ``chunk_rows``, whose boxes lie outside their images
-    (``image_rows`` of ``known``)."""
-    ids, image_ids, masks = chunk.column("ids"), chunk.column("image_ids"), chunk.column("int_mask")
-    box = [chunk.column(c) for c in "xywh"]
-    return [(chunk.first + row, {
-        "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
-        "detail": f"bbox {_box_repr([v[row] for v in box], int(masks[row]))} lies outside the "
-                  f"{int(known.widths[image])}x{int(known.heights[image])} image"})
-        for row, image in zip(chunk_rows.tolist(), image_rows.tolist())]
 
 
 def _compact(chunk: _AnnotationChunk, kept_rows: np.ndarray, corners: Tuple[np.ndarray, ...],
@@ -855,9 +831,8 @@ def ingest(cfg: IngestConfig) -> Manifest:
     todo = [k for k in range(plan.num_shards) if shard_name(k) not in done]
     log.info("%d images in %d shards (%d already done) -> %s", plan.images, plan.num_shards,
              plan.num_shards - len(todo), out.uri)
-    results = {r.info.name: r for r in done.values()}
-    results.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel, cfg.stall_timeout_s)})
-    shard_results = [results[shard_name(k)] for k in range(plan.num_shards)]
+    done.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel, cfg.stall_timeout_s)})
+    shard_results = [done[shard_name(k)] for k in range(plan.num_shards)]
 
     wanted = {r.info.name for r in shard_results}
     for stale in out.list_files(recursive=False):  # shards of an earlier, larger ingest

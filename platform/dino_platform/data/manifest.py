@@ -147,10 +147,9 @@ def verify_shards(uri: str, deep: bool = False) -> Manifest:
     ``deep``: also every shard's sha256 and row count (reads every byte) and the manifest's digest.
     """
     manifest = read_manifest(uri)
-    locations = shard_locations(uri, manifest)
     sizes = shard_root(uri).file_sizes(recursive=False)
     problems = []
-    for shard, location in zip(manifest.shards, locations):
+    for shard, location in zip(manifest.shards, shard_locations(uri, manifest)):
         if shard.name not in sizes:
             problems.append(f"{shard.name} is missing")
         elif sizes[shard.name] != shard.bytes:

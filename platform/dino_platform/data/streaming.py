@@ -7,19 +7,16 @@
     for batch in shard.iter_batches(batch_size=2, batch_format="numpy"):
         images, mask, targets = collate(batch)
 
-Rows of both datasets: ``image uint8 [3, h, w]`` (RGB, transformed), ``labels int64 [n]`` (raw
-dataset category ids), ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``, ``image_id int64``,
-``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``. ``collate`` normalises the pixels
-(ImageNet mean/std) while it pads them into the batch tensor.
+Rows of both datasets: ``transforms.make_sample``'s (``image uint8 [3, h, w]``, ``labels``,
+``boxes``, ``image_id``, ``orig_size``, ``size``) plus ``sample_error``. Decoding and augmentation
+run in one ``map_batches`` over Arrow batches (no pandas, no per-row Ray overhead). Rows carry
+uint8 pixels, not float32: a quarter of the bytes to convert, store and hand to the trainer
+(benchmarks/RESULTS.md); ``collate`` normalises them in the copy it makes anyway.
 
-Decoding and augmentation run in one ``map_batches`` over Arrow batches (no pandas, no per-row
-Ray overhead). Rows carry uint8 pixels, not float32: a quarter of the bytes to convert to Arrow,
-store and hand to the trainer (measured: benchmarks/RESULTS.md), and the normalisation is fused
-into the copy ``collate`` makes anyway. Reproducibility: every image's augmentation is drawn from a generator seeded by
-``(seed, epoch, image_id)``, so it does not depend on worker count, batch boundaries or arrival
-order. ``epoch`` is the ``epoch`` argument plus the number of times the dataset has been iterated
-to the end before (Ray Data's execution index), so each pass of a training loop over
-``get_dataset_shard`` sees fresh, reproducible augmentation; file order is shuffled per pass
+Reproducibility: each image's augmentation is drawn from a generator seeded by ``(seed, epoch,
+image_id)``, so it does not depend on worker count, batch boundaries or arrival order. ``epoch`` is
+the ``epoch`` argument plus the passes completed before (Ray Data's execution index), so each pass
+over ``get_dataset_shard`` sees fresh, reproducible augmentation; file order is shuffled per pass
 with the same seed.
 """
 from __future__ import annotations
@@ -32,15 +29,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dino_platform.data.manifest import Manifest, read_manifest, shard_locations, verify_shards
+from dino_platform.data.manifest import read_manifest, shard_locations, verify_shards
 from dino_platform.errors import ConfigError, DataError
 from dino_platform.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample,
     normalize_into, sample_rng, sample_train_plan, transform_configs,
 )
-
-__all__ = ["build_train_dataset", "build_eval_dataset", "collate", "read_manifest", "verify_shards",
-           "dataset_size", "Manifest"]
 
 READ_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
 SAMPLE_ERROR_POLICIES = ("fail", "skip")
