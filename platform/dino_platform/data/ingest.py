@@ -264,9 +264,6 @@ class AnnotationFile:
     hasher: Any  # hashlib sha256 over the file's bytes, left open for the plan digest
 
 
-_SECTIONS = ("categories", "images", "annotations")
-
-
 class _SectionPrefix(str):
     """An ijson prefix equal to each of ``<section>.item``: one C parser builds the records of
     every section.
@@ -279,7 +276,7 @@ class _SectionPrefix(str):
 
     def __new__(cls, buffer: list) -> "_SectionPrefix":
         prefix = super().__new__(cls, "<one of the sections>.item")
-        prefix.sections = {f"{name}.item": name for name in _SECTIONS}
+        prefix.sections = {f"{name}.item": name for name in ("categories", "images", "annotations")}
         prefix.buffer, prefix.marks, prefix.current = buffer, [], None
         return prefix
 

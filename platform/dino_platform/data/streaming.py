@@ -201,14 +201,9 @@ def _rows_of(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> Li
     return [row for row in batch if not row.get("sample_error")]
 
 
-def skipped_samples(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Tuple[int, str]]:
-    """``(image_id, error)`` of the rows of ``batch`` that ``on_sample_error: skip`` left out."""
-    if isinstance(batch, Mapping):
-        errors = batch.get("sample_error")
-        if errors is None:
-            return []
-        return [(int(i), str(e)) for i, e in zip(batch["image_id"], errors) if e]
-    return [(int(row["image_id"]), str(row["sample_error"])) for row in batch if row.get("sample_error")]
+def skipped_samples(batch: Mapping[str, Any]) -> List[Tuple[int, str]]:
+    """``(image_id, error)`` of the rows of a numpy ``batch`` that ``on_sample_error: skip`` left out."""
+    return [(int(i), str(e)) for i, e in zip(batch["image_id"], batch.get("sample_error", ())) if e]
 
 
 def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to_multiple: int = 1,

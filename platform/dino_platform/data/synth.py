@@ -291,21 +291,19 @@ def _crowd(image: Image.Image, rng, width: int, height: int, placed: List[dict])
     return {"name": "person", "visible": crowd, "full": int(crowd.sum()), "iscrowd": 1}
 
 
-def _image_ids(cfg: SynthConfig) -> List[int]:
-    if cfg.kind == "o365":
-        return list(range(1, cfg.images + 1))
-    # COCO's image ids are sparse and unordered with respect to file creation
-    rng = np.random.default_rng([cfg.seed, 2 ** 31])
-    return sorted(int(i) for i in rng.choice(np.arange(1, max(1000, cfg.images * 50)), cfg.images, replace=False))
-
-
 def generate(cfg: SynthConfig, out_uri: str) -> Dict[str, int]:
     """Write ``images/`` and ``annotations.json`` under ``out_uri``; return image/annotation counts."""
     out = resolve(out_uri)
     ids = category_ids(cfg.kind)
     categories = objects365_categories() if cfg.kind == "o365" else coco_categories()
+    if cfg.kind == "o365":
+        image_ids = list(range(1, cfg.images + 1))
+    else:  # COCO's image ids are sparse and unordered with respect to file creation
+        rng = np.random.default_rng([cfg.seed, 2 ** 31])
+        drawn = rng.choice(np.arange(1, max(1000, cfg.images * 50)), cfg.images, replace=False)
+        image_ids = sorted(int(i) for i in drawn)
     images, annotations = [], []
-    for index, image_id in enumerate(_image_ids(cfg)):
+    for index, image_id in enumerate(image_ids):
         picture, objects = draw_image(cfg, index)
         if cfg.kind == "o365":
             relative = f"patch{index // IMAGES_PER_PATCH}/objects365_v2_{image_id:08d}.jpg"
