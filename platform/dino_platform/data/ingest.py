@@ -652,14 +652,7 @@ class ShardPlan:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.annotations = annotations
         self.shard_size = shard_size
-
-    @property
-    def images(self) -> int:
-        return len(self.image_ids)
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.images / self.shard_size)
+        self.images, self.num_shards = len(rows), math.ceil(len(rows) / shard_size)
 
     def shard(self, index: int) -> ShardSlice:
         begin, end = index * self.shard_size, min(self.images, (index + 1) * self.shard_size)

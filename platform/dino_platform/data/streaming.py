@@ -37,6 +37,7 @@ from dino_platform.data.transforms import (
 )
 
 READ_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
+SAMPLE_KEYS = ("image", "labels", "boxes", "image_id", "orig_size", "size")  # of transforms.make_sample
 SAMPLE_ERROR_POLICIES = ("fail", "skip")
 SAMPLE_ERRORS_DIR = "sample_errors"  # under the run directory: one JSON record per skipped sample
 MAP_BATCH_SIZE = 16  # rows per decode task: big enough to amortise task overhead, small for memory
@@ -78,12 +79,6 @@ def _sample_failure(exc: BaseException, image_id: int, file_name: str, width: in
     return f"{where} then transforms.make_sample(...): {type(exc).__name__}: {exc}"
 
 
-def _placeholder(image_id: int, width: int, height: int) -> Dict[str, np.ndarray]:
-    return {"image": np.zeros((3, 1, 1), np.uint8), "labels": np.zeros(0, np.int64),
-            "boxes": np.zeros((0, 4), np.float32), "image_id": np.int64(image_id),
-            "orig_size": np.array([height, width], np.int64), "size": np.array([1, 1], np.int64)}
-
-
 def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
                      eval_cfg: Optional[EvalTransformConfig], seed: int, epoch: int,
                      on_sample_error: str = "fail", error_log=None) -> Dict[str, Any]:
@@ -96,7 +91,7 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
     box_offsets, boxes = _flat_lists(batch.column("boxes"), width=4)
     label_offsets, labels = _flat_lists(batch.column("category_ids"))
     _, crowd = _flat_lists(batch.column("iscrowd"))
-    columns: Dict[str, list] = {k: [] for k in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
+    columns: Dict[str, list] = {k: [] for k in SAMPLE_KEYS}
     errors: List[str] = []
     for row in range(batch.num_rows):
         width, height, image_id = int(widths[row]), int(heights[row]), int(image_ids[row])
@@ -120,7 +115,9 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
                 stage = "train" if train_cfg is not None else "eval"
                 error_log.child(f"{stage}_epoch{epoch:04d}_image{image_id}.json").write_bytes(
                     json.dumps(record).encode())
-            sample = _placeholder(image_id, width, height)
+            sample = {"image": np.zeros((3, 1, 1), np.uint8), "labels": np.zeros(0, np.int64),  # a placeholder
+                      "boxes": np.zeros((0, 4), np.float32), "image_id": np.int64(image_id),
+                      "orig_size": np.array([height, width], np.int64), "size": np.array([1, 1], np.int64)}
         errors.append(error)
         for key, value in sample.items():
             columns[key].append(value)
@@ -192,12 +189,8 @@ def dataset_size(shards_uri: str) -> int:
 
 def _rows_of(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Mapping[str, Any]]:
     if isinstance(batch, Mapping):
-        count = len(batch["image_id"])
-        rows = [{key: batch[key][i] for key in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
-                for i in range(count)]
-        if "sample_error" in batch:
-            rows = [row for row, error in zip(rows, batch["sample_error"]) if not error]
-        return rows
+        errors = batch.get("sample_error", [""] * len(batch["image_id"]))
+        return [{key: batch[key][i] for key in SAMPLE_KEYS} for i, error in enumerate(errors) if not error]
     return [row for row in batch if not row.get("sample_error")]
 
 

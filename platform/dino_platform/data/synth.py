@@ -39,10 +39,6 @@ MIN_VISIBLE_FRACTION = 0.45  # placements that hide more of an earlier object ar
 EMPTY_IMAGE_PROBABILITY = 0.05
 CROWD_PROBABILITY = 0.12     # COCO only: a group of small people annotated as one iscrowd box
 
-# COCO names of the drawn classes; their Objects365 names come from o365_to_coco.json
-SYNTH_CLASSES: Tuple[str, ...] = ("person", "car", "bottle", "cup", "chair", "clock", "umbrella",
-                                  "stop sign")
-
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -192,6 +188,8 @@ _SHAPES: Dict[str, Tuple[Callable, float, Tuple[int, int, int]]] = {
     "umbrella": (_umbrella, 1.5, (150, 40, 170)),
     "stop sign": (_stop_sign, 1.0, (215, 20, 30)),
 }
+# COCO names of the drawn classes; their Objects365 names come from o365_to_coco.json
+SYNTH_CLASSES: Tuple[str, ...] = tuple(_SHAPES)
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
