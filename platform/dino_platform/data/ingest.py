@@ -747,11 +747,9 @@ def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Locatio
                 parallel: bool, stall_timeout_s: float) -> List[ShardResult]:
     from tqdm import tqdm
 
-    results: List[ShardResult] = []
     if not parallel:
-        for index in tqdm(todo, unit="shard", desc="ingest", disable=not todo):
-            results.append(build_shard(index, plan.shard(index), images, out))
-        return results
+        return [build_shard(index, plan.shard(index), images, out)
+                for index in tqdm(todo, unit="shard", desc="ingest", disable=not todo)]
     import ray
 
     from dino_platform.ray_session import connect
@@ -764,6 +762,7 @@ def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Locatio
     # is submitted and released when it is done, so the driver never holds more than the window
     window = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
     pending, queue = [], list(todo)
+    results: List[ShardResult] = []
     while queue or pending:
         while queue and len(pending) < window:
             index = queue.pop(0)

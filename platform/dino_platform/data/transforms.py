@@ -10,11 +10,7 @@ Training (the official recipe, scales configurable)::
     normalise with the ImageNet mean/std
 
 Evaluation: resize the short side to ``short_side`` (long side <= ``max_size``), normalise.
-
-Targets follow the official COCO preparation: crowd boxes are dropped, ``[x, y, w, h]`` boxes
-become corners clipped to the image, empty boxes are dropped, and the result is
-``boxes [n, 4] (cx, cy, w, h) in [0, 1]`` of the transformed image with ``labels [n]`` = raw
-dataset category ids.
+Targets: the official COCO preparation (``coco_boxes_to_corners``), then the plan's geometry.
 
 NOTE: the official code resamples the picture once per resize (twice in branch B, plus the crop).
 Here the flip/resize/crop chain is composed into one source rectangle and one output size, and the
