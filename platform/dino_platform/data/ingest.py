@@ -1,22 +1,17 @@
 """COCO / Objects365 annotations + images -> Parquet shards and ``manifest.json``.
 
-The driver reads the annotation JSON as a stream (ijson's C parser; the sha256 of the file is
-taken as its bytes pass) and keeps the records as columns (numpy arrays: ids, image ids, category
-ids, boxes, flags), never a Python object per box, so that Objects365's 25M boxes fit a modest
-head node. It lists the image store (one listing per top-level folder, in parallel: Objects365's
-``patchN/``), checks every record, groups the surviving annotations by image with one sort and
-cuts the images, sorted by id, into shards of ``shard_size``. Each shard is then built by one
-task (Ray tasks over the cores, or in-process) that receives only its own slice of the columns:
-read every image, decode it fully to prove it is sound, write the shard, and record it as done.
-The manifest is written last, after stale shards are removed: a shard directory without a
-manifest is unfinished.
+The driver streams the annotation JSON once (ijson's C parser, hashing the bytes as they pass) and
+keeps the records as numpy columns, never a Python object per box, so that Objects365's 25M boxes
+fit a modest head node. It lists the image store, checks every record, groups the kept annotations
+by image with one sort and cuts the images, sorted by id, into shards of ``shard_size``. One task
+per shard (Ray, or in-process) receives only its own slice of the columns, decodes every image
+fully to prove it sound, writes the shard and records it as done. The manifest is written last,
+after stale shards are removed: a shard directory without a manifest is unfinished.
 
 Bad input never stops the run and is never silent: each rejected item goes to
 ``manifest.quarantined`` with a :class:`Reason` code, in the order of the file. Malformed JSON or
-an unreachable store is a clear error naming the file.
-
-Re-running after an interruption with the same inputs ends with byte-identical shards: shard
-content depends only on the inputs, and shards recorded as done under ``_ingest/`` are kept.
+an unreachable store is a clear error naming the file. Re-running after an interruption with the
+same inputs keeps the shards recorded as done under ``_ingest/`` and ends with byte-identical shards.
 
 NOTE: the streaming parser accepts strict JSON only: ``NaN``/``Infinity``, integers beyond 64 bits
 and UTF-16/32 files are refused with an error that says so (``json.loads`` would accept them).
@@ -124,23 +119,12 @@ class ShardSlice:
     iscrowd: np.ndarray         # int8 [m]
     areas: np.ndarray           # float64 [m]
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
 
 @dataclass
 class ShardResult:
     info: ShardInfo
     quarantined: List[Dict[str, Any]]
     dropped_annotations: int  # annotations that left with a quarantined image
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --- reading the annotation JSON as a stream (driver) ---------------------------------------------
@@ -190,27 +174,22 @@ class _AnnotationChunk:
     """COLUMN_CHUNK consecutive annotation records, as typed columns of fixed capacity (no
     reallocation while they fill, so no heap fragments left behind)."""
 
-    _COLUMNS = {  # name: (array typecode, numpy dtype, values per record)
-   "ids": ("q", np.int64, 1), "image_ids": ("q", np.int64, 1), "category_ids": ("q", np.int64, 1),
-                "x": ("d", np.float64, 1), "y": ("d", np.float64, 1),  # the bbox as given (floats);
-                "w": ("d", np.float64, 1), "h": ("d", np.float64, 1),  # clipped once checked
-                "int_mask": ("B", np.uint8, 1),    # bit k: bbox[k] was an integer (for the details' repr)
-                "state": ("B", np.uint8, 1), "iscrowd": ("b", np.int8, 1),
-                "areas": ("d", np.float64, 1)}     # NaN where the record's area is absent or unusable
+    _COLUMNS = {  # name: array typecode, also the numpy dtype ("q" int64, "d" float64, "B" uint8, "b" int8)
+        "ids": "q", "image_ids": "q", "category_ids": "q",
+        "x": "d", "y": "d", "w": "d", "h": "d",  # the bbox as given (floats); clipped once checked
+        "int_mask": "B",  # bit k: bbox[k] was an integer (for the details' repr)
+        "state": "B", "iscrowd": "b",
+        "areas": "d"}  # NaN where the record's area is absent or unusable
 
     def __init__(self, first: int) -> None:
         self.first = first  # position of its first record in the ``annotations`` list
         self.size = 0
-        for name, (code, _, width) in self._COLUMNS.items():
-            setattr(self, name, array.array(code, [0]) * (COLUMN_CHUNK * width))
-
-    def __len__(self) -> int:
-        return self.size
+        for name, code in self._COLUMNS.items():
+            setattr(self, name, array.array(code, [0]) * COLUMN_CHUNK)
 
     def column(self, name: str) -> np.ndarray:
         """The filled part of column ``name`` (a view)."""
-        _, dtype, width = self._COLUMNS[name]
-        return np.frombuffer(getattr(self, name), dtype=dtype, count=self.size * width)
+        return np.frombuffer(getattr(self, name), dtype=self._COLUMNS[name], count=self.size)
 
 
 class _AnnotationRecords:
@@ -257,7 +236,8 @@ class _AnnotationRecords:
         crowd = record.get("iscrowd", 0)
         chunk.iscrowd[row] = 1 if crowd in (1, True) else 0
         area = record.get("area")
-        chunk.areas[row] = float(area) if _is_number(area) and area >= 0 else math.nan
+        sound_area = type(area) in (int, float) and math.isfinite(area) and area >= 0
+        chunk.areas[row] = float(area) if sound_area else math.nan
 
 
 def _box_int_mask(bbox: Any) -> int:
@@ -284,9 +264,6 @@ class AnnotationFile:
     hasher: Any  # hashlib sha256 over the file's bytes, left open for the plan digest
 
 
-_SECTIONS = ("categories", "images", "annotations")
-
-
 class _SectionPrefix(str):
     """An ijson prefix equal to each of ``<section>.item``: one C parser builds the records of
     every section.
@@ -299,7 +276,7 @@ class _SectionPrefix(str):
 
     def __new__(cls, buffer: list) -> "_SectionPrefix":
         prefix = super().__new__(cls, "<one of the sections>.item")
-        prefix.sections = {f"{name}.item": name for name in _SECTIONS}
+        prefix.sections = {f"{name}.item": name for name in ("categories", "images", "annotations")}
         prefix.buffer, prefix.marks, prefix.current = buffer, [], None
         return prefix
 
@@ -315,7 +292,7 @@ class _SectionPrefix(str):
     __hash__ = str.__hash__
 
 
-def _section_parser() -> Tuple[Any, list, Optional[_SectionPrefix]]:
+def _section_parser() -> Tuple[Any, list, _SectionPrefix]:
     buffer = ijson.sendable_list()
     prefix = _SectionPrefix(buffer)
     return json_stream.items_coro(buffer, prefix, use_float=True), buffer, prefix
@@ -323,8 +300,7 @@ def _section_parser() -> Tuple[Any, list, Optional[_SectionPrefix]]:
 
 @functools.lru_cache(maxsize=None)
 def _one_parser_works() -> bool:
-    """Whether this ijson dispatches every section through one parser (checked once, on a
-    tiny document); if not, each section gets a parser of its own (three passes in C)."""
+    """Whether this ijson dispatches every section through one parser (checked once, on a tiny document)."""
     parser, buffer, prefix = _section_parser()
     parser.send(b'{"images": [1], "annotations": [{"a": 2}], "categories": [3]}')
     parser.close()
@@ -333,49 +309,37 @@ def _one_parser_works() -> bool:
 
 def read_annotation_file(location: Location) -> AnnotationFile:
     """Stream ``location`` once: check its records into columns and hash its bytes."""
+    if not _one_parser_works():  # pragma: no cover - ijson is pinned (pyproject.toml)
+        raise RuntimeError("this ijson does not dispatch every section through one parser; install ijson==3.6.0")
     categories: List[Any] = []
     images, annotations = _ImageRecords(), _AnnotationRecords()
     consumers: Dict[str, Callable[[Any], None]] = {
         "categories": categories.append, "images": images.add, "annotations": annotations.add}
-    if _one_parser_works():
-        parsers = [_section_parser()]
-    else:  # pragma: no cover - another ijson: one parser per section
-        parsers = []
-        for section in _SECTIONS:
-            buffer = ijson.sendable_list()
-            parsers.append((json_stream.items_coro(buffer, f"{section}.item", use_float=True), buffer, section))
-    current = [None] * len(parsers)
+    parser, buffer, prefix = _section_parser()
+    marks, current = prefix.marks, None
 
-    def hand_over(k: int) -> None:  # the records parser k finished, to their section's consumer
-        _, buffer, prefix = parsers[k]
-        if isinstance(prefix, str) and not isinstance(prefix, _SectionPrefix):
-            current[k] = prefix
-            marks = []
-        else:
-            marks = prefix.marks
+    def hand_over() -> None:  # the records the parser finished, to their section's consumer
+        nonlocal current
         mark = 0
         for index, record in enumerate(buffer):
             while mark < len(marks) and marks[mark][0] <= index:
-                current[k] = marks[mark][1]
+                current = marks[mark][1]
                 mark += 1
-            consumers[current[k]](record)
+            consumers[current](record)
         if mark < len(marks):
-            current[k] = marks[-1][1]
+            current = marks[-1][1]
         del buffer[:]
-        if marks:
-            del marks[:]
+        del marks[:]
 
     hasher, seen = hashlib.sha256(), 0
     try:
         for chunk in location.iter_chunks(READ_CHUNK):
             hasher.update(chunk)
             seen += len(chunk)
-            for k, (parser, _, _) in enumerate(parsers):
-                parser.send(chunk)
-                hand_over(k)
-        for k, (parser, _, _) in enumerate(parsers):
-            parser.close()
-            hand_over(k)
+            parser.send(chunk)
+            hand_over()
+        parser.close()
+        hand_over()
     except (ijson.JSONError, UnicodeDecodeError) as exc:
         raise _malformed_json(location, exc, seen) from None
     counts = {"categories": len(categories), "images": images.count, "annotations": annotations.count}
@@ -405,8 +369,7 @@ _EVENT_TYPES = {"start_map": "dict", "start_array": "list", "string": "str", "bo
 def _check_layout(location: Location) -> None:
     """Raise DataError unless the file is an object whose images/annotations/categories are lists.
 
-    A second pass, taken only when a section gave no records: it follows the parse events, which
-    costs more than the record pass, but such a file has at least one section empty.
+    A second pass over the parse events (slower than the record pass), taken only when a section gave no records.
     """
     events = ijson.sendable_list()
     parser = json_stream.parse_coro(events, use_float=True)
@@ -434,7 +397,7 @@ def _check_layout(location: Location) -> None:
 def check_categories(records: Iterable[Any], quarantine: List[dict]) -> Dict[int, str]:
     categories: Dict[int, str] = {}
     for record in records:
-        if not isinstance(record, dict) or not _is_int(record.get("id")) or not isinstance(record.get("name"), str):
+        if type(record) is not dict or type(record.get("id")) is not int or type(record.get("name")) is not str:
             quarantine.append({"category": repr(record)[:200], "reason": Reason.MALFORMED_CATEGORY,
                                "detail": "a category needs an integer id and a string name"})
         elif record["id"] in categories:
@@ -485,7 +448,8 @@ class KnownImages:
     file_names: pa.Array   # large_string
 
 
-def check_images(records: _ImageRecords, available: Set[str], images_uri: str) -> Tuple[KnownImages, List[Tuple[int, dict]]]:
+def check_images(records: _ImageRecords, available: Set[str],
+                 images_uri: str) -> Tuple[KnownImages, List[Tuple[int, dict]]]:
     """Duplicate ids and missing files; returns the known images and (position, entry) quarantines."""
     quarantine = list(records.quarantine)
     positions = np.frombuffer(records.positions, dtype=np.int64)
@@ -546,11 +510,6 @@ def release_freed_memory() -> None:
         pass
 
 
-def _box_repr(box: List[float], mask: int) -> str:
-    """``repr(list(bbox))`` of the record's bbox, ints printed as ints as in the file."""
-    return repr([int(v) if mask >> k & 1 else float(v) for k, v in enumerate(box)])
-
-
 @dataclass
 class GroupedAnnotations:
     """The sound annotations, sorted by (image, annotation id); ``image_rows`` indexes the images
@@ -581,7 +540,7 @@ def check_annotations(records: _AnnotationRecords, known: KnownImages, categorie
     category_ids = np.fromiter(sorted(categories), dtype=np.int64, count=len(categories))
     file_rank = np.cumsum(known.starts >= 0, dtype=np.int64) - 1  # row among the images with a file
     for chunk in records.chunks:  # one chunk at a time; its kept annotations are compacted in place
-        quarantine += _check_chunk(chunk, duplicate[chunk.first:chunk.first + len(chunk)], known, category_ids,
+        quarantine += _check_chunk(chunk, duplicate[chunk.first:chunk.first + chunk.size], known, category_ids,
                                    file_rank, records.details, stats)
     records.details.clear()
     return _join_chunks(records.chunks), quarantine
@@ -610,7 +569,13 @@ def _check_chunk(chunk: _AnnotationChunk, dup: np.ndarray, known: KnownImages, c
     x1, y1 = np.where(width < x + w, width, x + w), np.where(height < y + h, height, y + h)
     inside = ~((x1 <= x0) | (y1 <= y0))
     stats["clipped_boxes"] += int(((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))[inside].sum())
-    quarantine += _outside(chunk, placed[~inside], rows[placed[~inside]], known)
+    ids, masks = chunk.column("ids"), chunk.column("int_mask")
+    for j in np.flatnonzero(~inside).tolist():  # boxes outside their images; ints printed as in the file
+        row, image, mask = int(placed[j]), int(rows[placed[j]]), int(masks[placed[j]])
+        box = repr([int(v) if mask >> k & 1 else float(v) for k, v in enumerate((x[j], y[j], w[j], h[j]))])
+        quarantine.append((chunk.first + row, {
+            "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
+            "detail": f"bbox {box} lies outside the {int(known.widths[image])}x{int(known.heights[image])} image"}))
     _compact(chunk, placed[inside], (x0[inside], y0[inside], x1[inside], y1[inside]),
              file_rank[rows[placed[inside]]])
     return quarantine
@@ -637,19 +602,6 @@ def _refusals(chunk: _AnnotationChunk, dup: np.ndarray, unknown_image: np.ndarra
                          else Reason.NON_POSITIVE_BOX, detail=details[position])
         refused.append((position, entry))
     return refused
-
-
-def _outside(chunk: _AnnotationChunk, chunk_rows: np.ndarray, image_rows: np.ndarray,
-             known: KnownImages) -> List[Tuple[int, dict]]:
-    """(position, entry) of the records at ``chunk_rows``, whose boxes lie outside their images
-    (``image_rows`` of ``known``)."""
-    ids, image_ids, masks = chunk.column("ids"), chunk.column("image_ids"), chunk.column("int_mask")
-    box = [chunk.column(c) for c in "xywh"]
-    return [(chunk.first + row, {
-        "annotation_id": int(ids[row]), "image_id": int(image_ids[row]), "reason": Reason.BOX_OUTSIDE_IMAGE,
-        "detail": f"bbox {_box_repr([v[row] for v in box], int(masks[row]))} lies outside the "
-                  f"{int(known.widths[image])}x{int(known.heights[image])} image"})
-        for row, image in zip(chunk_rows.tolist(), image_rows.tolist())]
 
 
 def _compact(chunk: _AnnotationChunk, kept_rows: np.ndarray, corners: Tuple[np.ndarray, ...],
@@ -700,14 +652,7 @@ class ShardPlan:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.annotations = annotations
         self.shard_size = shard_size
-
-    @property
-    def images(self) -> int:
-        return len(self.image_ids)
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.images / self.shard_size)
+        self.images, self.num_shards = len(rows), math.ceil(len(rows) / shard_size)
 
     def shard(self, index: int) -> ShardSlice:
         begin, end = index * self.shard_size, min(self.images, (index + 1) * self.shard_size)
@@ -781,14 +726,6 @@ def build_shard(index: int, shard: ShardSlice, images: Location, out: Location) 
 
 
 # --- the whole ingest (driver) ---------------------------------------------------------------------
-def _plan_digest(cfg: IngestConfig, file_hasher: Any) -> str:
-    """sha256 over the annotation file's bytes followed by the settings that shape the shards."""
-    hasher = file_hasher.copy()
-    hasher.update(json.dumps([cfg.format, cfg.shard_size, resolve(cfg.images_uri).uri,
-                              SHARD_FORMAT_VERSION]).encode())
-    return hasher.hexdigest()
-
-
 def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
     """Shards a run of the same plan finished; the work of a run of another plan is cleared."""
     plan = out.child(f"{WORK_DIR}/plan.json")
@@ -807,14 +744,12 @@ def _load_done(out: Location, plan_digest: str) -> Dict[str, ShardResult]:
 
 
 def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Location,
-                parallel: bool, stall_timeout_s: float = 600.0) -> List[ShardResult]:
+                parallel: bool, stall_timeout_s: float) -> List[ShardResult]:
     from tqdm import tqdm
 
-    results: List[ShardResult] = []
     if not parallel:
-        for index in tqdm(todo, unit="shard", desc="ingest", disable=not todo):
-            results.append(build_shard(index, plan.shard(index), images, out))
-        return results
+        return [build_shard(index, plan.shard(index), images, out)
+                for index in tqdm(todo, unit="shard", desc="ingest", disable=not todo)]
     import ray
 
     from dino_platform.ray_session import connect
@@ -827,32 +762,32 @@ def _run_shards(todo: List[int], plan: ShardPlan, images: Location, out: Locatio
     # is submitted and released when it is done, so the driver never holds more than the window
     window = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
     pending, queue = [], list(todo)
+    results: List[ShardResult] = []
     while queue or pending:
         while queue and len(pending) < window:
             index = queue.pop(0)
             pending.append(remote.remote(index, ray.put(plan.shard(index)), images_ref, out_ref))
         finished, pending = ray.wait(pending, num_returns=1, timeout=stall_timeout_s)
         if not finished:
-            raise _stalled(len(pending), len(queue), len(results), stall_timeout_s)
+            from dino_platform.watchdog import cluster_report
+
+            raise StallError(f"STALL: dino ingest: no shard task finished in {stall_timeout_s:.0f} s "
+                             f"(stall_timeout_s); {len(pending)} shard tasks submitted and unfinished, "
+                             f"{len(queue)} queued, {len(results)} done. Each shard task asks for 1 CPU."
+                             f"\n{cluster_report()}".rstrip())
         results.extend(ray.get(finished))
         progress.update(len(finished))
     progress.close()
     return results
 
 
-def _stalled(running: int, queued: int, done: int, timeout_s: float) -> StallError:
-    from dino_platform.watchdog import cluster_report
-
-    return StallError(f"STALL: dino ingest: no shard task finished in {timeout_s:.0f} s (stall_timeout_s); "
-                      f"{running} shard tasks submitted and unfinished, {queued} queued, {done} done. Each shard task "
-                      f"asks for 1 CPU.\n{cluster_report()}".rstrip())
-
-
 def ingest(cfg: IngestConfig) -> Manifest:
     """Ingest ``cfg.annotations_uri`` + ``cfg.images_uri`` into shards at ``cfg.out_uri``."""
     out, images = resolve(cfg.out_uri), resolve(cfg.images_uri)
     source = read_annotation_file(resolve(cfg.annotations_uri))
-    plan_digest = _plan_digest(cfg, source.hasher)
+    # the plan digest: sha256 over the annotation file's bytes, then the settings that shape the shards
+    source.hasher.update(json.dumps([cfg.format, cfg.shard_size, images.uri, SHARD_FORMAT_VERSION]).encode())
+    plan_digest = source.hasher.hexdigest()
     if out.child(MANIFEST_NAME).exists():
         existing = read_manifest(out.uri)
         if existing.plan_digest == plan_digest:
@@ -885,9 +820,8 @@ def ingest(cfg: IngestConfig) -> Manifest:
     todo = [k for k in range(plan.num_shards) if shard_name(k) not in done]
     log.info("%d images in %d shards (%d already done) -> %s", plan.images, plan.num_shards,
              plan.num_shards - len(todo), out.uri)
-    results = {r.info.name: r for r in done.values()}
-    results.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel, cfg.stall_timeout_s)})
-    shard_results = [results[shard_name(k)] for k in range(plan.num_shards)]
+    done.update({r.info.name: r for r in _run_shards(todo, plan, images, out, cfg.parallel, cfg.stall_timeout_s)})
+    shard_results = [done[shard_name(k)] for k in range(plan.num_shards)]
 
     wanted = {r.info.name for r in shard_results}
     for stale in out.list_files(recursive=False):  # shards of an earlier, larger ingest

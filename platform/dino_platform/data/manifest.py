@@ -116,14 +116,11 @@ def content_digest(categories: Dict[int, str], shards: List[ShardInfo]) -> str:
     return hasher.hexdigest()
 
 
-def _manifest_location(uri: str) -> Location:
-    location = resolve(uri)
-    return location if location.name == MANIFEST_NAME else location.child(MANIFEST_NAME)
-
-
 def read_manifest(uri: str) -> Manifest:
     """The manifest of the shard directory ``uri`` (or of ``uri`` naming manifest.json itself)."""
-    location = _manifest_location(uri)
+    location = resolve(uri)
+    if location.name != MANIFEST_NAME:
+        location = location.child(MANIFEST_NAME)
     try:
         data = location.read_bytes()
     except StorageNotFoundError:
@@ -150,10 +147,9 @@ def verify_shards(uri: str, deep: bool = False) -> Manifest:
     ``deep``: also every shard's sha256 and row count (reads every byte) and the manifest's digest.
     """
     manifest = read_manifest(uri)
-    locations = shard_locations(uri, manifest)
     sizes = shard_root(uri).file_sizes(recursive=False)
     problems = []
-    for shard, location in zip(manifest.shards, locations):
+    for shard, location in zip(manifest.shards, shard_locations(uri, manifest)):
         if shard.name not in sizes:
             problems.append(f"{shard.name} is missing")
         elif sizes[shard.name] != shard.bytes:

@@ -1,8 +1,5 @@
-"""How a Ray Train worker group's datasets are split among its workers.
-
-``OrderedShards`` is the ``dataset_config`` of every ``TorchTrainer`` the platform starts: the
-training job's (``train.trainer``) and the distributed evaluation's (``evaluation.runner``). It
-lives under ``data/`` so that both depend on it, and neither on the other.
+"""How a Ray Train worker group's datasets are split among its workers (``OrderedShards``): here, under
+``data/``, so that the training job and the distributed evaluation both depend on it, neither on the other.
 """
 from __future__ import annotations
 

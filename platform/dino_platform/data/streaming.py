@@ -7,19 +7,16 @@
     for batch in shard.iter_batches(batch_size=2, batch_format="numpy"):
         images, mask, targets = collate(batch)
 
-Rows of both datasets: ``image uint8 [3, h, w]`` (RGB, transformed), ``labels int64 [n]`` (raw
-dataset category ids), ``boxes float32 [n, 4] (cx, cy, w, h) in [0, 1]``, ``image_id int64``,
-``orig_size int64 [2] (h, w)``, ``size int64 [2] (h, w)``. ``collate`` normalises the pixels
-(ImageNet mean/std) while it pads them into the batch tensor.
+Rows of both datasets: ``transforms.make_sample``'s (``image uint8 [3, h, w]``, ``labels``,
+``boxes``, ``image_id``, ``orig_size``, ``size``) plus ``sample_error``. Decoding and augmentation
+run in one ``map_batches`` over Arrow batches (no pandas, no per-row Ray overhead). Rows carry
+uint8 pixels, not float32: a quarter of the bytes to convert, store and hand to the trainer
+(benchmarks/RESULTS.md); ``collate`` normalises them in the copy it makes anyway.
 
-Decoding and augmentation run in one ``map_batches`` over Arrow batches (no pandas, no per-row
-Ray overhead). Rows carry uint8 pixels, not float32: a quarter of the bytes to convert to Arrow,
-store and hand to the trainer (measured: benchmarks/RESULTS.md), and the normalisation is fused
-into the copy ``collate`` makes anyway. Reproducibility: every image's augmentation is drawn from a generator seeded by
-``(seed, epoch, image_id)``, so it does not depend on worker count, batch boundaries or arrival
-order. ``epoch`` is the ``epoch`` argument plus the number of times the dataset has been iterated
-to the end before (Ray Data's execution index), so each pass of a training loop over
-``get_dataset_shard`` sees fresh, reproducible augmentation; file order is shuffled per pass
+Reproducibility: each image's augmentation is drawn from a generator seeded by ``(seed, epoch,
+image_id)``, so it does not depend on worker count, batch boundaries or arrival order. ``epoch`` is
+the ``epoch`` argument plus the passes completed before (Ray Data's execution index), so each pass
+over ``get_dataset_shard`` sees fresh, reproducible augmentation; file order is shuffled per pass
 with the same seed.
 """
 from __future__ import annotations
@@ -32,17 +29,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dino_platform.data.manifest import Manifest, read_manifest, shard_locations, verify_shards
+from dino_platform.data.manifest import read_manifest, shard_locations, verify_shards
 from dino_platform.errors import ConfigError, DataError
 from dino_platform.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, TrainTransformConfig, eval_plan, make_sample,
     normalize_into, sample_rng, sample_train_plan, transform_configs,
 )
 
-__all__ = ["build_train_dataset", "build_eval_dataset", "collate", "read_manifest", "verify_shards",
-           "dataset_size", "Manifest"]
-
 READ_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
+SAMPLE_KEYS = ("image", "labels", "boxes", "image_id", "orig_size", "size")  # of transforms.make_sample
 SAMPLE_ERROR_POLICIES = ("fail", "skip")
 SAMPLE_ERRORS_DIR = "sample_errors"  # under the run directory: one JSON record per skipped sample
 MAP_BATCH_SIZE = 16  # rows per decode task: big enough to amortise task overhead, small for memory
@@ -51,14 +46,6 @@ log = logging.getLogger("dino.data")
 
 TrainTransform = Union[TrainTransformConfig, Mapping[str, Any], None]
 EvalTransform = Union[EvalTransformConfig, Mapping[str, Any], None]
-
-
-def _train_config(transform: TrainTransform) -> TrainTransformConfig:
-    return transform if isinstance(transform, TrainTransformConfig) else transform_configs(transform)[0]
-
-
-def _eval_config(transform: EvalTransform) -> EvalTransformConfig:
-    return transform if isinstance(transform, EvalTransformConfig) else transform_configs(transform)[1]
 
 
 def _execution_index() -> int:
@@ -92,12 +79,6 @@ def _sample_failure(exc: BaseException, image_id: int, file_name: str, width: in
     return f"{where} then transforms.make_sample(...): {type(exc).__name__}: {exc}"
 
 
-def _placeholder(image_id: int, width: int, height: int) -> Dict[str, np.ndarray]:
-    return {"image": np.zeros((3, 1, 1), np.uint8), "labels": np.zeros(0, np.int64),
-            "boxes": np.zeros((0, 4), np.float32), "image_id": np.int64(image_id),
-            "orig_size": np.array([height, width], np.int64), "size": np.array([1, 1], np.int64)}
-
-
 def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
                      eval_cfg: Optional[EvalTransformConfig], seed: int, epoch: int,
                      on_sample_error: str = "fail", error_log=None) -> Dict[str, Any]:
@@ -110,7 +91,7 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
     box_offsets, boxes = _flat_lists(batch.column("boxes"), width=4)
     label_offsets, labels = _flat_lists(batch.column("category_ids"))
     _, crowd = _flat_lists(batch.column("iscrowd"))
-    columns: Dict[str, list] = {k: [] for k in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
+    columns: Dict[str, list] = {k: [] for k in SAMPLE_KEYS}
     errors: List[str] = []
     for row in range(batch.num_rows):
         width, height, image_id = int(widths[row]), int(heights[row]), int(image_ids[row])
@@ -134,14 +115,14 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
                 stage = "train" if train_cfg is not None else "eval"
                 error_log.child(f"{stage}_epoch{epoch:04d}_image{image_id}.json").write_bytes(
                     json.dumps(record).encode())
-            sample = _placeholder(image_id, width, height)
+            sample = {"image": np.zeros((3, 1, 1), np.uint8), "labels": np.zeros(0, np.int64),  # a placeholder
+                      "boxes": np.zeros((0, 4), np.float32), "image_id": np.int64(image_id),
+                      "orig_size": np.array([height, width], np.int64), "size": np.array([1, 1], np.int64)}
         errors.append(error)
         for key, value in sample.items():
             columns[key].append(value)
     return {
-        "image": columns["image"],
-        "labels": columns["labels"],
-        "boxes": columns["boxes"],
+        **columns,
         "image_id": np.asarray(columns["image_id"], dtype=np.int64),
         "orig_size": np.stack(columns["orig_size"]),
         "size": np.stack(columns["size"]),
@@ -151,15 +132,13 @@ def _transform_batch(batch: pa.Table, train_cfg: Optional[TrainTransformConfig],
     }
 
 
-def _check_policy(on_sample_error: str) -> str:
-    if on_sample_error not in SAMPLE_ERROR_POLICIES:
-        raise ConfigError(f"data.on_sample_error: one of {', '.join(SAMPLE_ERROR_POLICIES)}, got {on_sample_error!r}")
-    return on_sample_error
-
-
-def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: int):
+def _transformed_shards(shards_uri: str, shuffle_seed: Optional[int], batch_size: int, on_sample_error: str,
+                        **fn_kwargs: Any):
+    """The shards of ``shards_uri`` read in small blocks and mapped through ``_transform_batch``."""
     import ray.data
 
+    if on_sample_error not in SAMPLE_ERROR_POLICIES:
+        raise ConfigError(f"data.on_sample_error: one of {', '.join(SAMPLE_ERROR_POLICIES)}, got {on_sample_error!r}")
     manifest = verify_shards(shards_uri)
     locations = shard_locations(shards_uri, manifest)
     if not locations:
@@ -171,7 +150,9 @@ def _read_shards(shards_uri: str, shuffle_seed: Optional[int], rows_per_block: i
                                     shuffle=shuffle).select_columns(READ_COLUMNS)
     # The Parquet reader packs files into blocks of up to ~128 MB; one decode task per block would
     # leave cores idle and give streaming_split nothing to divide. Small blocks, streamed:
-    return dataset.repartition(target_num_rows_per_block=rows_per_block)
+    return dataset.repartition(target_num_rows_per_block=batch_size).map_batches(
+        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
+        fn_kwargs={**fn_kwargs, "on_sample_error": on_sample_error})
 
 
 def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *, epoch: int = 0,
@@ -184,12 +165,9 @@ def build_train_dataset(shards_uri: str, transform: TrainTransform, seed: int, *
     seed, plan); ``skip`` leaves it out (a placeholder row with ``sample_error`` set, which
     ``collate`` drops) and writes a JSON record under ``error_log`` (a storage Location) if given.
     """
-    cfg = _train_config(transform)
-    _check_policy(on_sample_error)
-    return _read_shards(shards_uri, shuffle_seed=seed, rows_per_block=batch_size).map_batches(
-        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        fn_kwargs={"train_cfg": cfg, "eval_cfg": None, "seed": int(seed), "epoch": int(epoch),
-                   "on_sample_error": on_sample_error, "error_log": error_log})
+    cfg = transform if isinstance(transform, TrainTransformConfig) else transform_configs(transform)[0]
+    return _transformed_shards(shards_uri, seed, batch_size, on_sample_error, train_cfg=cfg, eval_cfg=None,
+                               seed=int(seed), epoch=int(epoch), error_log=error_log)
 
 
 def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batch_size: int = MAP_BATCH_SIZE,
@@ -199,12 +177,9 @@ def build_eval_dataset(shards_uri: str, transform: EvalTransform = None, *, batc
     ``transform``: an EvalTransformConfig, or the same mapping given to ``build_train_dataset``.
     ``on_sample_error``/``error_log``: as for ``build_train_dataset``.
     """
-    cfg = _eval_config(transform)
-    _check_policy(on_sample_error)
-    return _read_shards(shards_uri, shuffle_seed=None, rows_per_block=batch_size).map_batches(
-        _transform_batch, batch_format="pyarrow", batch_size=batch_size, zero_copy_batch=True,
-        fn_kwargs={"train_cfg": None, "eval_cfg": cfg, "seed": 0, "epoch": 0,
-                   "on_sample_error": on_sample_error, "error_log": error_log})
+    cfg = transform if isinstance(transform, EvalTransformConfig) else transform_configs(transform)[1]
+    return _transformed_shards(shards_uri, None, batch_size, on_sample_error, train_cfg=None, eval_cfg=cfg,
+                               seed=0, epoch=0, error_log=error_log)
 
 
 def dataset_size(shards_uri: str) -> int:
@@ -214,23 +189,14 @@ def dataset_size(shards_uri: str) -> int:
 
 def _rows_of(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Mapping[str, Any]]:
     if isinstance(batch, Mapping):
-        count = len(batch["image_id"])
-        rows = [{key: batch[key][i] for key in ("image", "labels", "boxes", "image_id", "orig_size", "size")}
-                for i in range(count)]
-        if "sample_error" in batch:
-            rows = [row for row, error in zip(rows, batch["sample_error"]) if not error]
-        return rows
+        errors = batch.get("sample_error", [""] * len(batch["image_id"]))
+        return [{key: batch[key][i] for key in SAMPLE_KEYS} for i, error in enumerate(errors) if not error]
     return [row for row in batch if not row.get("sample_error")]
 
 
-def skipped_samples(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> List[Tuple[int, str]]:
-    """``(image_id, error)`` of the rows of ``batch`` that ``on_sample_error: skip`` left out."""
-    if isinstance(batch, Mapping):
-        errors = batch.get("sample_error")
-        if errors is None:
-            return []
-        return [(int(i), str(e)) for i, e in zip(batch["image_id"], errors) if e]
-    return [(int(row["image_id"]), str(row["sample_error"])) for row in batch if row.get("sample_error")]
+def skipped_samples(batch: Mapping[str, Any]) -> List[Tuple[int, str]]:
+    """``(image_id, error)`` of the rows of a numpy ``batch`` that ``on_sample_error: skip`` left out."""
+    return [(int(i), str(e)) for i, e in zip(batch["image_id"], batch.get("sample_error", ())) if e]
 
 
 def collate(batch: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]], pad_to_multiple: int = 1,

@@ -39,10 +39,6 @@ MIN_VISIBLE_FRACTION = 0.45  # placements that hide more of an earlier object ar
 EMPTY_IMAGE_PROBABILITY = 0.05
 CROWD_PROBABILITY = 0.12     # COCO only: a group of small people annotated as one iscrowd box
 
-# COCO names of the drawn classes; their Objects365 names come from o365_to_coco.json
-SYNTH_CLASSES: Tuple[str, ...] = ("person", "car", "bottle", "cup", "chair", "clock", "umbrella",
-                                  "stop sign")
-
 
 @dataclass(frozen=True)
 class SynthConfig:
@@ -192,6 +188,8 @@ _SHAPES: Dict[str, Tuple[Callable, float, Tuple[int, int, int]]] = {
     "umbrella": (_umbrella, 1.5, (150, 40, 170)),
     "stop sign": (_stop_sign, 1.0, (215, 20, 30)),
 }
+# COCO names of the drawn classes; their Objects365 names come from o365_to_coco.json
+SYNTH_CLASSES: Tuple[str, ...] = tuple(_SHAPES)
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -244,8 +242,8 @@ def draw_image(cfg: SynthConfig, index: int) -> Tuple[Image.Image, List[dict]]:
             x0 = rng.uniform(-margin * w, width - w * (1 - margin))
             y0 = rng.uniform(-margin * h, height - h * (1 - margin))
             silhouette = Image.new("L", (width, height), 0)
-            polygons = shape(ImageDraw.Draw(silhouette), ImageDraw.Draw(Image.new("RGB", (1, 1))),
-                             (x0, y0, x0 + w, y0 + h), np.random.default_rng(0))
+            shape(ImageDraw.Draw(silhouette), ImageDraw.Draw(Image.new("RGB", (1, 1))), (x0, y0, x0 + w, y0 + h),
+                  np.random.default_rng(0))
             candidate = np.asarray(silhouette) > 127
             if candidate.sum() < 30:
                 continue
@@ -281,10 +279,9 @@ def _crowd(image: Image.Image, rng, width: int, height: int, placed: List[dict])
     unit = min(width, height) * 0.09
     gx, gy = rng.uniform(0, width - 6 * unit), rng.uniform(0, height - 2.5 * unit)
     for k in range(int(rng.integers(5, 10))):
-        box = (gx + k * unit * 0.6 + rng.uniform(0, unit * 0.3), gy + rng.uniform(0, unit * 0.5),
-               gx + k * unit * 0.6 + unit * 0.45, gy + unit * 2.2)
-        box = (box[0], box[1], max(box[2], box[0] + 3), box[3])
-        _person(ImageDraw.Draw(silhouette), draw, box, rng)
+        left = gx + k * unit * 0.6
+        x0, y0 = left + rng.uniform(0, unit * 0.3), gy + rng.uniform(0, unit * 0.5)
+        _person(ImageDraw.Draw(silhouette), draw, (x0, y0, max(left + unit * 0.45, x0 + 3), gy + unit * 2.2), rng)
     crowd = np.asarray(silhouette) > 127
     image.paste(_jitter(rng, _SHAPES["person"][2]), mask=silhouette)
     for p in placed:
@@ -292,37 +289,29 @@ def _crowd(image: Image.Image, rng, width: int, height: int, placed: List[dict])
     return {"name": "person", "visible": crowd, "full": int(crowd.sum()), "iscrowd": 1}
 
 
-def _image_record(cfg: SynthConfig, index: int, image_id: int, width: int, height: int) -> Tuple[dict, str]:
-    """The JSON image record and the file's path relative to the images folder."""
-    if cfg.kind == "o365":
-        relative = f"patch{index // IMAGES_PER_PATCH}/objects365_v2_{image_id:08d}.jpg"
-        file_name = f"images/v2/{relative}"  # the release's JSON names a longer path than on disk
-    else:
-        relative = file_name = f"{image_id:012d}.jpg"
-    return {"id": image_id, "file_name": file_name, "width": width, "height": height}, relative
-
-
-def _image_ids(cfg: SynthConfig) -> List[int]:
-    if cfg.kind == "o365":
-        return list(range(1, cfg.images + 1))
-    # COCO's image ids are sparse and unordered with respect to file creation
-    rng = np.random.default_rng([cfg.seed, 2 ** 31])
-    return sorted(int(i) for i in rng.choice(np.arange(1, max(1000, cfg.images * 50)), cfg.images, replace=False))
-
-
 def generate(cfg: SynthConfig, out_uri: str) -> Dict[str, int]:
     """Write ``images/`` and ``annotations.json`` under ``out_uri``; return image/annotation counts."""
     out = resolve(out_uri)
     ids = category_ids(cfg.kind)
     categories = objects365_categories() if cfg.kind == "o365" else coco_categories()
+    if cfg.kind == "o365":
+        image_ids = list(range(1, cfg.images + 1))
+    else:  # COCO's image ids are sparse and unordered with respect to file creation
+        rng = np.random.default_rng([cfg.seed, 2 ** 31])
+        drawn = rng.choice(np.arange(1, max(1000, cfg.images * 50)), cfg.images, replace=False)
+        image_ids = sorted(int(i) for i in drawn)
     images, annotations = [], []
-    for index, image_id in enumerate(_image_ids(cfg)):
+    for index, image_id in enumerate(image_ids):
         picture, objects = draw_image(cfg, index)
-        record, relative = _image_record(cfg, index, image_id, picture.width, picture.height)
+        if cfg.kind == "o365":
+            relative = f"patch{index // IMAGES_PER_PATCH}/objects365_v2_{image_id:08d}.jpg"
+            file_name = f"images/v2/{relative}"  # the release's JSON names a longer path than on disk
+        else:
+            relative = file_name = f"{image_id:012d}.jpg"
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=90)
         out.child(f"images/{relative}").write_bytes(buffer.getvalue())
-        images.append(record)
+        images.append({"id": image_id, "file_name": file_name, "width": picture.width, "height": picture.height})
         for obj in objects:
             annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": ids[obj["name"]],
                           "bbox": obj["bbox"], "area": obj["area"], "iscrowd": obj["iscrowd"]}

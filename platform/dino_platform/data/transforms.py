@@ -10,11 +10,7 @@ Training (the official recipe, scales configurable)::
     normalise with the ImageNet mean/std
 
 Evaluation: resize the short side to ``short_side`` (long side <= ``max_size``), normalise.
-
-Targets follow the official COCO preparation: crowd boxes are dropped, ``[x, y, w, h]`` boxes
-become corners clipped to the image, empty boxes are dropped, and the result is
-``boxes [n, 4] (cx, cy, w, h) in [0, 1]`` of the transformed image with ``labels [n]`` = raw
-dataset category ids.
+Targets: the official COCO preparation (``coco_boxes_to_corners``), then the plan's geometry.
 
 NOTE: the official code resamples the picture once per resize (twice in branch B, plus the crop).
 Here the flip/resize/crop chain is composed into one source rectangle and one output size, and the
@@ -25,7 +21,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -98,8 +94,7 @@ def _check_stats(mean, std) -> None:
         raise ConfigError(f"transform.mean/std: three values each, std > 0; got {mean}, {std}")
 
 
-TRANSFORM_KEYS = ("scale", "scales", "max_size", "crop_resize_scales", "crop_min", "crop_max", "flip_prob",
-                  "crop_branch_prob", "mean", "std", "eval_short_side", "eval_max_size")
+TRANSFORM_KEYS = ("scale", *(f.name for f in fields(TrainTransformConfig)), "eval_short_side", "eval_max_size")
 
 
 def transform_configs(mapping: Optional[Mapping[str, Any]]) -> Tuple[TrainTransformConfig, EvalTransformConfig]:
@@ -116,10 +111,8 @@ def transform_configs(mapping: Optional[Mapping[str, Any]]) -> Tuple[TrainTransf
     base = TrainTransformConfig.scaled(float(mapping.pop("scale"))) if "scale" in mapping else TrainTransformConfig()
     eval_short = mapping.pop("eval_short_side", None)
     eval_max = mapping.pop("eval_max_size", None)
-    values = {f.name: getattr(base, f.name) for f in fields(TrainTransformConfig)}
-    for key, value in mapping.items():
-        values[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    train = TrainTransformConfig(**values)
+    train = replace(base, **{key: tuple(value) if isinstance(value, (list, tuple)) else value
+                             for key, value in mapping.items()})
     evaluation = EvalTransformConfig(short_side=int(eval_short or max(train.scales)),
                                      max_size=int(eval_max or train.max_size), mean=train.mean, std=train.std)
     return train, evaluation
@@ -185,6 +178,13 @@ def eval_plan(width: int, height: int, cfg: EvalTransformConfig) -> GeometricPla
     return GeometricPlan(False, None, None, resized_size(width, height, cfg.short_side, cfg.max_size))
 
 
+def _clip_corners(corners: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Clip ``[n, 4] (x0, y0, x1, y1)`` in place to the ``width x height`` picture; returns the non-empty [n] bool."""
+    corners[:, [0, 2]] = corners[:, [0, 2]].clip(0, width)
+    corners[:, [1, 3]] = corners[:, [1, 3]].clip(0, height)
+    return (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
+
+
 def transform_boxes(boxes: np.ndarray, width: int, height: int, plan: GeometricPlan) -> Tuple[np.ndarray, np.ndarray]:
     """Apply ``plan`` to ``boxes [n, 4] (x0, y0, x1, y1)`` in pixels of a ``width x height`` picture.
 
@@ -201,9 +201,7 @@ def transform_boxes(boxes: np.ndarray, width: int, height: int, plan: GeometricP
         boxes *= np.array([rw / w, rh / h, rw / w, rh / h])
         left, top, w, h = plan.crop
         boxes -= np.array([left, top, left, top], dtype=np.float64)
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep = _clip_corners(boxes, w, h)
         boxes = boxes[keep]
     ow, oh = plan.out_size
     boxes *= np.array([ow / w, oh / h, ow / w, oh / h])
@@ -301,20 +299,8 @@ def coco_boxes_to_corners(boxes_xywh: np.ndarray, iscrowd: np.ndarray, width: in
     """
     boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
     corners = np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
-    corners[:, [0, 2]] = corners[:, [0, 2]].clip(0, width)
-    corners[:, [1, 3]] = corners[:, [1, 3]].clip(0, height)
-    keep = (np.asarray(iscrowd).reshape(-1) == 0) & (corners[:, 2] > corners[:, 0]) & (corners[:, 3] > corners[:, 1])
+    keep = (np.asarray(iscrowd).reshape(-1) == 0) & _clip_corners(corners, width, height)
     return corners[keep], keep
-
-
-def corners_to_normalized_cxcywh(corners: np.ndarray, width: int, height: int) -> np.ndarray:
-    """``[n, 4] (x0, y0, x1, y1)`` pixels -> ``float32 [n, 4] (cx, cy, w, h)`` in [0, 1]."""
-    out = np.empty((len(corners), 4), dtype=np.float32)
-    out[:, 0] = (corners[:, 0] + corners[:, 2]) / (2 * width)
-    out[:, 1] = (corners[:, 1] + corners[:, 3]) / (2 * height)
-    out[:, 2] = (corners[:, 2] - corners[:, 0]) / width
-    out[:, 3] = (corners[:, 3] - corners[:, 1]) / height
-    return out
 
 
 def make_sample(encoded: bytes, width: int, height: int, boxes_xywh: np.ndarray, category_ids: np.ndarray,
@@ -329,10 +315,11 @@ def make_sample(encoded: bytes, width: int, height: int, boxes_xywh: np.ndarray,
     labels = np.asarray(category_ids, dtype=np.int64).reshape(-1)[keep]
     corners, kept = transform_boxes(corners, width, height, plan)
     out_w, out_h = plan.out_size
+    cxcywh = np.concatenate([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], axis=1)
     return {
         "image": to_chw(render(encoded, width, height, plan)),
         "labels": labels[kept],
-        "boxes": corners_to_normalized_cxcywh(corners, out_w, out_h),
+        "boxes": (cxcywh / [out_w, out_h, out_w, out_h]).astype(np.float32),
         "image_id": np.int64(image_id),
         "orig_size": np.array([height, width], dtype=np.int64),
         "size": np.array([out_h, out_w], dtype=np.int64),
