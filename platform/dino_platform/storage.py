@@ -70,9 +70,10 @@ class S3Settings:
         """The filesystem for these settings; it pickles as the settings (see the module docstring)."""
         return pafs.PyFileSystem(S3SettingsHandler(self))
 
+    @functools.lru_cache(maxsize=16)
     def native_filesystem(self) -> pafs.S3FileSystem:
         """pyarrow's ``S3FileSystem`` for these settings, one per process (do not ship it to Ray)."""
-        return _native_s3_filesystem(self)
+        return pafs.S3FileSystem(**self._native_kwargs())
 
     def client(self):
         """A boto3 S3 client that retries and times out like :meth:`filesystem` does."""
@@ -90,9 +91,6 @@ class S3Settings:
             config = config.merge(Config(signature_version=UNSIGNED))
         return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
                                               config=config, **credentials)
-
-    def describe_endpoint(self) -> str:
-        return self.endpoint_url or f"AWS S3 (region {self.region or 'auto'})"
 
     def _native_kwargs(self) -> dict:
         kwargs = dict(
@@ -126,11 +124,6 @@ class S3Settings:
 
 
 @functools.lru_cache(maxsize=16)
-def _native_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(**settings._native_kwargs())
-
-
-@functools.lru_cache(maxsize=16)
 def _s3_client(settings: S3Settings):
     # botocore's DEBUG records carry the signed request headers (the access key id): unless the
     # user chose a level for it, a DEBUG run of the platform does not log them.
@@ -138,6 +131,11 @@ def _s3_client(settings: S3Settings):
     if botocore_log.level == logging.NOTSET:
         botocore_log.setLevel(logging.INFO)
     return settings.client()  # boto3 clients are thread-safe; one per process and settings
+
+
+def _forward(name: str):
+    """A handler method that calls the native filesystem's method of the same name with the same arguments."""
+    return lambda self, *args: getattr(self.fs, name)(*args)
 
 
 class S3SettingsHandler(pafs.FileSystemHandler):
@@ -158,47 +156,28 @@ class S3SettingsHandler(pafs.FileSystemHandler):
     def __eq__(self, other) -> bool:
         return isinstance(other, S3SettingsHandler) and other.settings == self.settings
 
-    def __ne__(self, other) -> bool:
-        return not self == other
-
     def get_type_name(self) -> str:
         return "dino-s3"
 
-    def normalize_path(self, path):
-        return self.fs.normalize_path(path)
+    normalize_path = _forward("normalize_path")
+    get_file_info = _forward("get_file_info")
+    get_file_info_selector = _forward("get_file_info")
+    delete_dir = _forward("delete_dir")
+    delete_file = _forward("delete_file")
+    move = _forward("move")
+    copy_file = _forward("copy_file")
+    open_input_stream = _forward("open_input_stream")
+    open_input_file = _forward("open_input_file")
 
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
-
+    # the native methods take these arguments by keyword (positionally they would be others)
     def create_dir(self, path, recursive):
         self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
     def delete_root_dir_contents(self):
         self.fs.delete_dir_contents("/", accept_root_dir=True)
-
-    def delete_file(self, path):
-        self.fs.delete_file(path)
-
-    def move(self, src, dest):
-        self.fs.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path):
-        return self.fs.open_input_file(path)
 
     def open_output_stream(self, path, metadata):
         return self.fs.open_output_stream(path, metadata=metadata)
@@ -207,15 +186,10 @@ class S3SettingsHandler(pafs.FileSystemHandler):
         return self.fs.open_append_stream(path, metadata=metadata)
 
 
-def _aws_environment_key() -> Tuple[Tuple[str, str], ...]:
-    # Settings are cached per process; a changed AWS_* variable (tests, a new profile) re-resolves.
-    keys = sorted(k for k in os.environ if k.startswith("AWS_"))
-    return tuple((k, os.environ[k]) for k in keys)
-
-
 def s3_settings() -> S3Settings:
     """Resolve S3 settings from the environment and AWS config files, like the AWS CLI does."""
-    return _resolve_s3_settings(_aws_environment_key())
+    # cached per process, keyed by the AWS_* variables: a changed one (tests, a new profile) re-resolves
+    return _resolve_s3_settings(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
 
 
 @functools.lru_cache(maxsize=8)
@@ -436,7 +410,7 @@ class Location:
         if not self.is_s3:
             return f"cannot {action} {self.uri}: {detail}"
         settings = self.settings
-        endpoint = settings.describe_endpoint()
+        endpoint = settings.endpoint_url or f"AWS S3 (region {settings.region or 'auto'})"
         if any(text in detail for text in ("NETWORK_CONNECTION", "Could not connect", "curlCode",
                                            "EndpointConnectionError", "ConnectionClosedError")):
             hint = (f"cannot reach the S3 endpoint {endpoint} after {settings.max_attempts} attempts; "

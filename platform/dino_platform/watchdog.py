@@ -79,10 +79,6 @@ class Heartbeat:
         with self._lock:
             self._last = time.monotonic()
 
-    @property
-    def current_phase(self) -> str:
-        return self._phase
-
     def start(self) -> "Heartbeat":
         self._thread = threading.Thread(target=self._watch, name=f"stall-watchdog-{self.name}", daemon=True)
         self._thread.start()
@@ -105,10 +101,8 @@ class Heartbeat:
 
     def _report(self, phase: str, waited: float, timeout: float) -> str:
         lines = [f"STALL: {self.name} made no progress for {waited:.0f} s (stall timeout {timeout:.0f} s) "
-                 f"while {phase!r}"]
-        if self._details is not None:
-            lines.append(_bounded(self._details))
-        lines.append(_bounded(cluster_report))
+                 f"while {phase!r}", _bounded(self._details) if self._details is not None else "",
+                 _bounded(cluster_report)]
         return "\n".join(line for line in lines if line)
 
 
@@ -178,17 +172,11 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
 
 def watched(items: Iterable[T], heartbeat: Heartbeat, phase: str) -> Iterator[T]:
     """``items``, beating the heartbeat at each one; the phase names what is awaited ('<phase> 3 of this pass')."""
-    iterator = iter(items)
-    index = 0
-    while True:
-        heartbeat.phase(f"{phase} {index} of this pass")
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
+    heartbeat.phase(f"{phase} 0 of this pass")
+    for index, item in enumerate(items, 1):
         heartbeat.beat()
         yield item
-        index += 1
+        heartbeat.phase(f"{phase} {index} of this pass")
 
 
 # ---------------------------------------------------------------------------------------------

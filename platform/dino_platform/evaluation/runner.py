@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from itertools import islice
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -92,22 +93,22 @@ def evaluate_shard(
     if len(seen) != len(set(seen)) or set(seen) != expected:
         raise DataError(f"evaluation covered {len(set(seen))} distinct images ({len(seen)} predictions) "
                         f"but the shards hold {len(expected)}; every image must be evaluated exactly once")
+    from dino_platform.drawing import draw_detections
+
     categories = {c["id"]: c["name"] for c in ground_truth["categories"]}
     coco = evaluate_coco(truths_from_coco(ground_truth), everything, categories, protocol)
-    names = dict(categories)
-    return EvalOutcome(coco=coco, drawings=[(i, _label(img, names)) for i, img in drawings])
+    return EvalOutcome(coco=coco, drawings=[(i, draw_detections(*drawing, categories)) for i, drawing in drawings])
 
 
 def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int, threshold: float, normalization):
-    """Up to ``limit`` network inputs (de-normalised, unpadded) with their confident detections."""
+    """Up to ``limit`` (image_id, (network input de-normalised and unpadded, boxes, labels, scores)) of the
+    confident detections, boxes scaled to that input: ``draw_detections``' arguments but the class names."""
     from PIL import Image
 
     from dino_platform.data.batches import denormalize
 
     out = []
-    for i, ((h, w), prediction) in enumerate(zip(valid_sizes(mask), predictions)):
-        if len(out) == limit:
-            break
+    for i, ((h, w), prediction) in enumerate(islice(zip(valid_sizes(mask), predictions), limit)):
         orig_h, orig_w = (int(v) for v in torch.as_tensor(targets[i]["orig_size"]).tolist())
         keep = prediction.scores >= threshold
         scale = [w / orig_w, h / orig_h, w / orig_w, h / orig_h]
@@ -115,13 +116,6 @@ def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int,
                                           prediction.boxes[keep] * scale, prediction.labels[keep],
                                           prediction.scores[keep])))
     return out
-
-
-def _label(drawing, names):
-    from dino_platform.drawing import draw_detections
-
-    image, boxes, labels, scores = drawing
-    return draw_detections(image, boxes, labels, scores, names)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,14 +44,22 @@ class TorchDetector(Detector):
     model: torch.nn.Module  # eval mode; inputs go to the device its parameters are on
     postprocessor: torch.nn.Module
 
-    @torch.no_grad()
     def predict(self, image, height: int, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        device = next(self.model.parameters()).device
-        image = torch.as_tensor(image).to(device)
-        mask = torch.zeros((1, image.shape[2], image.shape[3]), dtype=torch.bool, device=device)
-        (result,) = self.postprocessor(self.model(image, mask), torch.tensor([[height, width]], device=device))
+        result = run_alone(self.model, self.postprocessor, image, (height, width))
         return rank_and_clip(result["scores"].float().cpu().numpy(), result["labels"].cpu().numpy().astype(np.int64),
                              result["boxes"].float().cpu().numpy(), width, height)
+
+
+@torch.no_grad()
+def run_alone(model: torch.nn.Module, postprocessor: torch.nn.Module, image, orig_size) -> Dict[str, torch.Tensor]:
+    """The postprocessor's ``scores [K]``, ``labels [K]``, ``boxes [K, 4]`` (x0, y0, x1, y1, original pixels,
+    unranked) of one unpadded network input ``image [1, 3, h, w]`` of an original ``orig_size`` (h, w),
+    run on the device of the model's parameters with an all-false mask."""
+    device = next(model.parameters()).device
+    image = torch.as_tensor(image).to(device)
+    mask = torch.zeros((1, image.shape[2], image.shape[3]), dtype=torch.bool, device=device)
+    (result,) = postprocessor(model(image, mask), torch.as_tensor(orig_size).reshape(1, 2).to(device))
+    return result
 
 
 def decode_for_eval(data: bytes, transform: Mapping[str, Any]) -> Tuple[Any, np.ndarray]:
