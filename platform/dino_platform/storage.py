@@ -333,17 +333,10 @@ class Location:
                 if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                     raise StorageError(f"cannot list {self.uri}: the bucket {bucket!r} does not "
                                        "exist; create it or fix the URI")
-        base = self.path.rstrip("/") + "/"
-        if not self.is_s3:
-            base = base.replace(os.sep, "/")
-        sizes = {}
-        for info in infos:
-            if info.type != pafs.FileType.File:
-                continue
-            full = info.path if self.is_s3 else info.path.replace(os.sep, "/")
-            if full.startswith(base):
-                sizes[full[len(base):]] = int(info.size)
-        return sizes
+        posix = (lambda path: path) if self.is_s3 else (lambda path: path.replace(os.sep, "/"))
+        base = posix(self.path.rstrip("/") + "/")
+        files = {posix(info.path): int(info.size) for info in infos if info.type == pafs.FileType.File}
+        return {path[len(base):]: size for path, size in files.items() if path.startswith(base)}
 
     def subdirectories(self) -> List[str]:
         """Names of the directories (S3: common prefixes) directly below this location, sorted."""

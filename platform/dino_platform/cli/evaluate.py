@@ -53,11 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # name the flag: "max_dets: ..." -> "--max-dets: ..."
         name, _, rest = str(exc).partition(":")
         raise ConfigError(f"--{name.replace('_', '-')}:{rest}") from None
-    model = {}
-    if args.preset:
-        model["preset"] = args.preset
-    if args.num_classes is not None:
-        model["num_classes"] = args.num_classes
+    model = {k: v for k, v in (("preset", args.preset), ("num_classes", args.num_classes)) if v is not None}
     result = run_evaluation(args.checkpoint, args.data, config, num_workers=args.workers, model=model or None,
                             use_gpu=args.gpu)
     stats = result["stats"]

@@ -243,16 +243,12 @@ def evaluate_coco(
         iid = index_of[t.image_id]
         images.append({"id": iid, "height": int(t.height), "width": int(t.width)})
         boxes = np.asarray(t.boxes, dtype=np.float64).reshape(-1, 4)
-        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        for j in range(len(boxes)):
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": iid,
-                "category_id": int(t.labels[j]),
-                "bbox": [float(boxes[j, 0]), float(boxes[j, 1]), float(widths[j]), float(heights[j])],
-                "area": float(t.area[j]) if t.area is not None else float(widths[j] * heights[j]),
-                "iscrowd": int(t.iscrowd[j]) if t.iscrowd is not None else 0,
-            })
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        areas = t.area if t.area is not None else xywh[:, 2] * xywh[:, 3]
+        crowd = t.iscrowd if t.iscrowd is not None else np.zeros(len(boxes), np.int64)
+        for box, label, area, iscrowd in zip(xywh.tolist(), t.labels, areas, crowd):
+            annotations.append({"id": len(annotations) + 1, "image_id": iid, "category_id": int(label), "bbox": box,
+                                "area": float(area), "iscrowd": int(iscrowd)})
     cat_list = [{"id": c, "name": str(categories[c])} for c in cat_ids]
 
     dets = predictions if isinstance(predictions, Detections) else Detections.from_predictions(predictions)

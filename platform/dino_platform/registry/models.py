@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from dino_platform.errors import ConfigError, StorageError
 
@@ -116,6 +116,7 @@ def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: st
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
+    new_ap = float(metrics.get("AP", float("nan")))
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -128,13 +129,13 @@ def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: st
         with tempfile.TemporaryDirectory(prefix="dino-register-") as staging:
             artifact.write(Path(staging))
             client.log_artifacts(eval_run_id, staging, MODEL_DIR)
-        version_tags = {**{k: _tag(v) for k, v in metrics.items()}, **tags, "checkpoint": artifact.source}
+        metric_tags = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in metrics.items()}
+        version_tags = {**metric_tags, **tags, "checkpoint": artifact.source}
         version = client.create_model_version(name, source=f"runs:/{eval_run_id}/{MODEL_DIR}", run_id=eval_run_id,
                                               tags=version_tags,
                                               description=f"{artifact.model.preset} from {artifact.source}")
-        log.info("registered %s version %s (AP %.4f)", name, version.version, float(metrics.get("AP", float("nan"))))
-    return _decide_alias(client, name, alias, version, float(metrics.get("AP", float("nan"))), eval_run_id,
-                         compare_on)
+        log.info("registered %s version %s (AP %.4f)", name, version.version, new_ap)
+    return _decide_alias(client, name, alias, version, new_ap, eval_run_id, compare_on)
 
 
 def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_run_id: str,
@@ -179,6 +180,3 @@ def _float(text: Optional[str]) -> float:
     except (TypeError, ValueError):
         return float("nan")
 
-
-def _tag(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)

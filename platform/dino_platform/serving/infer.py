@@ -218,13 +218,9 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     model_info = _model_identity(cfg)
     settings = {"model": model_info, "threshold": cfg.threshold, "transform": detector.transform}
     source, parts = _plan(cfg, settings)
-    done, todo = {}, []
-    for part in parts:
-        recorded = _recorded_part(out.child(part.name))
-        if recorded is not None and recorded["key"] == part.key:
-            done[part.index] = recorded
-        else:
-            todo.append(part)
+    recorded = {p.index: _recorded_part(out.child(p.name)) for p in parts}
+    done = {i: r for i, r in recorded.items() if r is not None and r["key"] == parts[i].key}  # parts[i].index == i
+    todo = [p for p in parts if p.index not in done]
     total = sum(p.rows for p in parts)
     log.info("infer: %d images in %d parts; %d parts already written, %d to run", total, len(parts),
              len(done), len(todo))
@@ -249,21 +245,18 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
                                    "cpus": cfg.cpus_per_actor})
         by_index = {p.index: p for p in todo}
         pending: Dict[int, List[pa.Table]] = {p.index: [] for p in todo}
-        seen = {p.index: 0 for p in todo}
         finished_images = sum(d["images"] + len(d["failed"]) for d in done.values())
         batches = predicted.iter_batches(batch_size=None, batch_format="pyarrow")
         with watch("dino infer", cfg.stall_timeout_s, details=lambda: f"pipeline:\n{predicted.stats()}") as beat:
             for batch in watched(batches, beat, "predicted batch"):
                 for index in set(batch.column("part").to_pylist()):
-                    rows = batch.filter(pc.equal(batch.column("part"), index))
-                    pending[index].append(rows)
-                    seen[index] += rows.num_rows
-                    if seen[index] == by_index[index].rows:
-                        done[index] = _write_part(out.child(by_index[index].name), by_index[index],
-                                                  pa.concat_tables(pending.pop(index)))
-                        finished_images += by_index[index].rows
-                        log.info("infer: %s written (%d/%d images, %d parts to go)", by_index[index].name,
-                                 finished_images, total, len(pending))
+                    part = by_index[index]
+                    pending[index].append(batch.filter(pc.equal(batch.column("part"), index)))
+                    if sum(rows.num_rows for rows in pending[index]) == part.rows:
+                        done[index] = _write_part(out.child(part.name), part, pa.concat_tables(pending.pop(index)))
+                        finished_images += part.rows
+                        log.info("infer: %s written (%d/%d images, %d parts to go)", part.name, finished_images,
+                                 total, len(pending))
         if pending:
             raise DataError(f"infer: parts {sorted(pending)} received fewer rows than planned; re-run to finish")
     manifest = _manifest(cfg, source, settings, parts, done, time.time() - started)

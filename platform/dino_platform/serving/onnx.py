@@ -114,13 +114,12 @@ def load_onnx_detector(path: str, threads: Optional[int] = None) -> OnnxDetector
         raise ConfigError("--onnx needs onnxruntime: pip install 'dino-platform[export]'") from None
     from dino_platform.storage import resolve
 
-    location = resolve(path)
     local = Path(path)
     if not local.is_file():  # a remote URI: run from a local copy
         import tempfile
 
         local = Path(tempfile.mkdtemp(prefix="dino-onnx-")) / ONNX_FILE
-        local.write_bytes(location.read_bytes())
+        local.write_bytes(resolve(path).read_bytes())
     metadata = read_metadata(str(local))
     options = ort.SessionOptions()
     if threads:
