@@ -98,8 +98,8 @@ class S3Settings:
             # NOTE: not AwsStandardS3RetryStrategy: its retry quota (500 tokens, 5 per retry) is
             # not refilled by successes inside pyarrow, so after ~100 retries in a process every
             # fault is final (measured at 30% faults: 206 of 300 write+read pairs failed with it,
-            # none with this one and read_bytes through boto3). The default strategy has no quota; its argument counts retries,
-            # AWS_MAX_ATTEMPTS counts attempts.
+            # none with this one and read_bytes through boto3). The default strategy has no quota;
+            # its argument counts retries, AWS_MAX_ATTEMPTS counts attempts.
             retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=max(0, self.max_attempts - 1)),
             connect_timeout=CONNECT_TIMEOUT_S,
             request_timeout=REQUEST_TIMEOUT_S,
@@ -139,12 +139,9 @@ def _forward(name: str):
 
 
 class S3SettingsHandler(pafs.FileSystemHandler):
-    """The S3 operations of :func:`S3Settings.native_filesystem`, behind a ``PyFileSystem``.
+    """:meth:`S3Settings.native_filesystem` behind a ``PyFileSystem``, pickled as its settings (module docstring).
 
-    Pickles as its :class:`S3Settings`; unpickling rebuilds the native filesystem with the retry
-    strategy and timeouts. Streams and files come from the native filesystem, so the bytes never
-    pass through Python.
-    """
+    Streams and files come from the native filesystem, so the bytes never pass through Python."""
 
     def __init__(self, settings: S3Settings):
         self.settings = settings
@@ -221,10 +218,8 @@ def _resolve_s3_settings(_env_key: Tuple[Tuple[str, str], ...]) -> S3Settings:
 class Location:
     """A resolved storage location: the URI a user gave, plus the filesystem and path to reach it.
 
-    Picklable (Ray tasks and Ray Data receive it as is): it pickles as its URI, path and
-    settings, and the process that unpickles it rebuilds ``fs`` from the settings (retries and
-    timeouts included). ``path`` is what ``fs`` understands: ``bucket/key`` for S3, an absolute
-    path for local files.
+    Ray tasks receive it as is: it pickles as its URI, path and settings (``fs`` is rebuilt from them, see
+    the module docstring). ``path`` is what ``fs`` understands: ``bucket/key`` on S3, else an absolute path.
     """
 
     uri: str
@@ -253,33 +248,26 @@ class Location:
     # --- reading ---------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
         if self.is_s3:
-            return self._read_s3_object()
+            # NOTE: whole objects are read with boto3, not pyarrow. pyarrow's ranged GET writes the
+            # response into a buffer of the object's size, so an error reply longer than a small
+            # object (a 250-byte SlowDown for a 100-byte JSON marker) breaks the stream and the SDK
+            # gives up without retrying. botocore retries it like any other throttled request.
+            with self._boto_read_errors():
+                return self._s3_body().read()
         with self._errors("read"):
             with self.fs.open_input_file(self.path) as stream:
                 return stream.read()
 
-    def _read_s3_object(self) -> bytes:
-        # NOTE: whole objects are read with boto3, not pyarrow. pyarrow's ranged GET writes the
-        # response into a buffer of the object's size, so an error reply longer than a small
-        # object (a 250-byte SlowDown for a 100-byte JSON marker) breaks the stream and the SDK
-        # gives up without retrying. botocore retries it like any other throttled request.
-        with self._boto_read_errors():
-            return self._s3_body().read()
-
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The file's bytes in chunks of at most ``chunk_size``: a streamed read that never holds
         the whole object (an S3 object is fetched as it is consumed)."""
-        if self.is_s3:  # one boto3 GET streamed from its body, for the reason in _read_s3_object
+        if self.is_s3:  # one boto3 GET streamed from its body, for the reason in read_bytes
             with self._boto_read_errors():
                 yield from self._s3_body().iter_chunks(chunk_size)
             return
         with self._errors("read"):
             with self.fs.open_input_stream(self.path) as stream:
-                while True:
-                    chunk = stream.read(chunk_size)
-                    if not chunk:
-                        return
-                    yield chunk
+                yield from iter(lambda: stream.read(chunk_size), b"")
 
     def _s3_body(self):
         bucket, _, key = self.path.partition("/")

@@ -10,6 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
+from dino_platform.errors import UserError
 from dino_platform.spec_cli import setup_logging
 
 # the modules of this package that add sub-commands, in --help order
@@ -43,11 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # user-facing errors: one clear line, not a traceback
-        from dino_platform.errors import UserError
-
-        if isinstance(exc, UserError):
-            print(f"dino {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as exc:  # user-facing errors: one clear line, not a traceback
+        print(f"dino {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 

@@ -44,11 +44,10 @@ def _ingest(args: argparse.Namespace) -> int:
                                    images_uri=args.images, out_uri=args.out,
                                    shard_size=args.shard_size, parallel=not args.no_ray,
                                    stall_timeout_s=args.stall_timeout_s))
-    summary = {"out": args.out, "images": manifest.images, "annotations": manifest.annotations,
-               "shards": len(manifest.shards), "quarantined": len(manifest.quarantined),
-               "quarantined_by_reason": manifest.stats.get("quarantined_by_reason", {}),
-               "digest": manifest.digest}
-    print(json.dumps(summary))
+    print(json.dumps({"out": args.out, "images": manifest.images, "annotations": manifest.annotations,
+                      "shards": len(manifest.shards), "quarantined": len(manifest.quarantined),
+                      "quarantined_by_reason": manifest.stats.get("quarantined_by_reason", {}),
+                      "digest": manifest.digest}))
     return 0
 
 

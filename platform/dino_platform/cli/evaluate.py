@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from dino_platform.errors import ConfigError
 from dino_platform.evaluation.coco_eval import ENGINES, EvalConfig
 
 EXAMPLE = """\
@@ -42,7 +43,6 @@ def add_parser(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dino_platform.errors import ConfigError
     from dino_platform.evaluation.runner import run_evaluation
 
     if args.workers < 1:

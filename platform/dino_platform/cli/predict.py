@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dino_platform.cli.model_source import MODEL_HELP, add_model_options
+from dino_platform.errors import ConfigError
 
 PREDICT_EXAMPLE = """\
 example:
@@ -71,7 +72,6 @@ ResNet presets export; Swin presets do not yet (the command says why).
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dino_platform.errors import ConfigError
     from dino_platform.serving.onnx import export_model
 
     if args.opset < 16:
@@ -88,7 +88,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from dino_platform.errors import ConfigError
     from dino_platform.model.artifact import load_artifact
     from dino_platform.serving.predict import predict_to_directory
     from dino_platform.storage import resolve

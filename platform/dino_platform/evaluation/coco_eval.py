@@ -5,11 +5,9 @@ on), so the score covers exactly the images evaluated. Labels are the dataset's 
 (models are built with ``num_classes = max id + 1``), so results need no id remapping; detections
 whose label is not one of the dataset's categories are ignored, as pycocotools ignores unknown ids.
 
-The protocol (``EvalConfig``; recorded as ``EvalProtocol``) is the official DINO one by default: every
-post-processed detection (``num_select``, 300 for the presets) goes to the evaluator, whose ``maxDets``
-(100) caps detections per image *per category*. The COCO-challenge rule (at most 100 per image across classes) is
-``detections_per_image=100``. Two engines compute the same numbers: ``faster_coco_eval`` (C++,
-the default) and ``pycocotools`` (the reference); tests/platform/evaluation/test_eval_engines.py holds them to 1e-9.
+How detections are scored is an ``EvalConfig`` (official DINO by default, see its docstring), recorded with
+each result as its ``EvalProtocol``. The two engines, ``faster_coco_eval`` (C++, the default) and ``pycocotools``
+(the reference), compute the same numbers: tests/platform/evaluation/test_eval_engines.py holds them to 1e-9.
 """
 from __future__ import annotations
 
@@ -271,12 +269,9 @@ def evaluate_coco(
         {"image_id": dets.image_ids[k], "category_id": c, "bbox": box, "score": s}
         for k, c, box, s in zip(original_ids, labels[order].tolist(), xywh.tolist(), scores[order].tolist())
     ]
-    engine_ids = image_index[order].tolist()
     areas = (xywh[:, 2] * xywh[:, 3]).tolist()
-    results = [
-        {**d, "id": n + 1, "image_id": engine_ids[n], "area": areas[n], "iscrowd": 0}
-        for n, d in enumerate(detections)
-    ]
+    results = [{**d, "id": n, "image_id": engine_id, "area": area, "iscrowd": 0}
+               for n, (d, engine_id, area) in enumerate(zip(detections, image_index[order].tolist(), areas), 1)]
     stats, precision = _run_engine(protocol, images, annotations, cat_list, results, cat_ids)
     per_class = {}
     for k, cid in enumerate(cat_ids):
