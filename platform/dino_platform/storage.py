@@ -1,14 +1,12 @@
 """One storage layer for every location the platform reads or writes.
 
 A location is a URI: a local path or ``file:///abs/path`` (the embedded default), or
-``s3://bucket/prefix``. S3 settings are resolved the way the AWS CLI resolves them (botocore
-reads ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE`` and the shared config/credentials files,
-``AWS_MAX_ATTEMPTS``), so MinIO, Ceph or a test endpoint work by setting the endpoint. All I/O then
-goes through a ``pyarrow.fs.FileSystem``, the same object Ray Data reads Parquet with and Ray Train
-writes checkpoints with; transient S3 errors (throttling, 5xx, dropped connections) are retried up
-to ``max_attempts`` times with exponential backoff, by the AWS SDK inside pyarrow and by botocore's
-standard retry mode for the boto3 client of :meth:`S3Settings.client` (whole-object reads).
+``s3://bucket/prefix``. S3 settings are resolved as the AWS CLI resolves them (botocore: ``AWS_ENDPOINT_URL``,
+``AWS_REGION``, ``AWS_PROFILE``, ``AWS_MAX_ATTEMPTS``, the credential variables and the shared config files),
+so MinIO, Ceph or a test endpoint work by setting the endpoint. All I/O goes through a ``pyarrow.fs.FileSystem``,
+the object Ray Data and Ray Train use too; transient S3 errors (throttling, 5xx, dropped connections) are
+retried up to ``max_attempts`` times with backoff, by the AWS SDK inside pyarrow and by botocore's standard
+retry mode for whole-object reads (:meth:`S3Settings.client`).
 
 What travels to Ray tasks, Ray Data read tasks and Ray Train workers is the :class:`S3Settings`,
 not a pyarrow ``S3FileSystem``: that one pickles without its retry strategy (``fs.__reduce__()``
@@ -356,16 +354,13 @@ class Location:
                 if os.path.exists(tmp):
                     os.remove(tmp)
 
-    def delete(self, missing_ok: bool = True) -> None:
+    def delete(self) -> None:
+        """Remove the file or directory (with its contents); a missing one is no error."""
         with self._errors("delete"):
-            info = self.fs.get_file_info(self.path)
-            if info.type == pafs.FileType.NotFound:
-                if not missing_ok:
-                    raise FileNotFoundError(self.path)
-                return
-            if info.type == pafs.FileType.Directory:
+            kind = self.fs.get_file_info(self.path).type
+            if kind == pafs.FileType.Directory:
                 self.fs.delete_dir(self.path)
-            else:
+            elif kind != pafs.FileType.NotFound:
                 self.fs.delete_file(self.path)
 
     def ensure_dir(self) -> None:
@@ -392,18 +387,20 @@ class Location:
             return f"cannot {action} {self.uri}: {detail}"
         settings = self.settings
         endpoint = settings.endpoint_url or f"AWS S3 (region {settings.region or 'auto'})"
-        if any(text in detail for text in ("NETWORK_CONNECTION", "Could not connect", "curlCode",
-                                           "EndpointConnectionError", "ConnectionClosedError")):
+        def mentions(*texts: str) -> bool:
+            return any(text in detail for text in texts)
+
+        if mentions("NETWORK_CONNECTION", "Could not connect", "curlCode", "EndpointConnectionError",
+                    "ConnectionClosedError"):
             hint = (f"cannot reach the S3 endpoint {endpoint} after {settings.max_attempts} attempts; "
                     "check that it is running and that AWS_ENDPOINT_URL names it")
-        elif any(code in detail for code in ("SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError",
-                                             "SERVICE_UNAVAILABLE", "ServiceUnavailable", "HTTP response code: 5")):
+        elif mentions("SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError", "SERVICE_UNAVAILABLE",
+                      "ServiceUnavailable", "HTTP response code: 5"):
             hint = (f"the S3 endpoint {endpoint} kept failing (throttling or server errors) for "
                     f"{settings.max_attempts} attempts; retry later or raise AWS_MAX_ATTEMPTS")
-        elif "NO_SUCH_BUCKET" in detail or "NoSuchBucket" in detail:
+        elif mentions("NO_SUCH_BUCKET", "NoSuchBucket"):
             hint = "the bucket does not exist; create it or fix the URI"
-        elif "ACCESS_DENIED" in detail or "AccessDenied" in detail or "403" in detail or \
-                "InvalidAccessKeyId" in detail or "SignatureDoesNotMatch" in detail:
+        elif mentions("ACCESS_DENIED", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             hint = (f"access denied by {endpoint}; check the credentials "
                     f"(source: {settings.credential_source}; AWS_ACCESS_KEY_ID / AWS_PROFILE)")
         else:

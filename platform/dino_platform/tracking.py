@@ -48,12 +48,8 @@ def start_or_resume_run(
     config_yaml: str,
     artifact_dir: Optional[Path] = None,
 ) -> TrackingTarget:
-    """Create (or find, by ``run_key``) the job's MLflow run; log params and the resolved config.
-
-    Params are logged once, when the run is created: MLflow refuses to change a param's value,
-    and a resumed job may legitimately differ (e.g. ``optim.max_steps``); each start's full config is
-    logged as an artifact instead (``config.yaml``, then ``config_resume_<n>.yaml``).
-    """
+    """Create (or find, by ``run_key``) the job's MLflow run (:func:`find_or_create_run`); a resumed run
+    gets this start's config as ``config_resume_<n>.yaml`` (its params stay those of the first start)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)

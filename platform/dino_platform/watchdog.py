@@ -228,12 +228,12 @@ def data_operators() -> List[str]:
     for tag, dataset in ray.get(actor.get_datasets.remote(), timeout=10).items():
         if dataset.get("state") in ("FINISHED", "FAILED"):
             continue
-        stalled = None
-        for operator, state in dataset.get("operators", {}).items():
+        operators = dataset.get("operators", {})
+        for operator, state in operators.items():
             numbers = ", ".join(f"{key} {state[key]}" for key in ("progress", "total", "queued_blocks") if key in state)
             lines.append(f"{tag}: {operator} {state.get('state', '?')}" + (f" ({numbers})" if numbers else ""))
-            if stalled is None and state.get("state") == "RUNNING" and not state.get("progress"):
-                stalled = operator
+        stalled = next((op for op, state in operators.items()
+                        if state.get("state") == "RUNNING" and not state.get("progress")), None)
         if stalled is not None:
             lines.append(f"{tag}: stalled operator: {stalled} (the first one running without output yet)")
     return lines

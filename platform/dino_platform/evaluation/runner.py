@@ -19,7 +19,7 @@ import torch
 
 from dino_platform.errors import DataError
 from dino_platform.evaluation.coco_eval import (
-    CocoResult, Detections, EvalConfig, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
+    CocoResult, Detections, EvalConfig, EvalProtocol, ImagePrediction, evaluate_coco, protocol_tags, truths_from_coco,
 )
 from dino_platform.evaluation.inference import gather_detections, predict_batch, valid_sizes
 
@@ -40,8 +40,6 @@ class EvalOutcome:
         return out
 
     def log_to(self, tracker, step: int) -> None:
-        from dino_platform.evaluation.coco_eval import protocol_tags
-
         tracker.set_tags(protocol_tags(self.coco.protocol))
         tracker.log_metrics(self.metrics(), step=step)
         tracker.log_dict(self.coco.to_json(), f"eval/step_{step:07d}/{RESULT_FILE}")

@@ -35,8 +35,10 @@ class Detector:
         """
         picture, image = decode_for_eval(data, self.transform)
         width, height = picture.size
-        scores, labels, boxes = self.predict(image, height, width)
-        return picture, format_detections(scores, labels, boxes, self.categories, max_detections)
+        scores, labels, boxes = (np.asarray(a)[:max_detections].tolist() for a in self.predict(image, height, width))
+        return picture, [{"label": int(label), "name": self.categories.get(int(label), str(int(label))),
+                          "score": round(float(score), 5), "box": [round(float(v), 2) for v in box]}
+                         for score, label, box in zip(scores, labels, boxes)]
 
 
 @dataclass
@@ -100,13 +102,3 @@ def rank_and_clip(scores, labels, boxes, width: int, height: int) -> Tuple[np.nd
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     return scores[order], np.asarray(labels)[order], boxes
-
-
-def format_detections(scores, labels, boxes, categories: Mapping[int, str],
-                      max_detections: int) -> List[Dict[str, Any]]:
-    """The best ``max_detections`` of ranked detections, as ``{"label", "name", "score", "box"}``."""
-    return [{"label": int(label), "name": categories.get(int(label), str(int(label))), "score": round(float(score), 5),
-             "box": [round(float(v), 2) for v in box]}
-            for score, label, box in zip(np.asarray(scores)[:max_detections].tolist(),
-                                         np.asarray(labels)[:max_detections].tolist(),
-                                         np.asarray(boxes)[:max_detections].tolist())]

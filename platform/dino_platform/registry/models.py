@@ -1,11 +1,8 @@
 """The MLflow model registry: evaluated models become versions; an alias follows the best AP.
 
 A registered version is the directory ``model/`` of the evaluation run, holding the files of a
-model artifact (``model.artifact``: ``model.pt`` + ``model_config.json``, no pickled code). It is
-created with ``MlflowClient.create_model_version(source="runs:/<eval run>/model")`` and loads
-offline with ``mlflow.artifacts.download_artifacts("models:/dino-coco@champion")``. Version tags:
-the caller's (``AP``, ``AP50`` and the other COCO stats, ``data_digest.<dataset>``, ``config_hash``,
-``parent_run.<stage>``, ``git_commit``, ``eval.protocol`` ...) plus ``checkpoint``.
+model artifact (``model.artifact``: ``model.pt`` + ``model_config.json``, no pickled code); its tags
+are the COCO stats, the caller's tags (``eval.protocol``, ``git_commit`` ...) and ``checkpoint``.
 
 The alias (``champion``) moves to a new version only when its AP is higher than the current
 holder's, and, with ``compare_on`` (e.g. ``eval.protocol``), only when both hold the same value of
@@ -168,10 +165,9 @@ def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_ru
     client.set_model_version_tag(name, version.version, f"{alias}_decision", decision)
     client.set_tag(eval_run_id, f"registry.{alias}_decision", decision)
     log.info("%s: %s", name, decision)
-    champion = version.version if promoted else (holder.version if holder is not None else None)
-    champion = str(champion) if champion is not None else None
-    return Registration(name=name, version=str(version.version), alias=alias, champion_version=champion,
-                        promoted=promoted, decision=decision)
+    champion = version if promoted else holder
+    return Registration(name=name, version=str(version.version), alias=alias, promoted=promoted, decision=decision,
+                        champion_version=str(champion.version) if champion is not None else None)
 
 
 def _float(text: Optional[str]) -> float:

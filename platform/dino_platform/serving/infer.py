@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -164,10 +165,9 @@ class DetectorActor:
             detector = ray.get(detector)
         self.detector = detector
         self.threshold = float(threshold)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(round(cpus))))
-        self.detector.model.to(self.device).eval()
+        self.detector.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         _, eval_cfg = transform_configs(detector.transform)
         self.mean, self.std = eval_cfg.mean, eval_cfg.std
 
@@ -272,8 +272,6 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
 
 def _model_identity(cfg: InferConfig) -> Dict[str, Any]:
     if cfg.model.startswith("models:/"):
-        import os
-
         from dino_platform.registry.models import resolve_version
 
         version = resolve_version(cfg.model, cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
