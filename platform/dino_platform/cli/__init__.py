@@ -41,7 +41,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        args.func(args)  # a command returns nothing; it fails by raising
+        return 0
     except KeyboardInterrupt:
         return 130
     except UserError as exc:  # user-facing errors: one clear line, not a traceback

@@ -27,17 +27,16 @@ finishes it with identical shards.
 """
 
 
-def _synth(args: argparse.Namespace) -> int:
+def _synth(args: argparse.Namespace) -> None:
     from dino_platform.data.synth import SynthConfig, generate
 
     cfg = SynthConfig(kind=args.kind, images=args.images, seed=args.seed, size=tuple(args.size))
     counts = generate(cfg, args.out)
     out = args.out.rstrip("/")
     print(json.dumps({"annotations": f"{out}/annotations.json", "images": f"{out}/images", **counts}))
-    return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
+def _ingest(args: argparse.Namespace) -> None:
     from dino_platform.data.ingest import IngestConfig, ingest
 
     manifest = ingest(IngestConfig(format=args.format, annotations_uri=args.annotations,
@@ -48,7 +47,6 @@ def _ingest(args: argparse.Namespace) -> int:
                       "shards": len(manifest.shards), "quarantined": len(manifest.quarantined),
                       "quarantined_by_reason": manifest.stats.get("quarantined_by_reason", {}),
                       "digest": manifest.digest}))
-    return 0
 
 
 def add_parser(sub) -> None:

@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     evaluate.set_defaults(func=_eval)
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace) -> None:
     from dino_platform.evaluation.runner import run_evaluation
 
     if args.workers < 1:
@@ -66,4 +66,3 @@ def _eval(args: argparse.Namespace) -> int:
         with open(args.out, "w") as handle:
             json.dump(result, handle)
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0

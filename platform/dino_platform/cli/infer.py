@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     infer.set_defaults(func=_infer)
 
 
-def _infer(args: argparse.Namespace) -> int:
+def _infer(args: argparse.Namespace) -> None:
     from dino_platform.serving.infer import InferConfig, run_inference
 
     flags = {f.name: getattr(args, f.name) for f in fields(InferConfig) if hasattr(args, f.name)}  # same names
@@ -57,4 +57,3 @@ def _infer(args: argparse.Namespace) -> int:
           f"{counts['parts']} parts; digest {manifest['digest']}")
     for item in manifest["failed"]:
         print(f"  unreadable: {item['file']}: {item['reason']}")
-    return 0

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     train.set_defaults(func=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> None:
     from dino_platform.train.config import load_config
     from dino_platform.train.trainer import run_training
 
@@ -47,4 +47,3 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("step", "loss", "eval/AP", "eval/AP50"):
         if outcome.metrics and name in outcome.metrics:
             print(f"{name}: {outcome.metrics[name]:.4g}")
-    return 0

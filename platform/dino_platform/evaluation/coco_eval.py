@@ -163,9 +163,6 @@ class Detections:
                           np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
                           np.concatenate([p.labels for p in parts]))
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
 
 @dataclass
 class CocoResult:

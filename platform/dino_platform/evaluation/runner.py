@@ -60,12 +60,10 @@ def evaluate_shard(
 ) -> Optional[EvalOutcome]:
     """Predict every image of this worker's ``shard``; on rank 0 return the COCO result (else None).
 
-    All ranks must call this together (predictions are gathered with torch.distributed). ``model``
-    is a plain module in eval mode; each image is run alone at its own size (see ``inference``).
-    ``ground_truth`` is the shard directory's COCO-format annotations (``read_ground_truth``),
-    needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std). ``protocol``:
-    how detections are scored (all ``num_select`` by default; ``detections_per_image`` cuts earlier,
-    on the workers, so less is gathered).
+    All ranks must call this together (predictions are gathered with torch.distributed); ``model`` is a
+    plain module in eval mode. ``ground_truth``: the shard directory's COCO-format annotations
+    (``read_ground_truth``), needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std).
+    ``protocol.detections_per_image`` cuts on the workers, so less is gathered.
     """
     from dino_platform.data.batches import iter_collated
 

@@ -137,7 +137,8 @@ def read_model_state(source) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
-        raise StorageError(f"{location.uri}: cannot be read as model weights ({exc.__class__.__name__}: {exc})") from None
+        raise StorageError(f"{location.uri}: cannot be read as model weights "
+                           f"({exc.__class__.__name__}: {exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -157,9 +157,8 @@ def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_ru
     else:
         held_ap = _float(holder.tags.get("AP"))
         promoted = math.isfinite(new_ap) and (not math.isfinite(held_ap) or new_ap > held_ap)
-        verb = "beats" if promoted else "does not beat"
         decision = (f"version {version.version} {'becomes' if promoted else 'stays out of'} @{alias}: AP {new_ap:.4f} "
-                    f"{verb} version {holder.version}'s AP {held_ap:.4f}")
+                    f"{'beats' if promoted else 'does not beat'} version {holder.version}'s AP {held_ap:.4f}")
     if promoted:
         client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, f"{alias}_decision", decision)
