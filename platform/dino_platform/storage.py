@@ -302,15 +302,14 @@ class Location:
         return int(info.size)
 
     def list_files(self, recursive: bool = True) -> List[str]:
-        """Paths of the files below this location, relative to it, '/'-separated, sorted.
-
-        A location that does not exist lists as empty (S3 has no directories to be missing); a
-        missing bucket is an error.
-        """
+        """Paths of the files below this location, relative to it, '/'-separated, sorted (:meth:`file_sizes`)."""
         return sorted(self.file_sizes(recursive))
 
     def file_sizes(self, recursive: bool = True) -> Dict[str, int]:
-        """Like :meth:`list_files`, with each file's size in bytes (one listing, no per-file requests)."""
+        """{path relative to this location: size in bytes} of the files below it, from one listing.
+
+        A location that does not exist lists as empty (S3 has no directories to be missing); a missing
+        bucket is an error."""
         with self._errors("list"):
             infos = self.fs.get_file_info(
                 pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))

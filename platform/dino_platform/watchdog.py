@@ -67,7 +67,6 @@ class Heartbeat:
         self._phase, self._last = "starting", time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.report: Optional[str] = None
 
     def phase(self, text: str) -> None:
@@ -80,8 +79,7 @@ class Heartbeat:
             self._last = time.monotonic()
 
     def start(self) -> "Heartbeat":
-        self._thread = threading.Thread(target=self._watch, name=f"stall-watchdog-{self.name}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name=f"stall-watchdog-{self.name}", daemon=True).start()
         return self
 
     def stop(self) -> None:

@@ -30,8 +30,7 @@ finishes it with identical shards.
 def _synth(args: argparse.Namespace) -> None:
     from dino_platform.data.synth import SynthConfig, generate
 
-    cfg = SynthConfig(kind=args.kind, images=args.images, seed=args.seed, size=tuple(args.size))
-    counts = generate(cfg, args.out)
+    counts = generate(SynthConfig(kind=args.kind, images=args.images, seed=args.seed, size=tuple(args.size)), args.out)
     out = args.out.rstrip("/")
     print(json.dumps({"annotations": f"{out}/annotations.json", "images": f"{out}/images", **counts}))
 

@@ -34,8 +34,7 @@ def _train(args: argparse.Namespace) -> None:
     from dino_platform.train.config import load_config
     from dino_platform.train.trainer import run_training
 
-    cfg = load_config(args.config, overrides=args.overrides)
-    outcome = run_training(cfg)
+    outcome = run_training(load_config(args.config, overrides=args.overrides))
     print(f"run: {outcome.run_dir}")
     if outcome.worker_groups:
         sizes = " -> ".join(str(g["world_size"]) for g in outcome.worker_groups)

@@ -200,9 +200,7 @@ def truths_from_coco(ground_truth: Mapping[str, Any]) -> List[ImageTruth]:
         anns = per_image[img["id"]]
         xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         truths.append(ImageTruth(
-            image_id=img["id"],
-            height=int(img["height"]),
-            width=int(img["width"]),
+            image_id=img["id"], height=int(img["height"]), width=int(img["width"]),
             boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
             labels=np.asarray([a["category_id"] for a in anns], dtype=np.int64),
             iscrowd=np.asarray([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
@@ -279,9 +277,7 @@ def evaluate_coco(
         stats={name: float(v) for name, v in zip(STAT_NAMES, stats)},
         per_class_ap=per_class,
         category_names={c: str(categories[c]) for c in cat_ids},
-        num_images=len(images),
-        num_detections=len(detections),
-        detections=detections,
+        num_images=len(images), num_detections=len(detections), detections=detections,
         protocol=protocol.to_dict(),
     )
 

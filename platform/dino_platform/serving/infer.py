@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dino_platform.errors import ConfigError, DataError
+from dino_platform.ray_session import connect
 from dino_platform.storage import Location, resolve
 from dino_platform.watchdog import watch, watched
 
@@ -215,8 +216,7 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     out.ensure_dir()
     detector = load_artifact(cfg.model, tracking_uri=cfg.tracking_uri, preset=cfg.preset,
                              num_classes=cfg.num_classes).detector()
-    model_info = _model_identity(cfg)
-    settings = {"model": model_info, "threshold": cfg.threshold, "transform": detector.transform}
+    settings = {"model": _model_identity(cfg), "threshold": cfg.threshold, "transform": detector.transform}
     source, parts = _plan(cfg, settings)
     recorded = {p.index: _recorded_part(out.child(p.name)) for p in parts}
     done = {i: r for i, r in recorded.items() if r is not None and r["key"] == parts[i].key}  # parts[i].index == i
@@ -225,8 +225,6 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     log.info("infer: %d images in %d parts; %d parts already written, %d to run", total, len(parts),
              len(done), len(todo))
     if todo:
-        from dino_platform.ray_session import connect
-
         connect()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = ray.cluster_resources().get("CPU", 0)
