@@ -12,6 +12,7 @@ the cluster's State API in its job's runtime env for the same reason.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any, Optional
@@ -34,12 +35,10 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
     if address and address != "local":
         url = None  # the cluster's State API, named to every process of the job (unless named already)
         if not os.environ.get("RAY_API_SERVER_ADDRESS"):
-            try:
+            with contextlib.suppress(Exception):  # no dashboard on that cluster: nothing to name
                 from ray.dashboard.utils import get_address_for_submission_client
 
                 url = get_address_for_submission_client(address)
-            except Exception:  # no dashboard on that cluster: nothing to name
-                pass
         options.setdefault("runtime_env", {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None)
         ray.init(address=address, log_to_driver=log_to_driver, **options)  # a cluster's CPUs are its own
         return f"Ray cluster at {address}"

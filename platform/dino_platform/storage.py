@@ -1,14 +1,12 @@
 """One storage layer for every location the platform reads or writes.
 
 A location is a URI: a local path or ``file:///abs/path`` (the embedded default), or
-``s3://bucket/prefix``. S3 settings are resolved the way the AWS CLI resolves them (botocore
-reads ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_PROFILE`` and the shared config/credentials files,
-``AWS_MAX_ATTEMPTS``), so MinIO, Ceph or a test endpoint work by setting the endpoint. All I/O then
-goes through a ``pyarrow.fs.FileSystem``, the same object Ray Data reads Parquet with and Ray Train
-writes checkpoints with; transient S3 errors (throttling, 5xx, dropped connections) are retried up
-to ``max_attempts`` times with exponential backoff, by the AWS SDK inside pyarrow and by botocore's
-standard retry mode for the boto3 client of :meth:`S3Settings.client` (whole-object reads).
+``s3://bucket/prefix``. S3 settings are resolved as the AWS CLI resolves them (botocore: ``AWS_ENDPOINT_URL``,
+``AWS_REGION``, ``AWS_PROFILE``, ``AWS_MAX_ATTEMPTS``, the credential variables and the shared config files),
+so MinIO, Ceph or a test endpoint work by setting the endpoint. All I/O goes through a ``pyarrow.fs.FileSystem``,
+the object Ray Data and Ray Train use too; transient S3 errors (throttling, 5xx, dropped connections) are
+retried up to ``max_attempts`` times with backoff, by the AWS SDK inside pyarrow and by botocore's standard
+retry mode for whole-object reads (:meth:`S3Settings.client`).
 
 What travels to Ray tasks, Ray Data read tasks and Ray Train workers is the :class:`S3Settings`,
 not a pyarrow ``S3FileSystem``: that one pickles without its retry strategy (``fs.__reduce__()``
@@ -70,9 +68,10 @@ class S3Settings:
         """The filesystem for these settings; it pickles as the settings (see the module docstring)."""
         return pafs.PyFileSystem(S3SettingsHandler(self))
 
+    @functools.lru_cache(maxsize=16)
     def native_filesystem(self) -> pafs.S3FileSystem:
         """pyarrow's ``S3FileSystem`` for these settings, one per process (do not ship it to Ray)."""
-        return _native_s3_filesystem(self)
+        return pafs.S3FileSystem(**self._native_kwargs())
 
     def client(self):
         """A boto3 S3 client that retries and times out like :meth:`filesystem` does."""
@@ -91,17 +90,14 @@ class S3Settings:
         return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
                                               config=config, **credentials)
 
-    def describe_endpoint(self) -> str:
-        return self.endpoint_url or f"AWS S3 (region {self.region or 'auto'})"
-
     def _native_kwargs(self) -> dict:
         kwargs = dict(
             region=self.region,
             # NOTE: not AwsStandardS3RetryStrategy: its retry quota (500 tokens, 5 per retry) is
             # not refilled by successes inside pyarrow, so after ~100 retries in a process every
             # fault is final (measured at 30% faults: 206 of 300 write+read pairs failed with it,
-            # none with this one and read_bytes through boto3). The default strategy has no quota; its argument counts retries,
-            # AWS_MAX_ATTEMPTS counts attempts.
+            # none with this one and read_bytes through boto3). The default strategy has no quota;
+            # its argument counts retries, AWS_MAX_ATTEMPTS counts attempts.
             retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=max(0, self.max_attempts - 1)),
             connect_timeout=CONNECT_TIMEOUT_S,
             request_timeout=REQUEST_TIMEOUT_S,
@@ -126,11 +122,6 @@ class S3Settings:
 
 
 @functools.lru_cache(maxsize=16)
-def _native_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(**settings._native_kwargs())
-
-
-@functools.lru_cache(maxsize=16)
 def _s3_client(settings: S3Settings):
     # botocore's DEBUG records carry the signed request headers (the access key id): unless the
     # user chose a level for it, a DEBUG run of the platform does not log them.
@@ -140,13 +131,15 @@ def _s3_client(settings: S3Settings):
     return settings.client()  # boto3 clients are thread-safe; one per process and settings
 
 
-class S3SettingsHandler(pafs.FileSystemHandler):
-    """The S3 operations of :func:`S3Settings.native_filesystem`, behind a ``PyFileSystem``.
+def _forward(name: str):
+    """A handler method that calls the native filesystem's method of the same name with the same arguments."""
+    return lambda self, *args: getattr(self.fs, name)(*args)
 
-    Pickles as its :class:`S3Settings`; unpickling rebuilds the native filesystem with the retry
-    strategy and timeouts. Streams and files come from the native filesystem, so the bytes never
-    pass through Python.
-    """
+
+class S3SettingsHandler(pafs.FileSystemHandler):
+    """:meth:`S3Settings.native_filesystem` behind a ``PyFileSystem``, pickled as its settings (module docstring).
+
+    Streams and files come from the native filesystem, so the bytes never pass through Python."""
 
     def __init__(self, settings: S3Settings):
         self.settings = settings
@@ -158,47 +151,28 @@ class S3SettingsHandler(pafs.FileSystemHandler):
     def __eq__(self, other) -> bool:
         return isinstance(other, S3SettingsHandler) and other.settings == self.settings
 
-    def __ne__(self, other) -> bool:
-        return not self == other
-
     def get_type_name(self) -> str:
         return "dino-s3"
 
-    def normalize_path(self, path):
-        return self.fs.normalize_path(path)
+    normalize_path = _forward("normalize_path")
+    get_file_info = _forward("get_file_info")
+    get_file_info_selector = _forward("get_file_info")
+    delete_dir = _forward("delete_dir")
+    delete_file = _forward("delete_file")
+    move = _forward("move")
+    copy_file = _forward("copy_file")
+    open_input_stream = _forward("open_input_stream")
+    open_input_file = _forward("open_input_file")
 
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
-
+    # the native methods take these arguments by keyword (positionally they would be others)
     def create_dir(self, path, recursive):
         self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
     def delete_root_dir_contents(self):
         self.fs.delete_dir_contents("/", accept_root_dir=True)
-
-    def delete_file(self, path):
-        self.fs.delete_file(path)
-
-    def move(self, src, dest):
-        self.fs.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path):
-        return self.fs.open_input_file(path)
 
     def open_output_stream(self, path, metadata):
         return self.fs.open_output_stream(path, metadata=metadata)
@@ -207,15 +181,10 @@ class S3SettingsHandler(pafs.FileSystemHandler):
         return self.fs.open_append_stream(path, metadata=metadata)
 
 
-def _aws_environment_key() -> Tuple[Tuple[str, str], ...]:
-    # Settings are cached per process; a changed AWS_* variable (tests, a new profile) re-resolves.
-    keys = sorted(k for k in os.environ if k.startswith("AWS_"))
-    return tuple((k, os.environ[k]) for k in keys)
-
-
 def s3_settings() -> S3Settings:
     """Resolve S3 settings from the environment and AWS config files, like the AWS CLI does."""
-    return _resolve_s3_settings(_aws_environment_key())
+    # cached per process, keyed by the AWS_* variables: a changed one (tests, a new profile) re-resolves
+    return _resolve_s3_settings(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,10 +216,8 @@ def _resolve_s3_settings(_env_key: Tuple[Tuple[str, str], ...]) -> S3Settings:
 class Location:
     """A resolved storage location: the URI a user gave, plus the filesystem and path to reach it.
 
-    Picklable (Ray tasks and Ray Data receive it as is): it pickles as its URI, path and
-    settings, and the process that unpickles it rebuilds ``fs`` from the settings (retries and
-    timeouts included). ``path`` is what ``fs`` understands: ``bucket/key`` for S3, an absolute
-    path for local files.
+    Ray tasks receive it as is: it pickles as its URI, path and settings (``fs`` is rebuilt from them, see
+    the module docstring). ``path`` is what ``fs`` understands: ``bucket/key`` on S3, else an absolute path.
     """
 
     uri: str
@@ -279,33 +246,26 @@ class Location:
     # --- reading ---------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
         if self.is_s3:
-            return self._read_s3_object()
+            # NOTE: whole objects are read with boto3, not pyarrow. pyarrow's ranged GET writes the
+            # response into a buffer of the object's size, so an error reply longer than a small
+            # object (a 250-byte SlowDown for a 100-byte JSON marker) breaks the stream and the SDK
+            # gives up without retrying. botocore retries it like any other throttled request.
+            with self._boto_read_errors():
+                return self._s3_body().read()
         with self._errors("read"):
             with self.fs.open_input_file(self.path) as stream:
                 return stream.read()
 
-    def _read_s3_object(self) -> bytes:
-        # NOTE: whole objects are read with boto3, not pyarrow. pyarrow's ranged GET writes the
-        # response into a buffer of the object's size, so an error reply longer than a small
-        # object (a 250-byte SlowDown for a 100-byte JSON marker) breaks the stream and the SDK
-        # gives up without retrying. botocore retries it like any other throttled request.
-        with self._boto_read_errors():
-            return self._s3_body().read()
-
     def iter_chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The file's bytes in chunks of at most ``chunk_size``: a streamed read that never holds
         the whole object (an S3 object is fetched as it is consumed)."""
-        if self.is_s3:  # one boto3 GET streamed from its body, for the reason in _read_s3_object
+        if self.is_s3:  # one boto3 GET streamed from its body, for the reason in read_bytes
             with self._boto_read_errors():
                 yield from self._s3_body().iter_chunks(chunk_size)
             return
         with self._errors("read"):
             with self.fs.open_input_stream(self.path) as stream:
-                while True:
-                    chunk = stream.read(chunk_size)
-                    if not chunk:
-                        return
-                    yield chunk
+                yield from iter(lambda: stream.read(chunk_size), b"")
 
     def _s3_body(self):
         bucket, _, key = self.path.partition("/")
@@ -342,15 +302,14 @@ class Location:
         return int(info.size)
 
     def list_files(self, recursive: bool = True) -> List[str]:
-        """Paths of the files below this location, relative to it, '/'-separated, sorted.
-
-        A location that does not exist lists as empty (S3 has no directories to be missing); a
-        missing bucket is an error.
-        """
+        """Paths of the files below this location, relative to it, '/'-separated, sorted (:meth:`file_sizes`)."""
         return sorted(self.file_sizes(recursive))
 
     def file_sizes(self, recursive: bool = True) -> Dict[str, int]:
-        """Like :meth:`list_files`, with each file's size in bytes (one listing, no per-file requests)."""
+        """{path relative to this location: size in bytes} of the files below it, from one listing.
+
+        A location that does not exist lists as empty (S3 has no directories to be missing); a missing
+        bucket is an error."""
         with self._errors("list"):
             infos = self.fs.get_file_info(
                 pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True))
@@ -359,17 +318,10 @@ class Location:
                 if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                     raise StorageError(f"cannot list {self.uri}: the bucket {bucket!r} does not "
                                        "exist; create it or fix the URI")
-        base = self.path.rstrip("/") + "/"
-        if not self.is_s3:
-            base = base.replace(os.sep, "/")
-        sizes = {}
-        for info in infos:
-            if info.type != pafs.FileType.File:
-                continue
-            full = info.path if self.is_s3 else info.path.replace(os.sep, "/")
-            if full.startswith(base):
-                sizes[full[len(base):]] = int(info.size)
-        return sizes
+        posix = (lambda path: path) if self.is_s3 else (lambda path: path.replace(os.sep, "/"))
+        base = posix(self.path.rstrip("/") + "/")
+        files = {posix(info.path): int(info.size) for info in infos if info.type == pafs.FileType.File}
+        return {path[len(base):]: size for path, size in files.items() if path.startswith(base)}
 
     def subdirectories(self) -> List[str]:
         """Names of the directories (S3: common prefixes) directly below this location, sorted."""
@@ -401,16 +353,13 @@ class Location:
                 if os.path.exists(tmp):
                     os.remove(tmp)
 
-    def delete(self, missing_ok: bool = True) -> None:
+    def delete(self) -> None:
+        """Remove the file or directory (with its contents); a missing one is no error."""
         with self._errors("delete"):
-            info = self.fs.get_file_info(self.path)
-            if info.type == pafs.FileType.NotFound:
-                if not missing_ok:
-                    raise FileNotFoundError(self.path)
-                return
-            if info.type == pafs.FileType.Directory:
+            kind = self.fs.get_file_info(self.path).type
+            if kind == pafs.FileType.Directory:
                 self.fs.delete_dir(self.path)
-            else:
+            elif kind != pafs.FileType.NotFound:
                 self.fs.delete_file(self.path)
 
     def ensure_dir(self) -> None:
@@ -436,19 +385,21 @@ class Location:
         if not self.is_s3:
             return f"cannot {action} {self.uri}: {detail}"
         settings = self.settings
-        endpoint = settings.describe_endpoint()
-        if any(text in detail for text in ("NETWORK_CONNECTION", "Could not connect", "curlCode",
-                                           "EndpointConnectionError", "ConnectionClosedError")):
+        endpoint = settings.endpoint_url or f"AWS S3 (region {settings.region or 'auto'})"
+        def mentions(*texts: str) -> bool:
+            return any(text in detail for text in texts)
+
+        if mentions("NETWORK_CONNECTION", "Could not connect", "curlCode", "EndpointConnectionError",
+                    "ConnectionClosedError"):
             hint = (f"cannot reach the S3 endpoint {endpoint} after {settings.max_attempts} attempts; "
                     "check that it is running and that AWS_ENDPOINT_URL names it")
-        elif any(code in detail for code in ("SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError",
-                                             "SERVICE_UNAVAILABLE", "ServiceUnavailable", "HTTP response code: 5")):
+        elif mentions("SLOW_DOWN", "SlowDown", "INTERNAL_FAILURE", "InternalError", "SERVICE_UNAVAILABLE",
+                      "ServiceUnavailable", "HTTP response code: 5"):
             hint = (f"the S3 endpoint {endpoint} kept failing (throttling or server errors) for "
                     f"{settings.max_attempts} attempts; retry later or raise AWS_MAX_ATTEMPTS")
-        elif "NO_SUCH_BUCKET" in detail or "NoSuchBucket" in detail:
+        elif mentions("NO_SUCH_BUCKET", "NoSuchBucket"):
             hint = "the bucket does not exist; create it or fix the URI"
-        elif "ACCESS_DENIED" in detail or "AccessDenied" in detail or "403" in detail or \
-                "InvalidAccessKeyId" in detail or "SignatureDoesNotMatch" in detail:
+        elif mentions("ACCESS_DENIED", "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             hint = (f"access denied by {endpoint}; check the credentials "
                     f"(source: {settings.credential_source}; AWS_ACCESS_KEY_ID / AWS_PROFILE)")
         else:

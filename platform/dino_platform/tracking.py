@@ -32,10 +32,9 @@ class TrackingTarget:
 
 
 def resolve_tracking_uri(configured: Optional[str], local_run_dir: Path) -> str:
-    if configured:
-        return configured
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    """``configured``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file ``mlflow.db`` in ``local_run_dir``."""
+    if configured or os.environ.get("MLFLOW_TRACKING_URI"):
+        return configured or os.environ["MLFLOW_TRACKING_URI"]
     local_run_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{local_run_dir.resolve() / 'mlflow.db'}"
 
@@ -49,19 +48,15 @@ def start_or_resume_run(
     config_yaml: str,
     artifact_dir: Optional[Path] = None,
 ) -> TrackingTarget:
-    """Create (or find, by ``run_key``) the job's MLflow run; log params and the resolved config.
-
-    Params are logged once, when the run is created: MLflow refuses to change a param's value,
-    and a resumed job may legitimately differ (e.g. ``optim.max_steps``); each start's full config is
-    logged as an artifact instead (``config.yaml``, then ``config_resume_<n>.yaml``).
-    """
+    """Create (or find, by ``run_key``) the job's MLflow run (:func:`find_or_create_run`); a resumed run
+    gets this start's config as ``config_resume_<n>.yaml`` (its params stay those of the first start)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        location = artifact_dir.resolve().as_uri() if artifact_dir is not None and tracking_uri.startswith("sqlite:") else None
-        client.create_experiment(experiment, artifact_location=location)
+        local = artifact_dir is not None and tracking_uri.startswith("sqlite:")
+        client.create_experiment(experiment, artifact_location=artifact_dir.resolve().as_uri() if local else None)
     run_id, created = find_or_create_run(tracking_uri, experiment, run_key, run_name, params, config_yaml)
     if created:
         log.info("MLflow run %s (%s)", run_id, tracking_uri)
@@ -86,7 +81,8 @@ def find_or_create_run(tracking_uri: str, experiment: str, run_key: str, run_nam
     existing = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=1)
     if existing:
         return existing[0].info.run_id, False
-    run_id = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **(tags or {})}).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run_name,
+                               tags={RUN_KEY_TAG: run_key, **(tags or {})}).info.run_id
     items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
@@ -107,8 +103,7 @@ class MetricsLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.target.run_id, metrics=items)
+        self.client.log_batch(self.target.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.target.run_id, data, artifact_file)
@@ -127,9 +122,8 @@ def finish_run(target: TrackingTarget, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(target.tracking_uri)
-    run = client.get_run(target.run_id)
-    names = sorted(run.data.metrics)
-    history = {name: [(m.step, m.value) for m in client.get_metric_history(target.run_id, name)] for name in names}
+    history = {name: [(m.step, m.value) for m in client.get_metric_history(target.run_id, name)]
+               for name in sorted(client.get_run(target.run_id).data.metrics)}
     terms = {k: v for k, v in history.items() if k.startswith("loss_")}
     aps = {k: v for k, v in history.items() if k.startswith("eval/AP") and "/class_" not in k}
     if "loss" in history:

@@ -67,7 +67,6 @@ class Heartbeat:
         self._phase, self._last = "starting", time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.report: Optional[str] = None
 
     def phase(self, text: str) -> None:
@@ -79,13 +78,8 @@ class Heartbeat:
         with self._lock:
             self._last = time.monotonic()
 
-    @property
-    def current_phase(self) -> str:
-        return self._phase
-
     def start(self) -> "Heartbeat":
-        self._thread = threading.Thread(target=self._watch, name=f"stall-watchdog-{self.name}", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name=f"stall-watchdog-{self.name}", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -105,10 +99,8 @@ class Heartbeat:
 
     def _report(self, phase: str, waited: float, timeout: float) -> str:
         lines = [f"STALL: {self.name} made no progress for {waited:.0f} s (stall timeout {timeout:.0f} s) "
-                 f"while {phase!r}"]
-        if self._details is not None:
-            lines.append(_bounded(self._details))
-        lines.append(_bounded(cluster_report))
+                 f"while {phase!r}", _bounded(self._details) if self._details is not None else "",
+                 _bounded(cluster_report)]
         return "\n".join(line for line in lines if line)
 
 
@@ -178,17 +170,11 @@ def watch(name: str, timeout_s, details: Optional[Callable[[], str]] = None) -> 
 
 def watched(items: Iterable[T], heartbeat: Heartbeat, phase: str) -> Iterator[T]:
     """``items``, beating the heartbeat at each one; the phase names what is awaited ('<phase> 3 of this pass')."""
-    iterator = iter(items)
-    index = 0
-    while True:
-        heartbeat.phase(f"{phase} {index} of this pass")
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
+    heartbeat.phase(f"{phase} 0 of this pass")
+    for index, item in enumerate(items, 1):
         heartbeat.beat()
         yield item
-        index += 1
+        heartbeat.phase(f"{phase} {index} of this pass")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,12 +226,12 @@ def data_operators() -> List[str]:
     for tag, dataset in ray.get(actor.get_datasets.remote(), timeout=10).items():
         if dataset.get("state") in ("FINISHED", "FAILED"):
             continue
-        stalled = None
-        for operator, state in dataset.get("operators", {}).items():
+        operators = dataset.get("operators", {})
+        for operator, state in operators.items():
             numbers = ", ".join(f"{key} {state[key]}" for key in ("progress", "total", "queued_blocks") if key in state)
             lines.append(f"{tag}: {operator} {state.get('state', '?')}" + (f" ({numbers})" if numbers else ""))
-            if stalled is None and state.get("state") == "RUNNING" and not state.get("progress"):
-                stalled = operator
+        stalled = next((op for op, state in operators.items()
+                        if state.get("state") == "RUNNING" and not state.get("progress")), None)
         if stalled is not None:
             lines.append(f"{tag}: stalled operator: {stalled} (the first one running without output yet)")
     return lines

@@ -10,6 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
+from dino_platform.errors import UserError
 from dino_platform.spec_cli import setup_logging
 
 # the modules of this package that add sub-commands, in --help order
@@ -40,14 +41,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        args.func(args)  # a command returns nothing; it fails by raising
+        return 0
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # user-facing errors: one clear line, not a traceback
-        from dino_platform.errors import UserError
-
-        if isinstance(exc, UserError):
-            print(f"dino {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as exc:  # user-facing errors: one clear line, not a traceback
+        print(f"dino {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 

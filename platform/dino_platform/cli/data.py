@@ -27,29 +27,25 @@ finishes it with identical shards.
 """
 
 
-def _synth(args: argparse.Namespace) -> int:
+def _synth(args: argparse.Namespace) -> None:
     from dino_platform.data.synth import SynthConfig, generate
 
-    cfg = SynthConfig(kind=args.kind, images=args.images, seed=args.seed, size=tuple(args.size))
-    counts = generate(cfg, args.out)
+    counts = generate(SynthConfig(kind=args.kind, images=args.images, seed=args.seed, size=tuple(args.size)), args.out)
     out = args.out.rstrip("/")
     print(json.dumps({"annotations": f"{out}/annotations.json", "images": f"{out}/images", **counts}))
-    return 0
 
 
-def _ingest(args: argparse.Namespace) -> int:
+def _ingest(args: argparse.Namespace) -> None:
     from dino_platform.data.ingest import IngestConfig, ingest
 
     manifest = ingest(IngestConfig(format=args.format, annotations_uri=args.annotations,
                                    images_uri=args.images, out_uri=args.out,
                                    shard_size=args.shard_size, parallel=not args.no_ray,
                                    stall_timeout_s=args.stall_timeout_s))
-    summary = {"out": args.out, "images": manifest.images, "annotations": manifest.annotations,
-               "shards": len(manifest.shards), "quarantined": len(manifest.quarantined),
-               "quarantined_by_reason": manifest.stats.get("quarantined_by_reason", {}),
-               "digest": manifest.digest}
-    print(json.dumps(summary))
-    return 0
+    print(json.dumps({"out": args.out, "images": manifest.images, "annotations": manifest.annotations,
+                      "shards": len(manifest.shards), "quarantined": len(manifest.quarantined),
+                      "quarantined_by_reason": manifest.stats.get("quarantined_by_reason", {}),
+                      "digest": manifest.digest}))
 
 
 def add_parser(sub) -> None:

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from dino_platform.errors import ConfigError
 from dino_platform.evaluation.coco_eval import ENGINES, EvalConfig
 
 EXAMPLE = """\
@@ -41,8 +42,7 @@ def add_parser(sub) -> None:
     evaluate.set_defaults(func=_eval)
 
 
-def _eval(args: argparse.Namespace) -> int:
-    from dino_platform.errors import ConfigError
+def _eval(args: argparse.Namespace) -> None:
     from dino_platform.evaluation.runner import run_evaluation
 
     if args.workers < 1:
@@ -53,11 +53,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # name the flag: "max_dets: ..." -> "--max-dets: ..."
         name, _, rest = str(exc).partition(":")
         raise ConfigError(f"--{name.replace('_', '-')}:{rest}") from None
-    model = {}
-    if args.preset:
-        model["preset"] = args.preset
-    if args.num_classes is not None:
-        model["num_classes"] = args.num_classes
+    model = {k: v for k, v in (("preset", args.preset), ("num_classes", args.num_classes)) if v is not None}
     result = run_evaluation(args.checkpoint, args.data, config, num_workers=args.workers, model=model or None,
                             use_gpu=args.gpu)
     stats = result["stats"]
@@ -70,4 +66,3 @@ def _eval(args: argparse.Namespace) -> int:
         with open(args.out, "w") as handle:
             json.dump(result, handle)
         print(f"wrote {args.out}", file=sys.stderr)
-    return 0

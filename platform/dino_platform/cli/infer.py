@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from dino_platform.cli.model_source import MODEL_HELP, add_model_options
 
@@ -46,18 +47,13 @@ def add_parser(sub) -> None:
     infer.set_defaults(func=_infer)
 
 
-def _infer(args: argparse.Namespace) -> int:
+def _infer(args: argparse.Namespace) -> None:
     from dino_platform.serving.infer import InferConfig, run_inference
 
-    manifest = run_inference(InferConfig(
-        model=args.model, out=args.out, images=args.images, shards=args.shards, threshold=args.threshold,
-        concurrency=args.concurrency, batch_size=args.batch_size, part_size=args.part_size,
-        cpus_per_actor=args.cpus_per_actor, use_gpu=args.use_gpu, coco_json=args.coco_json,
-        tracking_uri=args.tracking_uri, preset=args.preset, num_classes=args.num_classes,
-        stall_timeout_s=args.stall_timeout_s))
+    flags = {f.name: getattr(args, f.name) for f in fields(InferConfig) if hasattr(args, f.name)}  # same names
+    manifest = run_inference(InferConfig(**flags))
     counts = manifest["counts"]
     print(f"{counts['images']} images, {counts['detections']} detections, {counts['failed']} unreadable, "
           f"{counts['parts']} parts; digest {manifest['digest']}")
     for item in manifest["failed"]:
         print(f"  unreadable: {item['file']}: {item['reason']}")
-    return 0

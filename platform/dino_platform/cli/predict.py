@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dino_platform.cli.model_source import MODEL_HELP, add_model_options
+from dino_platform.errors import ConfigError
 
 PREDICT_EXAMPLE = """\
 example:
@@ -70,8 +71,7 @@ ResNet presets export; Swin presets do not yet (the command says why).
 """
 
 
-def _export(args: argparse.Namespace) -> int:
-    from dino_platform.errors import ConfigError
+def _export(args: argparse.Namespace) -> None:
     from dino_platform.serving.onnx import export_model
 
     if args.opset < 16:
@@ -84,11 +84,9 @@ def _export(args: argparse.Namespace) -> int:
                             with_postprocess=args.with_postprocess, height=args.height, width=args.width,
                             tracking_uri=args.tracking_uri, preset=args.preset, num_classes=args.num_classes)
     print(f"{args.out}  (inputs {', '.join(metadata['inputs'])}; outputs {', '.join(metadata['outputs'])})")
-    return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from dino_platform.errors import ConfigError
+def _predict(args: argparse.Namespace) -> None:
     from dino_platform.model.artifact import load_artifact
     from dino_platform.serving.predict import predict_to_directory
     from dino_platform.storage import resolve
@@ -116,4 +114,3 @@ def _predict(args: argparse.Namespace) -> int:
     for item in document["skipped"]:
         print(f"skipped {item['file']}: {item['error']}")
     print(document["json"])
-    return 0

@@ -30,12 +30,11 @@ def add_parser(sub) -> None:
     train.set_defaults(func=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> None:
     from dino_platform.train.config import load_config
     from dino_platform.train.trainer import run_training
 
-    cfg = load_config(args.config, overrides=args.overrides)
-    outcome = run_training(cfg)
+    outcome = run_training(load_config(args.config, overrides=args.overrides))
     print(f"run: {outcome.run_dir}")
     if outcome.worker_groups:
         sizes = " -> ".join(str(g["world_size"]) for g in outcome.worker_groups)
@@ -47,4 +46,3 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("step", "loss", "eval/AP", "eval/AP50"):
         if outcome.metrics and name in outcome.metrics:
             print(f"{name}: {outcome.metrics[name]:.4g}")
-    return 0

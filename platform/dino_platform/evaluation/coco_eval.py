@@ -5,11 +5,9 @@ on), so the score covers exactly the images evaluated. Labels are the dataset's 
 (models are built with ``num_classes = max id + 1``), so results need no id remapping; detections
 whose label is not one of the dataset's categories are ignored, as pycocotools ignores unknown ids.
 
-The protocol (``EvalConfig``; recorded as ``EvalProtocol``) is the official DINO one by default: every
-post-processed detection (``num_select``, 300 for the presets) goes to the evaluator, whose ``maxDets``
-(100) caps detections per image *per category*. The COCO-challenge rule (at most 100 per image across classes) is
-``detections_per_image=100``. Two engines compute the same numbers: ``faster_coco_eval`` (C++,
-the default) and ``pycocotools`` (the reference); tests/platform/evaluation/test_eval_engines.py holds them to 1e-9.
+How detections are scored is an ``EvalConfig`` (official DINO by default, see its docstring), recorded with
+each result as its ``EvalProtocol``. The two engines, ``faster_coco_eval`` (C++, the default) and ``pycocotools``
+(the reference), compute the same numbers: tests/platform/evaluation/test_eval_engines.py holds them to 1e-9.
 """
 from __future__ import annotations
 
@@ -165,9 +163,6 @@ class Detections:
                           np.concatenate([p.boxes for p in parts]), np.concatenate([p.scores for p in parts]),
                           np.concatenate([p.labels for p in parts]))
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
 
 @dataclass
 class CocoResult:
@@ -205,9 +200,7 @@ def truths_from_coco(ground_truth: Mapping[str, Any]) -> List[ImageTruth]:
         anns = per_image[img["id"]]
         xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         truths.append(ImageTruth(
-            image_id=img["id"],
-            height=int(img["height"]),
-            width=int(img["width"]),
+            image_id=img["id"], height=int(img["height"]), width=int(img["width"]),
             boxes=np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
             labels=np.asarray([a["category_id"] for a in anns], dtype=np.int64),
             iscrowd=np.asarray([a.get("iscrowd", 0) for a in anns], dtype=np.int64),
@@ -243,16 +236,12 @@ def evaluate_coco(
         iid = index_of[t.image_id]
         images.append({"id": iid, "height": int(t.height), "width": int(t.width)})
         boxes = np.asarray(t.boxes, dtype=np.float64).reshape(-1, 4)
-        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        for j in range(len(boxes)):
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": iid,
-                "category_id": int(t.labels[j]),
-                "bbox": [float(boxes[j, 0]), float(boxes[j, 1]), float(widths[j]), float(heights[j])],
-                "area": float(t.area[j]) if t.area is not None else float(widths[j] * heights[j]),
-                "iscrowd": int(t.iscrowd[j]) if t.iscrowd is not None else 0,
-            })
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        areas = t.area if t.area is not None else xywh[:, 2] * xywh[:, 3]
+        crowd = t.iscrowd if t.iscrowd is not None else np.zeros(len(boxes), np.int64)
+        for box, label, area, iscrowd in zip(xywh.tolist(), t.labels, areas, crowd):
+            annotations.append({"id": len(annotations) + 1, "image_id": iid, "category_id": int(label), "bbox": box,
+                                "area": float(area), "iscrowd": int(iscrowd)})
     cat_list = [{"id": c, "name": str(categories[c])} for c in cat_ids]
 
     dets = predictions if isinstance(predictions, Detections) else Detections.from_predictions(predictions)
@@ -275,12 +264,9 @@ def evaluate_coco(
         {"image_id": dets.image_ids[k], "category_id": c, "bbox": box, "score": s}
         for k, c, box, s in zip(original_ids, labels[order].tolist(), xywh.tolist(), scores[order].tolist())
     ]
-    engine_ids = image_index[order].tolist()
     areas = (xywh[:, 2] * xywh[:, 3]).tolist()
-    results = [
-        {**d, "id": n + 1, "image_id": engine_ids[n], "area": areas[n], "iscrowd": 0}
-        for n, d in enumerate(detections)
-    ]
+    results = [{**d, "id": n, "image_id": engine_id, "area": area, "iscrowd": 0}
+               for n, (d, engine_id, area) in enumerate(zip(detections, image_index[order].tolist(), areas), 1)]
     stats, precision = _run_engine(protocol, images, annotations, cat_list, results, cat_ids)
     per_class = {}
     for k, cid in enumerate(cat_ids):
@@ -291,9 +277,7 @@ def evaluate_coco(
         stats={name: float(v) for name, v in zip(STAT_NAMES, stats)},
         per_class_ap=per_class,
         category_names={c: str(categories[c]) for c in cat_ids},
-        num_images=len(images),
-        num_detections=len(detections),
-        detections=detections,
+        num_images=len(images), num_detections=len(detections), detections=detections,
         protocol=protocol.to_dict(),
     )
 

@@ -17,15 +17,12 @@ import numpy as np
 import torch
 
 from dino_platform.evaluation.coco_eval import Detections, ImagePrediction
+from dino_platform.model.detector import run_alone
 
 
 def valid_sizes(mask: torch.Tensor) -> List[Tuple[int, int]]:
     """(h, w) of each image's unpadded region; mask: [B, H, W] bool, True = padding (bottom/right)."""
-    sizes = []
-    for m in mask:
-        valid = ~m
-        sizes.append((int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())))
-    return sizes
+    return [(int(valid.any(dim=1).sum()), int(valid.any(dim=0).sum())) for valid in ~mask]
 
 
 @torch.no_grad()
@@ -44,13 +41,9 @@ def predict_batch(
     original-image pixels, by descending score: all ``num_select`` of the postprocessor (the official
     protocol), or the best ``max_detections``.
     """
-    device = next(model.parameters()).device
     predictions = []
     for i, (h, w) in enumerate(valid_sizes(mask)):
-        image = images[i : i + 1, :, :h, :w].to(device)
-        outputs = model(image, torch.zeros((1, h, w), dtype=torch.bool, device=device))
-        orig_size = torch.as_tensor(targets[i]["orig_size"]).reshape(1, 2).to(device)
-        (result,) = postprocessor(outputs, orig_size)
+        result = run_alone(model, postprocessor, images[i : i + 1, :, :h, :w], targets[i]["orig_size"])
         keep = torch.argsort(result["scores"], descending=True, stable=True)[:max_detections]
         predictions.append(ImagePrediction(
             image_id=_image_id(targets[i]),
@@ -67,21 +60,13 @@ def gather_detections(detections: Detections) -> Optional[Detections]:
     Each rank sends five arrays, not one object per box: at Objects365 validation scale (80k images
     x 300 detections) a dict per box would be 24M Python objects on rank 0.
     """
-    parts = gather_to_rank0([detections])
-    return None if parts is None else Detections.concat(parts)
-
-
-def gather_to_rank0(items: list) -> Optional[list]:
-    """Concatenate every rank's list on rank 0 (others get None); a no-op without a process group."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(items)
-    gathered: Optional[List[list]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(items, gathered, dst=0)
-    if gathered is None:
-        return None
-    return [x for part in gathered for x in part]
+        return detections
+    gathered: Optional[List[Detections]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(detections, gathered, dst=0)
+    return None if gathered is None else Detections.concat(gathered)
 
 
 def _image_id(target: Dict) -> object:

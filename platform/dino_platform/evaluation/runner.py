@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from itertools import islice
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ import torch
 
 from dino_platform.errors import DataError
 from dino_platform.evaluation.coco_eval import (
-    CocoResult, Detections, EvalConfig, EvalProtocol, ImagePrediction, evaluate_coco, truths_from_coco,
+    CocoResult, Detections, EvalConfig, EvalProtocol, ImagePrediction, evaluate_coco, protocol_tags, truths_from_coco,
 )
 from dino_platform.evaluation.inference import gather_detections, predict_batch, valid_sizes
 
@@ -39,8 +40,6 @@ class EvalOutcome:
         return out
 
     def log_to(self, tracker, step: int) -> None:
-        from dino_platform.evaluation.coco_eval import protocol_tags
-
         tracker.set_tags(protocol_tags(self.coco.protocol))
         tracker.log_metrics(self.metrics(), step=step)
         tracker.log_dict(self.coco.to_json(), f"eval/step_{step:07d}/{RESULT_FILE}")
@@ -61,12 +60,10 @@ def evaluate_shard(
 ) -> Optional[EvalOutcome]:
     """Predict every image of this worker's ``shard``; on rank 0 return the COCO result (else None).
 
-    All ranks must call this together (predictions are gathered with torch.distributed). ``model``
-    is a plain module in eval mode; each image is run alone at its own size (see ``inference``).
-    ``ground_truth`` is the shard directory's COCO-format annotations (``read_ground_truth``),
-    needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std). ``protocol``:
-    how detections are scored (all ``num_select`` by default; ``detections_per_image`` cuts earlier,
-    on the workers, so less is gathered).
+    All ranks must call this together (predictions are gathered with torch.distributed); ``model`` is a
+    plain module in eval mode. ``ground_truth``: the shard directory's COCO-format annotations
+    (``read_ground_truth``), needed on rank 0 only. ``normalization``: the evaluation transform's (mean, std).
+    ``protocol.detections_per_image`` cuts on the workers, so less is gathered.
     """
     from dino_platform.data.batches import iter_collated
 
@@ -92,22 +89,22 @@ def evaluate_shard(
     if len(seen) != len(set(seen)) or set(seen) != expected:
         raise DataError(f"evaluation covered {len(set(seen))} distinct images ({len(seen)} predictions) "
                         f"but the shards hold {len(expected)}; every image must be evaluated exactly once")
+    from dino_platform.drawing import draw_detections
+
     categories = {c["id"]: c["name"] for c in ground_truth["categories"]}
     coco = evaluate_coco(truths_from_coco(ground_truth), everything, categories, protocol)
-    names = dict(categories)
-    return EvalOutcome(coco=coco, drawings=[(i, _label(img, names)) for i, img in drawings])
+    return EvalOutcome(coco=coco, drawings=[(i, draw_detections(*drawing, categories)) for i, drawing in drawings])
 
 
 def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int, threshold: float, normalization):
-    """Up to ``limit`` network inputs (de-normalised, unpadded) with their confident detections."""
+    """Up to ``limit`` (image_id, (network input de-normalised and unpadded, boxes, labels, scores)) of the
+    confident detections, boxes scaled to that input: ``draw_detections``' arguments but the class names."""
     from PIL import Image
 
     from dino_platform.data.batches import denormalize
 
     out = []
-    for i, ((h, w), prediction) in enumerate(zip(valid_sizes(mask), predictions)):
-        if len(out) == limit:
-            break
+    for i, ((h, w), prediction) in enumerate(islice(zip(valid_sizes(mask), predictions), limit)):
         orig_h, orig_w = (int(v) for v in torch.as_tensor(targets[i]["orig_size"]).tolist())
         keep = prediction.scores >= threshold
         scale = [w / orig_w, h / orig_h, w / orig_w, h / orig_h]
@@ -115,13 +112,6 @@ def _draw(images, mask, targets, predictions: List[ImagePrediction], limit: int,
                                           prediction.boxes[keep] * scale, prediction.labels[keep],
                                           prediction.scores[keep])))
     return out
-
-
-def _label(drawing, names):
-    from dino_platform.drawing import draw_detections
-
-    image, boxes, labels, scores = drawing
-    return draw_detections(image, boxes, labels, scores, names)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,12 +133,12 @@ def read_model_state(source) -> Dict[str, torch.Tensor]:
     Official files wrap the weights as ``{"model": state_dict, ...}``; that wrapper is removed.
     """
     location = weights_location(source) if isinstance(source, str) else source
+    data = location.read_bytes()
     try:
-        obj = torch.load(io.BytesIO(location.read_bytes()), map_location="cpu", weights_only=True)
-    except StorageError:
-        raise
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
-        raise StorageError(f"{location.uri}: cannot be read as model weights ({exc.__class__.__name__}: {exc})") from None
+        raise StorageError(f"{location.uri}: cannot be read as model weights "
+                           f"({exc.__class__.__name__}: {exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -35,8 +35,10 @@ class Detector:
         """
         picture, image = decode_for_eval(data, self.transform)
         width, height = picture.size
-        scores, labels, boxes = self.predict(image, height, width)
-        return picture, format_detections(scores, labels, boxes, self.categories, max_detections)
+        scores, labels, boxes = (np.asarray(a)[:max_detections].tolist() for a in self.predict(image, height, width))
+        return picture, [{"label": int(label), "name": self.categories.get(int(label), str(int(label))),
+                          "score": round(float(score), 5), "box": [round(float(v), 2) for v in box]}
+                         for score, label, box in zip(scores, labels, boxes)]
 
 
 @dataclass
@@ -44,14 +46,22 @@ class TorchDetector(Detector):
     model: torch.nn.Module  # eval mode; inputs go to the device its parameters are on
     postprocessor: torch.nn.Module
 
-    @torch.no_grad()
     def predict(self, image, height: int, width: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        device = next(self.model.parameters()).device
-        image = torch.as_tensor(image).to(device)
-        mask = torch.zeros((1, image.shape[2], image.shape[3]), dtype=torch.bool, device=device)
-        (result,) = self.postprocessor(self.model(image, mask), torch.tensor([[height, width]], device=device))
+        result = run_alone(self.model, self.postprocessor, image, (height, width))
         return rank_and_clip(result["scores"].float().cpu().numpy(), result["labels"].cpu().numpy().astype(np.int64),
                              result["boxes"].float().cpu().numpy(), width, height)
+
+
+@torch.no_grad()
+def run_alone(model: torch.nn.Module, postprocessor: torch.nn.Module, image, orig_size) -> Dict[str, torch.Tensor]:
+    """The postprocessor's ``scores [K]``, ``labels [K]``, ``boxes [K, 4]`` (x0, y0, x1, y1, original pixels,
+    unranked) of one unpadded network input ``image [1, 3, h, w]`` of an original ``orig_size`` (h, w),
+    run on the device of the model's parameters with an all-false mask."""
+    device = next(model.parameters()).device
+    image = torch.as_tensor(image).to(device)
+    mask = torch.zeros((1, image.shape[2], image.shape[3]), dtype=torch.bool, device=device)
+    (result,) = postprocessor(model(image, mask), torch.as_tensor(orig_size).reshape(1, 2).to(device))
+    return result
 
 
 def decode_for_eval(data: bytes, transform: Mapping[str, Any]) -> Tuple[Any, np.ndarray]:
@@ -92,13 +102,3 @@ def rank_and_clip(scores, labels, boxes, width: int, height: int) -> Tuple[np.nd
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     return scores[order], np.asarray(labels)[order], boxes
-
-
-def format_detections(scores, labels, boxes, categories: Mapping[int, str],
-                      max_detections: int) -> List[Dict[str, Any]]:
-    """The best ``max_detections`` of ranked detections, as ``{"label", "name", "score", "box"}``."""
-    return [{"label": int(label), "name": categories.get(int(label), str(int(label))), "score": round(float(score), 5),
-             "box": [round(float(v), 2) for v in box]}
-            for score, label, box in zip(np.asarray(scores)[:max_detections].tolist(),
-                                         np.asarray(labels)[:max_detections].tolist(),
-                                         np.asarray(boxes)[:max_detections].tolist())]

@@ -1,11 +1,8 @@
 """The MLflow model registry: evaluated models become versions; an alias follows the best AP.
 
 A registered version is the directory ``model/`` of the evaluation run, holding the files of a
-model artifact (``model.artifact``: ``model.pt`` + ``model_config.json``, no pickled code). It is
-created with ``MlflowClient.create_model_version(source="runs:/<eval run>/model")`` and loads
-offline with ``mlflow.artifacts.download_artifacts("models:/dino-coco@champion")``. Version tags:
-the caller's (``AP``, ``AP50`` and the other COCO stats, ``data_digest.<dataset>``, ``config_hash``,
-``parent_run.<stage>``, ``git_commit``, ``eval.protocol`` ...) plus ``checkpoint``.
+model artifact (``model.artifact``: ``model.pt`` + ``model_config.json``, no pickled code); its tags
+are the COCO stats, the caller's tags (``eval.protocol``, ``git_commit`` ...) and ``checkpoint``.
 
 The alias (``champion``) moves to a new version only when its AP is higher than the current
 holder's, and, with ``compare_on`` (e.g. ``eval.protocol``), only when both hold the same value of
@@ -22,7 +19,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from dino_platform.errors import ConfigError, StorageError
 
@@ -116,6 +113,7 @@ def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: st
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
+    new_ap = float(metrics.get("AP", float("nan")))
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -128,13 +126,13 @@ def register_evaluated(tracking_uri: str, name: str, alias: str, eval_run_id: st
         with tempfile.TemporaryDirectory(prefix="dino-register-") as staging:
             artifact.write(Path(staging))
             client.log_artifacts(eval_run_id, staging, MODEL_DIR)
-        version_tags = {**{k: _tag(v) for k, v in metrics.items()}, **tags, "checkpoint": artifact.source}
+        metric_tags = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in metrics.items()}
+        version_tags = {**metric_tags, **tags, "checkpoint": artifact.source}
         version = client.create_model_version(name, source=f"runs:/{eval_run_id}/{MODEL_DIR}", run_id=eval_run_id,
                                               tags=version_tags,
                                               description=f"{artifact.model.preset} from {artifact.source}")
-        log.info("registered %s version %s (AP %.4f)", name, version.version, float(metrics.get("AP", float("nan"))))
-    return _decide_alias(client, name, alias, version, float(metrics.get("AP", float("nan"))), eval_run_id,
-                         compare_on)
+        log.info("registered %s version %s (AP %.4f)", name, version.version, new_ap)
+    return _decide_alias(client, name, alias, version, new_ap, eval_run_id, compare_on)
 
 
 def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_run_id: str,
@@ -159,18 +157,16 @@ def _decide_alias(client, name: str, alias: str, version, new_ap: float, eval_ru
     else:
         held_ap = _float(holder.tags.get("AP"))
         promoted = math.isfinite(new_ap) and (not math.isfinite(held_ap) or new_ap > held_ap)
-        verb = "beats" if promoted else "does not beat"
         decision = (f"version {version.version} {'becomes' if promoted else 'stays out of'} @{alias}: AP {new_ap:.4f} "
-                    f"{verb} version {holder.version}'s AP {held_ap:.4f}")
+                    f"{'beats' if promoted else 'does not beat'} version {holder.version}'s AP {held_ap:.4f}")
     if promoted:
         client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, f"{alias}_decision", decision)
     client.set_tag(eval_run_id, f"registry.{alias}_decision", decision)
     log.info("%s: %s", name, decision)
-    champion = version.version if promoted else (holder.version if holder is not None else None)
-    champion = str(champion) if champion is not None else None
-    return Registration(name=name, version=str(version.version), alias=alias, champion_version=champion,
-                        promoted=promoted, decision=decision)
+    champion = version if promoted else holder
+    return Registration(name=name, version=str(version.version), alias=alias, promoted=promoted, decision=decision,
+                        champion_version=str(champion.version) if champion is not None else None)
 
 
 def _float(text: Optional[str]) -> float:
@@ -179,6 +175,3 @@ def _float(text: Optional[str]) -> float:
     except (TypeError, ValueError):
         return float("nan")
 
-
-def _tag(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dino_platform.errors import ConfigError, DataError
+from dino_platform.ray_session import connect
 from dino_platform.storage import Location, resolve
 from dino_platform.watchdog import watch, watched
 
@@ -45,6 +47,10 @@ FORMAT = "dino-infer"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 KEY_META, DIGEST_META, FAILED_META = b"dino.infer.key", b"dino.infer.digest", b"dino.infer.failed"
 
+# what the decode tasks hand the actors: one row per image, ``pixels`` empty where ``error`` says why
+DECODED_SCHEMA = pa.schema([("part", pa.int64()), ("file", pa.string()), ("image_id", pa.int64()),
+                            ("width", pa.int32()), ("height", pa.int32()), ("pixels", pa.binary()),
+                            ("rh", pa.int32()), ("rw", pa.int32()), ("error", pa.string())])
 OUTPUT_SCHEMA = pa.schema([
     ("file", pa.string()),
     ("image_id", pa.int64()),  # null when the input does not know it (a bucket of image files)
@@ -118,39 +124,29 @@ class _Part:
 
 
 def _decode_batch(batch: pa.Table, eval_cfg, root: Optional[Location]) -> pa.Table:
-    """Rows with ``pixels`` (uint8 [3, h, w] bytes at the evaluation size) or an ``error``."""
+    """Rows with ``pixels`` (uint8 [3, h, w] bytes at the evaluation size) or an ``error``.
+
+    ``batch``: ``part``, ``file``, ``image_id``, and the encoded ``image`` when ``root`` is None (shards)."""
     from PIL import Image
 
     from dino_platform.data.transforms import eval_plan, render, to_chw
 
-    columns: Dict[str, list] = {k: [] for k in ("part", "file", "image_id", "width", "height", "pixels",
-                                                 "rh", "rw", "error")}
-    names = batch.column("file").to_pylist()
-    encoded_column = batch.column("image").to_pylist() if "image" in batch.column_names else None
-    ids = batch.column("image_id").to_pylist()
-    for row, name in enumerate(names):
-        width = height = rh = rw = 0
-        pixels, error = b"", None
+    rows = []
+    for row in batch.to_pylist():
+        data = row.pop("image", None)
+        row.update(width=0, height=0, pixels=b"", rh=0, rw=0, error=None)
         try:
-            data = encoded_column[row] if encoded_column is not None else root.child(name).read_bytes()
+            if root is not None:
+                data = root.child(row["file"]).read_bytes()
             with Image.open(io.BytesIO(data)) as picture:  # as Detector.detect opens it
                 picture.load()
-                width, height = picture.size
-            chw = to_chw(render(data, width, height, eval_plan(width, height, eval_cfg)))
-            rh, rw, pixels = chw.shape[1], chw.shape[2], chw.tobytes()
+                row["width"], row["height"] = picture.size
+            chw = to_chw(render(data, row["width"], row["height"], eval_plan(row["width"], row["height"], eval_cfg)))
+            row.update(rh=chw.shape[1], rw=chw.shape[2], pixels=chw.tobytes())
         except Exception as exc:  # unreadable or corrupt: listed in the manifest, never fatal
-            error = f"{type(exc).__name__}: {exc}"
-        for key, value in (("part", batch.column("part")[row].as_py()), ("file", name), ("image_id", ids[row]),
-                           ("width", width), ("height", height), ("pixels", pixels), ("rh", rh), ("rw", rw),
-                           ("error", error)):
-            columns[key].append(value)
-    return pa.table({
-        "part": pa.array(columns["part"], pa.int64()), "file": pa.array(columns["file"], pa.string()),
-        "image_id": pa.array(columns["image_id"], pa.int64()), "width": pa.array(columns["width"], pa.int32()),
-        "height": pa.array(columns["height"], pa.int32()), "pixels": pa.array(columns["pixels"], pa.binary()),
-        "rh": pa.array(columns["rh"], pa.int32()), "rw": pa.array(columns["rw"], pa.int32()),
-        "error": pa.array(columns["error"], pa.string()),
-    })
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +166,9 @@ class DetectorActor:
             detector = ray.get(detector)
         self.detector = detector
         self.threshold = float(threshold)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        if not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(round(cpus))))
-        self.detector.model.to(self.device).eval()
+        self.detector.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         _, eval_cfg = transform_configs(detector.transform)
         self.mean, self.std = eval_cfg.mean, eval_cfg.std
 
@@ -183,17 +178,14 @@ class DetectorActor:
         from dino_platform.data.transforms import normalize_into
 
         out: Dict[str, list] = {k: [] for k in ("boxes", "scores", "labels", "label_names")}
-        pixels, errors = batch.column("pixels").to_pylist(), batch.column("error").to_pylist()
-        sizes = zip(batch.column("rh").to_pylist(), batch.column("rw").to_pylist(),
-                    batch.column("width").to_pylist(), batch.column("height").to_pylist())
         names = self.detector.categories
-        for data, error, (rh, rw, width, height) in zip(pixels, errors, sizes):
+        for row in batch.select(["pixels", "error", "rh", "rw", "width", "height"]).to_pylist():
             boxes = np.zeros((0, 4), np.float32)
             scores, labels = np.zeros(0, np.float32), np.zeros(0, np.int64)
-            if error is None:
-                chw = np.frombuffer(data, dtype=np.uint8).reshape(3, rh, rw)
+            if row["error"] is None:
+                chw = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(3, row["rh"], row["rw"])
                 image = torch.from_numpy(normalize_into(np.empty(chw.shape, np.float32), chw, self.mean, self.std))
-                scores, labels, boxes = self.detector.predict(image[None], height, width)
+                scores, labels, boxes = self.detector.predict(image[None], row["height"], row["width"])
                 confident = scores >= self.threshold  # a prefix: the scores are in descending order
                 scores, labels, boxes = scores[confident], labels[confident], boxes[confident]
             out["boxes"].append(boxes.tolist())
@@ -201,10 +193,8 @@ class DetectorActor:
             out["labels"].append(labels.tolist())
             out["label_names"].append([names.get(int(c), str(int(c))) for c in labels])
         kept = batch.select(["part", "file", "image_id", "width", "height", "error"])
-        for name, field in (("boxes", OUTPUT_SCHEMA.field("boxes")), ("scores", OUTPUT_SCHEMA.field("scores")),
-                            ("labels", OUTPUT_SCHEMA.field("labels")),
-                            ("label_names", OUTPUT_SCHEMA.field("label_names"))):
-            kept = kept.append_column(name, pa.array(out[name], field.type))
+        for name, values in out.items():
+            kept = kept.append_column(name, pa.array(values, OUTPUT_SCHEMA.field(name).type))
         return kept
 
 
@@ -226,22 +216,15 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
     out.ensure_dir()
     detector = load_artifact(cfg.model, tracking_uri=cfg.tracking_uri, preset=cfg.preset,
                              num_classes=cfg.num_classes).detector()
-    model_info = _model_identity(cfg)
-    settings = {"model": model_info, "threshold": cfg.threshold, "transform": detector.transform}
+    settings = {"model": _model_identity(cfg), "threshold": cfg.threshold, "transform": detector.transform}
     source, parts = _plan(cfg, settings)
-    done, todo = {}, []
-    for part in parts:
-        recorded = _recorded_part(out.child(part.name))
-        if recorded is not None and recorded["key"] == part.key:
-            done[part.index] = recorded
-        else:
-            todo.append(part)
+    recorded = {p.index: _recorded_part(out.child(p.name)) for p in parts}
+    done = {i: r for i, r in recorded.items() if r is not None and r["key"] == parts[i].key}  # parts[i].index == i
+    todo = [p for p in parts if p.index not in done]
     total = sum(p.rows for p in parts)
     log.info("infer: %d images in %d parts; %d parts already written, %d to run", total, len(parts),
              len(done), len(todo))
     if todo:
-        from dino_platform.ray_session import connect
-
         connect()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
         cpus = ray.cluster_resources().get("CPU", 0)
@@ -260,21 +243,18 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
                                    "cpus": cfg.cpus_per_actor})
         by_index = {p.index: p for p in todo}
         pending: Dict[int, List[pa.Table]] = {p.index: [] for p in todo}
-        seen = {p.index: 0 for p in todo}
         finished_images = sum(d["images"] + len(d["failed"]) for d in done.values())
         batches = predicted.iter_batches(batch_size=None, batch_format="pyarrow")
         with watch("dino infer", cfg.stall_timeout_s, details=lambda: f"pipeline:\n{predicted.stats()}") as beat:
             for batch in watched(batches, beat, "predicted batch"):
                 for index in set(batch.column("part").to_pylist()):
-                    rows = batch.filter(pc.equal(batch.column("part"), index))
-                    pending[index].append(rows)
-                    seen[index] += rows.num_rows
-                    if seen[index] == by_index[index].rows:
-                        done[index] = _write_part(out.child(by_index[index].name), by_index[index],
-                                                  pa.concat_tables(pending.pop(index)))
-                        finished_images += by_index[index].rows
-                        log.info("infer: %s written (%d/%d images, %d parts to go)", by_index[index].name,
-                                 finished_images, total, len(pending))
+                    part = by_index[index]
+                    pending[index].append(batch.filter(pc.equal(batch.column("part"), index)))
+                    if sum(rows.num_rows for rows in pending[index]) == part.rows:
+                        done[index] = _write_part(out.child(part.name), part, pa.concat_tables(pending.pop(index)))
+                        finished_images += part.rows
+                        log.info("infer: %s written (%d/%d images, %d parts to go)", part.name, finished_images,
+                                 total, len(pending))
         if pending:
             raise DataError(f"infer: parts {sorted(pending)} received fewer rows than planned; re-run to finish")
     manifest = _manifest(cfg, source, settings, parts, done, time.time() - started)
@@ -290,8 +270,6 @@ def run_inference(cfg: InferConfig) -> Dict[str, Any]:
 
 def _model_identity(cfg: InferConfig) -> Dict[str, Any]:
     if cfg.model.startswith("models:/"):
-        import os
-
         from dino_platform.registry.models import resolve_version
 
         version = resolve_version(cfg.model, cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
@@ -347,21 +325,16 @@ def _source_dataset(cfg: InferConfig, source: Dict[str, Any], todo: List[_Part],
 
 
 def _shard_rows(batch: pa.Table, part_of: Dict[str, int]) -> pa.Table:
-    parts = [part_of[_strip_scheme(p)] for p in batch.column("path").to_pylist()]
+    parts = [part_of[p.split("://", 1)[-1]] for p in batch.column("path").to_pylist()]  # paths without scheme
     return pa.table({"part": pa.array(parts, pa.int64()), "file": batch.column("file_name"),
                      "image_id": batch.column("image_id"), "image": batch.column("image")})
-
-
-def _strip_scheme(path: str) -> str:
-    return path.split("://", 1)[1] if "://" in path else path
 
 
 def _write_part(location: Location, part: _Part, rows: pa.Table) -> Dict[str, Any]:
     """Write one part: readable images as rows (sorted by file), unreadable ones in its metadata."""
     failed_mask = pc.is_valid(rows.column("error"))
-    failed = sorted(({"file": f, "reason": r} for f, r in zip(rows.filter(failed_mask).column("file").to_pylist(),
-                                                               rows.filter(failed_mask).column("error").to_pylist())),
-                    key=lambda d: d["file"])
+    failed = rows.filter(failed_mask).select(["file", "error"]).rename_columns(["file", "reason"]).to_pylist()
+    failed.sort(key=lambda d: d["file"])
     good = rows.filter(pc.invert(failed_mask))
     good = good.take(pc.sort_indices(good, [("file", "ascending"), ("image_id", "ascending")]))
     table = good.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)

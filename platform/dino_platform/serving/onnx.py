@@ -23,6 +23,7 @@ import numpy as np
 from dino_platform.errors import ConfigError
 from dino_platform.model.artifact import load_artifact
 from dino_platform.model.detector import Detector, rank_and_clip
+from dino_platform.storage import resolve
 
 log = logging.getLogger("dino.export")
 
@@ -106,26 +107,20 @@ class OnnxDetector(Detector):
         return rank_and_clip(result["scores"].numpy(), result["labels"].numpy(), result["boxes"].numpy(), width, height)
 
 
-def load_onnx_detector(path: str, threads: Optional[int] = None) -> OnnxDetector:
+def load_onnx_detector(path: str) -> OnnxDetector:
     """An :class:`OnnxDetector` for a file written by :func:`export_model` (local path or URI)."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise ConfigError("--onnx needs onnxruntime: pip install 'dino-platform[export]'") from None
-    from dino_platform.storage import resolve
-
-    location = resolve(path)
     local = Path(path)
     if not local.is_file():  # a remote URI: run from a local copy
         import tempfile
 
         local = Path(tempfile.mkdtemp(prefix="dino-onnx-")) / ONNX_FILE
-        local.write_bytes(location.read_bytes())
+        local.write_bytes(resolve(path).read_bytes())
     metadata = read_metadata(str(local))
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(local), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(local), providers=["CPUExecutionProvider"])
     categories = {int(k): v for k, v in metadata.get("categories", {}).items()}
     return OnnxDetector(categories=categories, transform=dict(metadata.get("transform") or {}),
                         source=metadata.get("source", path), session=session, metadata=metadata)
