@@ -31,6 +31,7 @@ from dino_platform import watchdog
 from dino_platform.data.batches import iter_collated
 from dino_platform.data.transforms import transform_configs
 from dino_platform.errors import ConfigError
+from dino_platform.evaluation.runner import evaluate_shard
 from dino_platform.model.config import build_model
 from dino_platform.run_state import (
     STALLS_DIR, WORKER_GROUPS_DIR, TrainState, read_consumed_image_ids, read_state, redeal_needed,
@@ -68,8 +69,8 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     if micro == 0:
         raise ConfigError(
             f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
-            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
-        )
+            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation "
+            f"{s.accumulation_steps})")
     steps_per_epoch = micro // s.accumulation_steps
     total_steps = steps_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps is not None:
@@ -129,7 +130,7 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
     tracker = MetricsLogger(inputs.tracking) if inputs.tracking is not None and rank == 0 else None
     worker = _set_up(inputs, cfg, rank, world_size, device, heartbeat)
     engine, criterion, state = worker.engine, worker.criterion, worker.state
-    _record_worker_group(inputs, cfg, rank, world_size, worker, tracker)
+    _record_worker_group(inputs, rank, world_size, worker, tracker)
 
     train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
     evaluator = _Evaluator(cfg, worker.postprocessor, ray.train.get_dataset_shard("eval"), inputs.ground_truth,
@@ -146,7 +147,8 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
                                  first_index=state.batches_in_epoch if redeal else 0)
         redeal = False
         epoch_started = state.epoch
-        for images, mask, targets in heartbeat.watched(batches, f"epoch {state.epoch}: waiting for micro-batch"):
+        waiting = f"epoch {state.epoch}: waiting for micro-batch"
+        for images, mask, targets in watchdog.watched(batches, heartbeat, waiting):
             progress.batch_arrived()
             heartbeat.phase(f"train step {state.step + 1} (micro-batch {state.batches_in_epoch})")
             seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
@@ -162,7 +164,8 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
             if end_of_epoch:
                 consumed.new_epoch()
             finished = state.step >= plan.total_steps
-            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps, force=end_of_epoch or finished)
+            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps,
+                                             force=end_of_epoch or finished)
             if metrics and tracker is not None:
                 tracker.log_metrics(metrics, step=state.step)
             evaluate, checkpoint = due_after_step(cfg, state, end_of_epoch, finished)
@@ -176,9 +179,7 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
     if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
-        heartbeat.phase(f"checkpointing at step {state.step}")
-        # consolidating is a collective under ZeRO: every rank calls it
-        _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
+        _evaluate_and_checkpoint(engine, state, cfg, {}, None, True, consumed, heartbeat)
 
 
 @dataclass
@@ -258,6 +259,19 @@ def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch
     return loss, losses
 
 
+def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_index: int = 0) -> Iterator[Tuple]:
+    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on).
+    ``first_index``: the epoch position of the shard's first batch (a re-dealt remainder starts at ``skip``)."""
+    train_transform, _ = transform_configs(cfg.data.transform)
+    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
+                            normalization=(train_transform.mean, train_transform.std))
+    for index, batch in enumerate(batches, start=first_index):
+        # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
+        # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
+        if skip <= index < plan.micro_batches_per_epoch:
+            yield batch
+
+
 def count_micro_batch(state: TrainState, accumulation_steps: int) -> bool:
     """Count one trained micro-batch in ``state``; True when it completed an optimizer step."""
     state.batches_in_epoch += 1
@@ -296,23 +310,33 @@ def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, fini
 def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metrics: Dict[str, float],
                              evaluator: Optional["_Evaluator"], checkpoint: bool, consumed: "_ConsumedImages",
                              heartbeat: "_TrainHeartbeat") -> bool:
-    """Every rank (both are collectives): evaluate with ``evaluator`` when given, then checkpoint when
-    ``checkpoint``; scores without a checkpoint go to Ray Train's report alone. True when it checkpointed."""
+    """Every rank (consolidating the state and gathering the consumed image ids are collectives): evaluate
+    with ``evaluator`` when given, then checkpoint when ``checkpoint``; scores without a checkpoint go to
+    Ray Train's report alone. True when it checkpointed."""
+    metrics = {**metrics, "step": state.step, "epoch": state.epoch}
     model_state = None
     if evaluator is not None:
         heartbeat.phase(f"evaluating at step {state.step}")
         started = time.monotonic()
         model_state = consolidated_state_dict(engine)
         # eval/AP etc. go into Ray Train's report too (a Tune sweep schedules on them)
-        metrics = {**metrics, **evaluator.run(model_state, state.step, state.epoch)}
+        metrics.update(evaluator.run(model_state, state.step))
         heartbeat.evaluation_done(time.monotonic() - started)
-    if checkpoint:
-        heartbeat.phase(f"checkpointing at step {state.step}")
-        model_state = model_state if model_state is not None else consolidated_state_dict(engine)
-        _save(engine, state, model_state, cfg, metrics, consumed)
-    elif model_state is not None:
-        ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
-    return checkpoint
+    if not checkpoint:
+        if model_state is not None:
+            ray.train.report(metrics)
+        return False
+    heartbeat.phase(f"checkpointing at step {state.step}")
+    model_state = model_state if model_state is not None else consolidated_state_dict(engine)
+    optimizer_state = consolidated_optimizer_state(engine)
+    image_ids = consumed.gather()
+    if ray.train.get_context().get_world_rank() != 0:
+        model_state = optimizer_state = None  # rank 0 writes the consolidated files
+    with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as staging:
+        write_checkpoint(engine, Path(staging), state, model_state, cfg.to_dict(), optimizer_state, image_ids)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
+                         checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,12 +344,9 @@ def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metric
 
 
 class _TrainHeartbeat(watchdog.Heartbeat):
-    """The worker's stall watchdog with its timeout sized from measured times; a stall's report, with
-    the training shard's stats, is written under ``<run>/stalls/`` for the driver.
-
-    ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times, and
-    at least twice the longest evaluation measured (an evaluation is one phase without beats).
-    """
+    """The worker's stall watchdog; a stall's report, with the training shard's stats, goes to ``<run>/stalls/``.
+    Timeout: ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times,
+    and at least twice the longest evaluation measured (an evaluation is one phase without beats)."""
 
     def __init__(self, cfg: TrainConfig, inputs: WorkerInputs, rank: int):
         self.configured = cfg.run.stall_timeout_s
@@ -351,9 +372,6 @@ class _TrainHeartbeat(watchdog.Heartbeat):
             return "training data pipeline: not requested yet"
         return f"training data pipeline (rank {self.rank}'s shard):\n{self.shard.stats()}"
 
-    def watched(self, items, phase: str):
-        return watchdog.watched(items, self, phase)
-
     def step_done(self) -> None:
         now = time.monotonic()
         if self.last_step is not None:
@@ -367,56 +385,15 @@ class _TrainHeartbeat(watchdog.Heartbeat):
 
 
 # ---------------------------------------------------------------------------------------------
-# data
-
-
-def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_index: int = 0) -> Iterator[Tuple]:
-    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on).
-
-    ``first_index``: the epoch position of the shard's first batch (its re-dealt remainder after a
-    resize starts at the checkpoint's position; a plain shard at 0).
-    """
-
-    train_transform, _ = transform_configs(cfg.data.transform)
-    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
-                            normalization=(train_transform.mean, train_transform.std))
-    for index, batch in enumerate(batches, start=first_index):
-        # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
-        # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
-        if skip <= index < plan.micro_batches_per_epoch:
-            yield batch
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints, progress, evaluation
-
-
-def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float],
-          consumed: "_ConsumedImages") -> None:
-    """Every rank (collectives: the optimizer moments and the consumed image ids are gathered)."""
-    optimizer_state = consolidated_optimizer_state(engine)
-    image_ids = consumed.gather()
-    rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as staging:
-        directory = Path(staging)
-        if rank != 0:
-            model_state = optimizer_state = None
-        write_checkpoint(engine, directory, state, model_state, cfg.to_dict(), optimizer_state, image_ids)
-        ray.train.report(
-            {**metrics, "step": state.step, "epoch": state.epoch},
-            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-            checkpoint_dir_name=f"checkpoint_step{state.step:07d}",
-        )
+# progress, consumed images, worker groups, evaluation
 
 
 class _Progress:
     """Loss terms averaged over workers and micro-batches; throughput since the last report.
 
-    The terms are summed as tensors where they were computed: reading one (``float``, ``.item()``)
-    would wait for the GPU at every micro-batch; only a report step copies them to the host.
-    Besides steps/s and images/s a report says how much of the time the loop waited for its next
-    batch (``data_wait_fraction``: near 0 when the data pipeline keeps up) and, on a GPU, the peak
-    memory allocated so far (``peak_gpu_memory_gib``).
+    The terms are summed as tensors where they were computed (reading one would wait for the GPU at
+    every micro-batch); only a report step copies them to the host. A report also gives the share of
+    the time spent waiting for data (``data_wait_fraction``) and, on a GPU, ``peak_gpu_memory_gib``.
     """
 
     MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
@@ -530,35 +507,33 @@ class _ConsumedImages:
         return self.before + [i for ids in everyone for i in ids]
 
 
-def _record_worker_group(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, worker: _Worker,
-                         tracker) -> None:
+def _record_worker_group(inputs: WorkerInputs, rank: int, world_size: int, worker: _Worker, tracker) -> None:
     """Rank 0: note this worker group's start (size, step, the size it resized from) in the log, in the
     run directory and in MLflow; the driver counts restarts and resizes from these records. Then warn
     when the group's reservations leave no node a whole CPU for the data pipeline."""
     if rank != 0:
         return
     state, saved = worker.state, worker.saved
+    resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
+    metrics = {"world_size": world_size}
     if saved is not None:
         log.info("resumed at step %d (epoch %d, %d steps in) with %d workers%s", state.step, state.epoch,
                  state.steps_in_epoch, world_size,
                  f" (checkpoint written by {saved.world_size}; the epoch's remaining images re-dealt)"
                  if worker.redeal else "")
-        if tracker is not None:
-            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
-    resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
+        metrics["resumed_from_step"] = state.step
     if resized_from is not None:
         log.info("resized %d -> %d workers at step %d", resized_from, world_size, state.step)
+        metrics.update({"resize/from_workers": resized_from, "resize/to_workers": world_size})
     if tracker is not None:
-        tracker.log_metrics({"world_size": world_size, **({"resize/from_workers": resized_from,
-                                                           "resize/to_workers": world_size}
-                                                          if resized_from is not None else {})}, step=state.step)
+        tracker.log_metrics(metrics, step=state.step)
     record = {"session": inputs.session, "step": state.step, "world_size": world_size,
               "resumed": saved is not None, "resized_from": resized_from, "time_ns": time.time_ns()}
     name = f"{WORKER_GROUPS_DIR}/start-{record['time_ns']}.json"
     inputs.run_location.child(name).write_bytes(json.dumps(record).encode())
-    diagnosis = watchdog.data_pipeline_starvation(
-        watchdog.free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
-                                       "or keep training workers off one node, so it keeps a whole CPU free.")
+    hint = (f"Workers hold scaling.cpus_per_worker={inputs.cfg.scaling.cpus_per_worker:g} each; lower it, "
+            "or keep training workers off one node, so it keeps a whole CPU free.")
+    diagnosis = watchdog.data_pipeline_starvation(watchdog.free_cpus_per_node(), hint)
     if diagnosis:
         log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
                     diagnosis)
@@ -572,11 +547,8 @@ class _Evaluator:
         self.tracker, self.device = tracker, device
         self.model = None
 
-    def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> Dict[str, float]:
+    def run(self, model_state: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
         """Evaluate on every rank together; rank 0 returns the summary COCO stats (``eval/AP`` ...), others {}."""
-        from dino_platform.evaluation.coco_eval import EvalProtocol
-        from dino_platform.evaluation.runner import evaluate_shard
-
         if self.model is None:
             self.model, _, _ = build_model(self.cfg.model)
             self.model.to(self.device)
@@ -585,9 +557,7 @@ class _Evaluator:
         _, eval_transform = transform_configs(self.cfg.data.transform)
         result = evaluate_shard(self.model, self.postprocessor, self.shard, self.ground_truth,
                                 batch_size=self.cfg.eval.batch_size,
-                                protocol=EvalProtocol(num_select=int(self.postprocessor.num_select),
-                                                      detections_per_image=self.cfg.eval.detections_per_image,
-                                                      max_dets=self.cfg.eval.max_dets, engine=self.cfg.eval.engine),
+                                protocol=self.cfg.eval.protocol(num_select=int(self.postprocessor.num_select)),
                                 num_drawn=self.cfg.eval.num_logged_images if self.tracker else 0,
                                 draw_threshold=self.cfg.eval.logged_score_threshold,
                                 normalization=(eval_transform.mean, eval_transform.std))

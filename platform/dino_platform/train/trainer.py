@@ -30,7 +30,7 @@ from dino_platform.ray_session import connect
 from dino_platform.storage import resolve
 from dino_platform.tracking import MetricsLogger, finish_run, resolve_tracking_uri, start_or_resume_run
 from dino_platform.model.artifact import weights_location
-from dino_platform.run_state import STALLS_DIR, WORKER_GROUPS_DIR, read_train_state
+from dino_platform.run_state import read_train_state, stall_reports, worker_groups
 from dino_platform.train.config import TrainConfig, flat_params
 from dino_platform.train.loop import WorkerInputs, train_loop_per_worker
 from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
@@ -201,18 +201,9 @@ def collective_timeout_s(cfg: TrainConfig) -> int:
     return int(math.ceil(1.5 * stall))
 
 
-def stall_reports(run_location, session: str) -> List[str]:
-    """The stall watchdog reports the workers of this ``run_training`` call wrote, oldest first."""
-    folder = run_location.child(STALLS_DIR)
-    if not folder.exists():
-        return []
-    names = sorted(name for name in folder.list_files(recursive=False) if name.startswith(f"{session}-"))
-    return [folder.child(name).read_bytes().decode() for name in names]
-
-
 def _skipped_samples(error_log) -> List[Dict[str, Any]]:
     """The records ``data.on_sample_error: skip`` wrote for this run (all its passes), in file order."""
-    records = [json.loads(error_log.child(name).read_bytes()) for name in sorted(error_log.list_files())]
+    records = [json.loads(error_log.child(name).read_bytes()) for name in error_log.list_files()]
     if records:
         log.warning("%d samples were skipped (data.on_sample_error: skip); listed in %s", len(records), error_log.uri)
     return records
@@ -257,15 +248,6 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
         if lost or time.monotonic() > deadline:
             return lost
         time.sleep(1.0)
-
-
-def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
-    """The worker groups this ``run_training`` call started, in order (see ``loop._record_worker_group``)."""
-    folder = run_location.child(WORKER_GROUPS_DIR)
-    if not folder.exists():
-        return []
-    records = [json.loads(folder.child(name).read_bytes()) for name in folder.list_files(recursive=False)]
-    return sorted((r for r in records if r.get("session") == session), key=lambda r: (r["step"], r["time_ns"]))
 
 
 def _open_tracking(cfg: TrainConfig, run_dir: str):
