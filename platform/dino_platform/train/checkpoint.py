@@ -109,15 +109,9 @@ def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
     return full
 
 
-def write_checkpoint(
-    engine,
-    directory: Path,
-    state: TrainState,
-    model_state: Optional[Dict[str, torch.Tensor]],
-    config: Dict[str, Any],
-    optimizer_state: Optional[Dict[str, torch.Tensor]] = None,
-    consumed_image_ids: Optional[list] = None,
-) -> None:
+def write_checkpoint(engine, directory: Path, state: TrainState, model_state: Optional[Dict[str, torch.Tensor]],
+                     config: Dict[str, Any], optimizer_state: Optional[Dict[str, torch.Tensor]] = None,
+                     consumed_image_ids: Optional[list] = None) -> None:
     """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``,
     ``optimizer_state`` (``consolidated_optimizer_state``) and the epoch's consumed image ids.
     ``config``: the job's ``TrainConfig.to_dict()``."""
@@ -148,25 +142,24 @@ def restore_checkpoint(engine, directory: Path, world_size: int, accumulation: i
     the epoch position is converted to this group's micro-batches (``accumulation`` per step).
     """
     state = read_state(directory)
+    redealt = redeal_needed(state, world_size)
     if state.world_size in (0, world_size):
         load_path, _ = engine.load_checkpoint(
             str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
             load_lr_scheduler_states=False)
         if load_path is None:
             raise StorageError(f"{directory / DEEPSPEED_DIR}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
-        if redeal_needed(state, world_size):  # a same-size restart within an already re-dealt epoch
-            state.batches_in_epoch = state.steps_in_epoch * accumulation
-        return state
-    if not (directory / OPTIMIZER_FILE).is_file():
+    elif not (directory / OPTIMIZER_FILE).is_file():
         raise ConfigError(
             f"scaling.num_workers: {directory.name} was written by {state.world_size} workers without "
             f"{OPTIMIZER_FILE} (an older checkpoint); resume with num_workers: {state.world_size}, or start a "
             f"new run with model.init_from pointing at {directory.name}/{MODEL_FILE}")
-    restore_optimizer_moments(engine, torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    engine.global_steps = state.step
-    redealt = redeal_needed(state, world_size)
-    state.world_size, state.epoch_redealt = world_size, redealt
-    state.batches_in_epoch = state.steps_in_epoch * accumulation
+    else:
+        restore_optimizer_moments(engine, torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        engine.global_steps = state.step
+        state.world_size, state.epoch_redealt = world_size, redealt
+    if redealt:  # a resize mid-epoch, or a same-size restart within an already re-dealt epoch
+        state.batches_in_epoch = state.steps_in_epoch * accumulation
     return state
 
 

@@ -14,6 +14,7 @@ Example (``dino train job.yaml``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,45 +241,34 @@ def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[Li
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# the ranges of numeric fields (a field left None is not set and passes)
+_POSITIVE = ("optim.lr", "optim.lr_linear_proj_mult", "optim.epochs", "optim.lr_drop", "optim.max_steps",
+             "scaling.cpus_per_worker", "scaling.batch_size_per_worker", "scaling.accumulation_steps",
+             "deepspeed.bucket_size", "model.num_classes", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
+             "checkpoint.num_to_keep", "run.stall_timeout_s", "tracking.log_every_n_steps")
+_NON_NEGATIVE = ("optim.lr_backbone", "optim.weight_decay", "optim.clip_max_norm", "scaling.resize_check_interval_s",
+                 "run.max_failures")
 
 
 def validate(cfg: TrainConfig) -> None:
     """Cross-field and range checks; raises ConfigError naming the field."""
-    o, s, c = cfg.optim, cfg.scaling, cfg.checkpoint
-    _positive("optim.lr", o.lr)
-    _non_negative("optim.lr_backbone", o.lr_backbone)
-    _non_negative("optim.weight_decay", o.weight_decay)
-    _positive("optim.lr_linear_proj_mult", o.lr_linear_proj_mult)
-    _non_negative("optim.clip_max_norm", o.clip_max_norm)
-    _positive("optim.epochs", o.epochs)
-    _positive("optim.lr_drop", o.lr_drop)
-    if not 0 < o.lr_drop_factor <= 1:
-        raise ConfigError(f"optim.lr_drop_factor: {o.lr_drop_factor} must be in (0, 1]")
-    if o.max_steps is not None:
-        _positive("optim.max_steps", o.max_steps)
-    _positive("scaling.cpus_per_worker", s.cpus_per_worker)
-    _positive("scaling.batch_size_per_worker", s.batch_size_per_worker)
-    _positive("scaling.accumulation_steps", s.accumulation_steps)
-    _validate_scaling(s)
-    _positive("deepspeed.bucket_size", cfg.deepspeed.bucket_size)
-    if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
+    for name in _POSITIVE:
+        _positive(name, functools.reduce(getattr, name.split("."), cfg))
+    for name in _NON_NEGATIVE:
+        _non_negative(name, functools.reduce(getattr, name.split("."), cfg))
+    if not 0 < cfg.optim.lr_drop_factor <= 1:
+        raise ConfigError(f"optim.lr_drop_factor: {cfg.optim.lr_drop_factor} must be in (0, 1]")
+    _validate_scaling(cfg.scaling)
+    if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
         raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
-    _positive("model.num_classes", cfg.model.num_classes)
     if not cfg.model.preset:
         raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
     if not cfg.data.train_uri:
         raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
     if cfg.data.on_sample_error not in ("fail", "skip"):
         raise ConfigError(f"data.on_sample_error: one of fail, skip; got {cfg.data.on_sample_error!r}")
-    for name in ("every_n_steps", "every_n_epochs", "num_to_keep"):
-        if getattr(c, name) is not None:
-            _positive(f"checkpoint.{name}", getattr(c, name))
     if not _RUN_NAME.match(cfg.run.name):
         raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
-    _non_negative("run.max_failures", cfg.run.max_failures)
-    if cfg.run.stall_timeout_s is not None:
-        _positive("run.stall_timeout_s", cfg.run.stall_timeout_s)
-    _positive("tracking.log_every_n_steps", cfg.tracking.log_every_n_steps)
     if not cfg.run.storage_path:
         raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
 
@@ -291,7 +281,6 @@ def _validate_scaling(s: ScalingConfig) -> None:
         _positive("scaling.num_workers[0] (min)", s.num_workers[0])
     else:
         _positive("scaling.num_workers", s.num_workers)
-    _non_negative("scaling.resize_check_interval_s", s.resize_check_interval_s)
     for resource, amount in s.resources_per_worker.items():
         if resource in ("CPU", "GPU"):
             raise ConfigError(f"scaling.resources_per_worker.{resource}: set scaling.cpus_per_worker / use_gpu instead")
@@ -301,13 +290,13 @@ def _validate_scaling(s: ScalingConfig) -> None:
             s.accumulation_for(world_size)
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
+def _positive(name: str, value: Optional[float]) -> None:
+    if value is not None and value <= 0:
         raise ConfigError(f"{name}: {value} must be > 0")
 
 
-def _non_negative(name: str, value: float) -> None:
-    if value < 0:
+def _non_negative(name: str, value: Optional[float]) -> None:
+    if value is not None and value < 0:
         raise ConfigError(f"{name}: {value} must be >= 0")
 
 
