@@ -105,19 +105,15 @@ def latest_registered_checkpoint(run_location) -> Optional[Dict[str, Any]]:
     return latest if latest.get("checkpoint_dir_name") else None
 
 
-def _run_records(run_location, folder: str) -> Dict[str, bytes]:
-    """{file name: contents} of ``<run>/<folder>``, in name order (empty before any was written)."""
-    records = run_location.child(folder)
-    return {name: records.child(name).read_bytes() for name in records.list_files(recursive=False)}
-
-
 def stall_reports(run_location, session: str) -> List[str]:
     """The stall watchdog reports the workers of one ``run_training`` call wrote, oldest first."""
-    return [text.decode() for name, text in _run_records(run_location, STALLS_DIR).items()
+    folder = run_location.child(STALLS_DIR)
+    return [folder.child(name).read_bytes().decode() for name in folder.list_files(recursive=False)
             if name.startswith(f"{session}-")]
 
 
 def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
     """The worker groups one ``run_training`` call started, in order (``loop._record_worker_group``)."""
-    records = [json.loads(text) for text in _run_records(run_location, WORKER_GROUPS_DIR).values()]
+    folder = run_location.child(WORKER_GROUPS_DIR)
+    records = [json.loads(folder.child(name).read_bytes()) for name in folder.list_files(recursive=False)]
     return sorted((r for r in records if r.get("session") == session), key=lambda r: (r["step"], r["time_ns"]))

@@ -135,12 +135,9 @@ def load_resized_weights(model: torch.nn.Module, directory: Path) -> None:
 
 
 def restore_checkpoint(engine, directory: Path, world_size: int, accumulation: int = 1) -> TrainState:
-    """Load the optimizer (and module) state and return where training stands for this group.
-
-    Same world size: DeepSpeed's own partitions. Another size: the module must already hold
-    ``model.pt`` (``load_resized_weights``); the Adam moments and step come from ``optimizer.pt``, and
-    the epoch position is converted to this group's micro-batches (``accumulation`` per step).
-    """
+    """Load the optimizer (and module) state and return where training stands for this group, its epoch
+    position in this group's micro-batches (``accumulation`` per step). See "Resuming" above: at another
+    size the module must already hold ``model.pt`` (``load_resized_weights``)."""
     state = read_state(directory)
     redealt = redeal_needed(state, world_size)
     if state.world_size in (0, world_size):
@@ -161,24 +158,6 @@ def restore_checkpoint(engine, directory: Path, world_size: int, accumulation: i
     if redealt:  # a resize mid-epoch, or a same-size restart within an already re-dealt epoch
         state.batches_in_epoch = state.steps_in_epoch * accumulation
     return state
-
-
-def _materialize_adam_state(engine) -> None:
-    """Create the (zero) Adam state a fresh engine makes only at its first step, so it can be written.
-
-    The torch optimizer keys its state by the tensors it updates: ZeRO-3's flat fp32 partitions,
-    ZeRO-1/2's and bf16's flat fp32 groups, or the module's own parameters without a wrapper.
-    ZeRO-1/2 and bf16 then link each parameter's fragment to that state (as DeepSpeed does before
-    loading a universal checkpoint).
-    """
-    wrapper, optimizer = engine.optimizer, _torch_optimizer(engine)
-    flats = getattr(wrapper, "fp32_partitioned_groups_flat", None)
-    tensors = list(flats) if flats is not None else [p for group in optimizer.param_groups for p in group["params"]]
-    for tensor in tensors:
-        if not optimizer.state.get(tensor):
-            optimizer.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
-                                       "exp_avg_sq": torch.zeros_like(tensor)}
-    _relink_fragments(engine)
 
 
 def _relink_fragments(engine) -> None:
@@ -211,7 +190,16 @@ def restore_optimizer_moments(engine, full: Dict[str, torch.Tensor]) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     optimizer = _torch_optimizer(engine)
-    _materialize_adam_state(engine)
+    # the (zero) Adam state a fresh engine makes only at its first step, keyed by the tensors the torch
+    # optimizer updates: ZeRO-3's flat fp32 partitions, ZeRO-1/2's and bf16's flat fp32 groups, or the
+    # module's own parameters; ZeRO-1/2 and bf16 then link each parameter's fragment to it
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    tensors = list(flats) if flats is not None else [p for group in optimizer.param_groups for p in group["params"]]
+    for tensor in tensors:
+        if not optimizer.state.get(tensor):
+            optimizer.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
+                                       "exp_avg_sq": torch.zeros_like(tensor)}
+    _relink_fragments(engine)
     step = full["step"]
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:

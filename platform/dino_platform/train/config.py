@@ -28,10 +28,6 @@ from dino_platform.model.config import ModelConfig
 from dino_platform.typed_config import parse_section
 from dino_platform.yaml_docs import apply_override, read_mapping
 
-Precision = Literal["fp32", "bf16", "fp16"]
-ZeroStage = Literal[0, 1, 2, 3]
-
-
 @dataclass
 class OptimConfig:
     """AdamW and its schedule; ``epochs`` and ``lr_drop`` count passes over the training set."""
@@ -49,9 +45,6 @@ class OptimConfig:
     lr_drop_factor: float = 0.1
     # stop after this many optimizer steps (smoke runs, staged runs); the schedule is unchanged
     max_steps: Optional[int] = None
-
-
-PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 @dataclass
@@ -74,7 +67,7 @@ class ScalingConfig:
     # at max workers when keep_total_batch; recomputed for every other world size
     accumulation_steps: int = 1
     # how Ray places the workers' bundles: PACK fills nodes, STRICT_SPREAD one worker per node
-    placement_strategy: PlacementStrategy = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # None: true for a [min, max] range, false for a fixed size
     keep_total_batch: Optional[bool] = None
     # custom Ray resources each worker also asks for, e.g. {train_slot: 1} on GPU node types
@@ -116,9 +109,9 @@ class ScalingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: ZeroStage = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     # bf16/fp16: autocast over the forward with fp32 master parameters (docs/train.md, "Precision")
-    precision: Precision = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # fp32 on an Ampere or newer GPU: matmuls and convolutions in TF32 (10-bit mantissa inputs,
     # fp32 accumulation), as most detection codebases train; false keeps full fp32 arithmetic
     tf32: bool = True

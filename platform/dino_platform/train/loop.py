@@ -112,25 +112,24 @@ def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
     """Ray Train's entry on every worker; ``loop_config`` is ``{"inputs": WorkerInputs}``."""
     inputs = loop_config["inputs"]
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    # an elastic group learns its size only here: fix num_workers and the accumulation for it
-    cfg = inputs.cfg.at_world_size(world_size)
-    plan = inputs.plan(world_size)
-    device = ray.train.torch.get_device()
-    heartbeat = _TrainHeartbeat(cfg, inputs, rank).start()
+    heartbeat = _TrainHeartbeat(inputs, context.get_world_rank()).start()
     try:
-        _train(inputs, cfg, plan, rank, world_size, device, heartbeat)
+        _train(inputs, context.get_world_rank(), context.get_world_size(), heartbeat)
     finally:
         heartbeat.stop()
 
 
-def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, world_size: int, device,
-           heartbeat: "_TrainHeartbeat") -> None:
+def _train(inputs: WorkerInputs, rank: int, world_size: int, heartbeat: "_TrainHeartbeat") -> None:
     """Epochs of micro-batches; after every optimizer step: progress, then evaluation and checkpoint when due."""
+    # an elastic group learns its size only here: fix num_workers and the accumulation for it
+    cfg = inputs.cfg.at_world_size(world_size)
+    plan = inputs.plan(world_size)
+    device = ray.train.torch.get_device()
     tracker = MetricsLogger(inputs.tracking) if inputs.tracking is not None and rank == 0 else None
     worker = _set_up(inputs, cfg, rank, world_size, device, heartbeat)
     engine, criterion, state = worker.engine, worker.criterion, worker.state
-    _record_worker_group(inputs, rank, world_size, worker, tracker)
+    if rank == 0:
+        _record_worker_group(inputs, world_size, worker, tracker)
 
     train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
     evaluator = _Evaluator(cfg, worker.postprocessor, ray.train.get_dataset_shard("eval"), inputs.ground_truth,
@@ -348,8 +347,8 @@ class _TrainHeartbeat(watchdog.Heartbeat):
     Timeout: ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times,
     and at least twice the longest evaluation measured (an evaluation is one phase without beats)."""
 
-    def __init__(self, cfg: TrainConfig, inputs: WorkerInputs, rank: int):
-        self.configured = cfg.run.stall_timeout_s
+    def __init__(self, inputs: WorkerInputs, rank: int):
+        self.configured = inputs.cfg.run.stall_timeout_s
         self.step_times: List[float] = []
         self.longest_evaluation = 0.0
         self.last_step = None
@@ -472,24 +471,23 @@ class _ConsumedImages:
 
     def __init__(self, before: List[int], log_dir: Optional[str], rank: int, world_size: int):
         self.before, self.mine, self.pending = list(before), [], []
-        self.rank, self.world_size = rank, world_size
-        self.log_file, self.group = None, None
+        self.log_file, self.line = None, {}
         if log_dir:
             # one id for this worker group on every rank: the audit tells attempts apart by it
             group = [{"id": uuid.uuid4().hex, "started_ns": time.time_ns()}]
             if dist.is_initialized():
                 dist.broadcast_object_list(group, src=0)
-            self.group = group[0]
+            self.line = {"group": group[0]["id"], "group_started_ns": group[0]["started_ns"], "rank": rank,
+                         "world_size": world_size}  # what every line of this rank's log holds
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.log_file = Path(log_dir) / f"group{self.group['started_ns']}-rank{rank}.jsonl"
+            self.log_file = Path(log_dir) / f"group{group[0]['started_ns']}-rank{rank}.jsonl"
 
     def add(self, targets) -> None:
         self.pending.extend(int(t["image_id"]) for t in targets)
 
     def step_done(self, state: TrainState) -> None:
         if self.log_file is not None:
-            line = {"group": self.group["id"], "group_started_ns": self.group["started_ns"], "step": state.step,
-                    "epoch": state.epoch, "rank": self.rank, "world_size": self.world_size, "image_ids": self.pending}
+            line = {**self.line, "step": state.step, "epoch": state.epoch, "image_ids": self.pending}
             with self.log_file.open("a") as out:
                 out.write(json.dumps(line) + "\n")
         self.mine.extend(self.pending)
@@ -507,12 +505,10 @@ class _ConsumedImages:
         return self.before + [i for ids in everyone for i in ids]
 
 
-def _record_worker_group(inputs: WorkerInputs, rank: int, world_size: int, worker: _Worker, tracker) -> None:
+def _record_worker_group(inputs: WorkerInputs, world_size: int, worker: _Worker, tracker) -> None:
     """Rank 0: note this worker group's start (size, step, the size it resized from) in the log, in the
     run directory and in MLflow; the driver counts restarts and resizes from these records. Then warn
     when the group's reservations leave no node a whole CPU for the data pipeline."""
-    if rank != 0:
-        return
     state, saved = worker.state, worker.saved
     resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
     metrics = {"world_size": world_size}
