@@ -136,7 +136,8 @@ def _train(inputs: WorkerInputs, rank: int, world_size: int, heartbeat: "_TrainH
                            tracker, device) if cfg.data.eval_uri else None
     progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
     consumed = _ConsumedImages(worker.consumed_before, inputs.image_log, rank, world_size)
-    last_checkpoint_step = state.step if worker.own_checkpoint else -1
+    if state.step >= plan.total_steps and not worker.own_checkpoint:  # started from a finished run's checkpoint
+        _evaluate_and_checkpoint(engine, state, cfg, {}, None, True, consumed, heartbeat)
     redeal = worker.redeal
     while state.step < plan.total_steps:
         set_epoch_lr(engine.optimizer, worker.base_lrs, cfg.optim, state.epoch)
@@ -168,17 +169,14 @@ def _train(inputs: WorkerInputs, rank: int, world_size: int, heartbeat: "_TrainH
             if metrics and tracker is not None:
                 tracker.log_metrics(metrics, step=state.step)
             evaluate, checkpoint = due_after_step(cfg, state, end_of_epoch, finished)
-            if _evaluate_and_checkpoint(engine, state, cfg, metrics or {}, evaluator if evaluate else None,
-                                        checkpoint, consumed, heartbeat):
-                last_checkpoint_step = state.step
+            _evaluate_and_checkpoint(engine, state, cfg, metrics or {}, evaluator if evaluate else None, checkpoint,
+                                     consumed, heartbeat)
             progress.mark()
             if finished:
                 break
         if state.step < plan.total_steps and state.epoch == epoch_started:
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
-    if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
-        _evaluate_and_checkpoint(engine, state, cfg, {}, None, True, consumed, heartbeat)
 
 
 @dataclass
@@ -308,10 +306,10 @@ def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, fini
 
 def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metrics: Dict[str, float],
                              evaluator: Optional["_Evaluator"], checkpoint: bool, consumed: "_ConsumedImages",
-                             heartbeat: "_TrainHeartbeat") -> bool:
+                             heartbeat: "_TrainHeartbeat") -> None:
     """Every rank (consolidating the state and gathering the consumed image ids are collectives): evaluate
     with ``evaluator`` when given, then checkpoint when ``checkpoint``; scores without a checkpoint go to
-    Ray Train's report alone. True when it checkpointed."""
+    Ray Train's report alone."""
     metrics = {**metrics, "step": state.step, "epoch": state.epoch}
     model_state = None
     if evaluator is not None:
@@ -324,7 +322,7 @@ def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metric
     if not checkpoint:
         if model_state is not None:
             ray.train.report(metrics)
-        return False
+        return
     heartbeat.phase(f"checkpointing at step {state.step}")
     model_state = model_state if model_state is not None else consolidated_state_dict(engine)
     optimizer_state = consolidated_optimizer_state(engine)
@@ -335,7 +333,6 @@ def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metric
         write_checkpoint(engine, Path(staging), state, model_state, cfg.to_dict(), optimizer_state, image_ids)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
                          checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from dino_platform.model.artifact import weights_location
 from dino_platform.run_state import read_train_state, stall_reports, worker_groups
 from dino_platform.train.config import TrainConfig, flat_params
 from dino_platform.train.loop import WorkerInputs, train_loop_per_worker
-from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
+from dino_platform.watchdog import stall_timeout
 
 log = logging.getLogger("dino.train")
 
@@ -173,7 +173,7 @@ def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]]
         finish_run(inputs.tracking, status="FAILED" if error else "FINISHED")
     outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_location.uri,
                               tracking=inputs.tracking, error=error, worker_groups=groups)
-    if groups and (outcome.restarts or outcome.resizes):
+    if outcome.restarts:
         log.info("run %s: %d worker-group restarts, %d resizes (%s)", cfg.run.name, outcome.restarts,
                  outcome.resizes, " -> ".join(str(g["world_size"]) for g in groups))
     if error is None:
@@ -197,8 +197,7 @@ def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]]
 def collective_timeout_s(cfg: TrainConfig) -> int:
     """The process group's timeout: past the stall timeout, so a collective waiting on a lost peer
     errors instead of hanging, after the watchdog has had the chance to report where it waited."""
-    stall = cfg.run.stall_timeout_s if cfg.run.stall_timeout_s is not None else DEFAULT_STALL_TIMEOUT_S
-    return int(math.ceil(1.5 * stall))
+    return int(math.ceil(1.5 * stall_timeout(cfg.run.stall_timeout_s, [])))
 
 
 def _skipped_samples(error_log) -> List[Dict[str, Any]]:
@@ -222,10 +221,8 @@ def lost_nodes(error: BaseException) -> List[str]:
         ip = re.search(r"\bip[:= ]+([0-9.]+)|node IP[:= ]+([0-9.]+)|\(ip=([0-9.]+)", text, re.IGNORECASE)
         name = f"node {node.group(1)}" if node else "a node"
         address = next((g for g in ip.groups() if g), None) if ip else None
-        entry = f"{name} ({address})" if address else name
-        if entry not in lost:
-            lost.append(entry)
-    return lost
+        lost.append(f"{name} ({address})" if address else name)
+    return list(dict.fromkeys(lost))  # each node once, in order
 
 
 def _alive_nodes() -> Dict[str, str]:
