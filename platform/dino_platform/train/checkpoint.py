@@ -66,13 +66,13 @@ def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
             else:
                 value = param.data
         full[name] = value.detach().to("cpu", torch.float32).clone()
-    for name, tensor in module.state_dict().items():
+    state = module.state_dict()
+    for name, tensor in state.items():
         if name not in full:  # buffers (frozen batch-norm statistics ...)
-            is_float = tensor.is_floating_point()
-            full[name] = tensor.detach().to("cpu", torch.float32 if is_float else tensor.dtype).clone()
+            dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+            full[name] = tensor.detach().to("cpu", dtype).clone()
     # keep the module's own key order so the file diff-matches the official layout
-    order = list(module.state_dict().keys())
-    return {k: full[k] for k in order if k in full} | {k: v for k, v in full.items() if k not in order}
+    return {k: full[k] for k in state} | {k: v for k, v in full.items() if k not in state}
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:

@@ -216,10 +216,6 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# loading and validation
-
-
 def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[List[str]] = None) -> TrainConfig:
     """Read a YAML file (or a dict), apply ``a.b=value`` overrides, build and validate the config."""
     raw, origin = read_mapping(source, "config file", "model, data, optim, ... sections", label="config")
@@ -292,9 +288,6 @@ def _non_negative(name: str, value: Optional[float]) -> None:
     if value is not None and value < 0:
         raise ConfigError(f"{name}: {value} must be >= 0")
 
-
-# ---------------------------------------------------------------------------------------------
-# logging the config without secrets
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key)", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")

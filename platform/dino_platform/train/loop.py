@@ -57,11 +57,8 @@ class EpochPlan:
 
 
 def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
-    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations).
-
-    ``cfg`` at one world size (``TrainConfig.at_world_size``). With the total batch kept, the steps
-    per epoch, hence the schedule, are the same at every size.
-    """
+    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations)
+    for ``cfg`` at one world size (``at_world_size``); with the total batch kept, the same steps at every size."""
     s = cfg.scaling
     per_worker = num_train_images // s.num_workers
     micro = per_worker // s.batch_size_per_worker
@@ -81,10 +78,8 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
 @dataclass(frozen=True)
 class WorkerInputs:
     """Everything a training worker needs besides its dataset shards, built once by the driver
-    (``trainer.run_training``) and pickled by Ray Train to every worker of every worker group.
-
-    Locations are resolved on the driver: workers may not share its storage settings (``AWS_*``).
-    """
+    (``trainer.run_training``) and pickled by Ray Train to every worker of every worker group. Locations
+    are resolved on the driver: workers may not share its storage settings (``AWS_*``)."""
 
     cfg: TrainConfig  # as configured; each worker group fixes it at its own size (at_world_size)
     num_train_images: int  # rows of data.train_uri: sizes every epoch (plan_epochs)
@@ -237,10 +232,8 @@ def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, 
 
 
 def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Forward, loss and backward of one micro-batch; DeepSpeed steps the optimizer at an accumulation's last.
-
-    The batch goes to a GPU through pinned host memory, without waiting for the copy. Returns the
-    weighted total loss (a 0-d tensor) and the criterion's loss terms."""
+    """Forward, loss and backward of one micro-batch (to a GPU through pinned memory, without waiting for the
+    copy); DeepSpeed steps the optimizer at an accumulation's last. Returns the 0-d total loss and the terms."""
     device = torch.device(device)
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
@@ -279,8 +272,7 @@ def count_micro_batch(state: TrainState, accumulation_steps: int) -> bool:
 
 
 def end_epoch_if_complete(state: TrainState, plan: EpochPlan) -> bool:
-    """After an optimizer step: move ``state`` to the next epoch when this one's micro-batches are all
-    trained; True when it did."""
+    """After an optimizer step: move ``state`` to the next epoch once its micro-batches are all trained (True)."""
     if state.batches_in_epoch != plan.micro_batches_per_epoch:
         return False
     state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
@@ -289,12 +281,9 @@ def end_epoch_if_complete(state: TrainState, plan: EpochPlan) -> bool:
 
 
 def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, finished: bool) -> Tuple[bool, bool]:
-    """(evaluate, checkpoint) after an optimizer step.
-
-    Both at the run's last step. Evaluation (with ``data.eval_uri``) every ``eval.every_n_epochs``
-    epochs; checkpoints every ``checkpoint.every_n_steps`` steps and every ``checkpoint.every_n_epochs``
-    epochs. ``state`` is counted past the step (an ended epoch already counted).
-    """
+    """(evaluate, checkpoint) after an optimizer step, ``state`` counted past it: both at the run's last
+    step; evaluation (with ``data.eval_uri``) every ``eval.every_n_epochs`` epochs; checkpoints every
+    ``checkpoint.every_n_steps`` steps and every ``checkpoint.every_n_epochs`` epochs."""
     def epoch_due(n: Optional[int]) -> bool:
         return end_of_epoch and n is not None and state.epoch % n == 0
 
@@ -335,10 +324,6 @@ def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metric
                          checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 
 
-# ---------------------------------------------------------------------------------------------
-# stall watchdog
-
-
 class _TrainHeartbeat(watchdog.Heartbeat):
     """The worker's stall watchdog; a stall's report, with the training shard's stats, goes to ``<run>/stalls/``.
     Timeout: ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times,
@@ -359,9 +344,8 @@ class _TrainHeartbeat(watchdog.Heartbeat):
         super().__init__(f"training worker rank {rank}", self.timeout, watchdog.exit_process(sink), self.data_stats)
 
     def timeout(self) -> float:
-        if self.configured is not None:
-            return float(self.configured)
-        return max(watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+        sized = max(watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+        return sized if self.configured is None else float(self.configured)
 
     def data_stats(self) -> str:
         if self.shard is None:
@@ -378,10 +362,6 @@ class _TrainHeartbeat(watchdog.Heartbeat):
     def evaluation_done(self, seconds: float) -> None:
         self.longest_evaluation = max(self.longest_evaluation, seconds)
         self.last_step = None  # the next step's time does not include the evaluation
-
-
-# ---------------------------------------------------------------------------------------------
-# progress, consumed images, worker groups, evaluation
 
 
 class _Progress:
@@ -460,11 +440,9 @@ class _Progress:
 
 class _ConsumedImages:
     """The image ids of the current epoch this worker trained on, for the checkpoint's data position.
-
-    ``before``: the epoch's ids from the checkpoint this group resumed from (every rank holds them;
-    rank 0 writes them with the gathered new ones). ``log_dir`` (``$DINO_TRAIN_IMAGE_LOG``, an audit
-    of the data semantics): each rank appends one JSON line per optimizer step with its image ids.
-    """
+    ``before``: the epoch's ids from the checkpoint this group resumed from (every rank holds them; rank 0
+    writes them with the gathered new ones). ``log_dir`` (``$DINO_TRAIN_IMAGE_LOG``, an audit of the data
+    semantics): each rank appends one JSON line per optimizer step with its image ids."""
 
     def __init__(self, before: List[int], log_dir: Optional[str], rank: int, world_size: int):
         self.before, self.mine, self.pending = list(before), [], []

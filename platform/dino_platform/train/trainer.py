@@ -88,7 +88,13 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     run_location = storage.child(cfg.run.name)
     datasets = _datasets(cfg, run_location)
     start = read_train_state(start_from) if start_from else None
-    inputs = _worker_inputs(cfg, run_location, start)  # validated before an MLflow run is opened
+    inputs = WorkerInputs(  # validated before an MLflow run is opened; locations resolved here, on the driver
+        cfg, dataset_size(cfg.data.train_uri), run_location, session=uuid.uuid4().hex,
+        ground_truth=read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
+        init_location=weights_location(cfg.model.init_from) if cfg.model.init_from else None,
+        start_location=start.location if start is not None else None,
+        # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
+        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None)
     if cfg.tracking.enabled:
         inputs = dataclasses.replace(inputs, tracking=_open_tracking(cfg, run_location.uri))
     trainer = _torch_trainer(cfg, storage, inputs, datasets, start, callbacks)
@@ -140,19 +146,8 @@ def _torch_trainer(cfg: TrainConfig, storage, inputs: WorkerInputs, datasets, st
         ),
         datasets=datasets,
         dataset_config=OrderedShards(inputs.run_location, start_epoch=start.epoch if start else 0,
-                                     start_location=start.location if start else None),
+                                     start_location=inputs.start_location),
     )
-
-
-def _worker_inputs(cfg: TrainConfig, run_location, start) -> WorkerInputs:
-    """The workers' inputs, locations and ground truth resolved here (see ``WorkerInputs``); tracking off."""
-    return WorkerInputs(
-        cfg, dataset_size(cfg.data.train_uri), run_location, session=uuid.uuid4().hex,
-        ground_truth=read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
-        init_location=weights_location(cfg.model.init_from) if cfg.model.init_from else None,
-        start_location=start.location if start is not None else None,
-        # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
-        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None)
 
 
 def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]], error: Optional[BaseException],
