@@ -77,8 +77,7 @@ def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's ZeRO/bf16 wrappers (engine.optimizer itself without one)."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
@@ -102,8 +101,8 @@ def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
                 value = optimizer.state.get(param, {}).get(key)
             if value is None:
                 raise RuntimeError(f"{name}: no optimizer state {key!r} to checkpoint (before the first step?)")
-            full[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).reshape(param.ds_shape if hasattr(
-                param, "ds_shape") else param.shape).clone()
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the full shape aside
+            full[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).reshape(shape).clone()
     steps = [state["step"] for state in optimizer.state.values() if "step" in state]
     full["step"] = torch.tensor(float(steps[0]) if steps else 0.0)
     return full
@@ -130,8 +129,7 @@ def write_checkpoint(engine, directory: Path, state: TrainState, model_state: Op
 
 def load_resized_weights(model: torch.nn.Module, directory: Path) -> None:
     """Before DeepSpeed wraps ``model``: the consolidated weights of a checkpoint written at another size."""
-    state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True), strict=True)
 
 
 def restore_checkpoint(engine, directory: Path, world_size: int, accumulation: int = 1) -> TrainState:

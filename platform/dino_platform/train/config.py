@@ -130,7 +130,7 @@ class DataConfig:
     transform: Dict[str, Any] = field(default_factory=dict)
     # a sample whose decode/transform fails: "fail" stops the run with the sample named; "skip"
     # leaves it out, counts it (metric data/skipped_samples) and lists it (artifact sample_errors.json)
-    on_sample_error: str = "fail"
+    on_sample_error: Literal["fail", "skip"] = "fail"
 
 
 @dataclass(frozen=True)
@@ -247,22 +247,7 @@ def validate(cfg: TrainConfig) -> None:
         _non_negative(name, functools.reduce(getattr, name.split("."), cfg))
     if not 0 < cfg.optim.lr_drop_factor <= 1:
         raise ConfigError(f"optim.lr_drop_factor: {cfg.optim.lr_drop_factor} must be in (0, 1]")
-    _validate_scaling(cfg.scaling)
-    if cfg.deepspeed.precision == "fp16" and not cfg.scaling.use_gpu:
-        raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
-    if not cfg.model.preset:
-        raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
-    if not cfg.data.train_uri:
-        raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
-    if cfg.data.on_sample_error not in ("fail", "skip"):
-        raise ConfigError(f"data.on_sample_error: one of fail, skip; got {cfg.data.on_sample_error!r}")
-    if not _RUN_NAME.match(cfg.run.name):
-        raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
-    if not cfg.run.storage_path:
-        raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
-
-
-def _validate_scaling(s: ScalingConfig) -> None:
+    s = cfg.scaling
     if s.elastic:
         if len(s.num_workers) != 2 or s.num_workers[0] > s.num_workers[1]:
             raise ConfigError(f"scaling.num_workers: {s.num_workers} must be an integer or [min, max] "
@@ -277,6 +262,16 @@ def _validate_scaling(s: ScalingConfig) -> None:
     if s.keeps_total_batch:  # fails here, before any worker starts, at the first size that cannot keep it
         for world_size in range(s.min_workers, s.max_workers + 1):
             s.accumulation_for(world_size)
+    if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
+        raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
+    if not cfg.model.preset:
+        raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
+    if not cfg.data.train_uri:
+        raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
+    if not _RUN_NAME.match(cfg.run.name):
+        raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
+    if not cfg.run.storage_path:
+        raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
 
 
 def _positive(name: str, value: Optional[float]) -> None:

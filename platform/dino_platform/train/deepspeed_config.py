@@ -39,7 +39,6 @@ def build_deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
         }
     if ds.zero_stage >= 1:
         # overlapping communication with the backward pass only pays on GPUs (separate streams)
-        config["zero_optimization"]["overlap_comm"] = bool(s.use_gpu)
-        config["zero_optimization"]["reduce_bucket_size"] = ds.bucket_size
-        config["zero_optimization"]["allgather_bucket_size"] = ds.bucket_size
+        config["zero_optimization"].update(overlap_comm=bool(s.use_gpu), reduce_bucket_size=ds.bucket_size,
+                                           allgather_bucket_size=ds.bucket_size)
     return config

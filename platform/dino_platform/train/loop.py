@@ -60,8 +60,7 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
     """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations)
     for ``cfg`` at one world size (``at_world_size``); with the total batch kept, the same steps at every size."""
     s = cfg.scaling
-    per_worker = num_train_images // s.num_workers
-    micro = per_worker // s.batch_size_per_worker
+    micro = num_train_images // s.num_workers // s.batch_size_per_worker
     micro -= micro % s.accumulation_steps
     if micro == 0:
         raise ConfigError(
@@ -69,9 +68,7 @@ def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
             f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation "
             f"{s.accumulation_steps})")
     steps_per_epoch = micro // s.accumulation_steps
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    if cfg.optim.max_steps is not None:
-        total_steps = min(total_steps, cfg.optim.max_steps)
+    total_steps = min(steps_per_epoch * cfg.optim.epochs, cfg.optim.max_steps or math.inf)
     return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 

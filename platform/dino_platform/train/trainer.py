@@ -226,11 +226,8 @@ def _alive_nodes() -> Dict[str, str]:
 
 
 def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: float = 60.0) -> List[str]:
-    """Nodes alive at the start and dead now, for a worker-group failure.
-
-    A killed node's workers surface as "actor unavailable" before the GCS declares the node dead
-    (after its missed health checks), so wait a little for that verdict.
-    """
+    """Nodes alive at the start and dead now, for a worker-group failure. A killed node's workers surface as
+    "actor unavailable" before the GCS declares the node dead (missed health checks): wait for that verdict."""
     if not getattr(error, "worker_failures", None):
         return []
     deadline = time.monotonic() + wait_s
