@@ -103,3 +103,17 @@ def latest_registered_checkpoint(run_location) -> Optional[Dict[str, Any]]:
         return None
     latest = json.loads(snapshot.read_bytes()).get("latest_checkpoint_result") or {}
     return latest if latest.get("checkpoint_dir_name") else None
+
+
+def stall_reports(run_location, session: str) -> List[str]:
+    """The stall watchdog reports the workers of one ``run_training`` call wrote, oldest first."""
+    folder = run_location.child(STALLS_DIR)
+    return [folder.child(name).read_bytes().decode() for name in folder.list_files(recursive=False)
+            if name.startswith(f"{session}-")]
+
+
+def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
+    """The worker groups one ``run_training`` call started, in order (``loop._record_worker_group``)."""
+    folder = run_location.child(WORKER_GROUPS_DIR)
+    records = [json.loads(folder.child(name).read_bytes()) for name in folder.list_files(recursive=False)]
+    return sorted((r for r in records if r.get("session") == session), key=lambda r: (r["step"], r["time_ns"]))

@@ -1,1 +1,1 @@
-"""Training on Ray Train + DeepSpeed: typed config, per-worker loop, checkpoints, the ``dino train``/``dino eval`` commands."""
+"""Training on Ray Train + DeepSpeed: typed config, the driver, the per-worker loop, checkpoints."""

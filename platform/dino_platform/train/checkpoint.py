@@ -66,19 +66,18 @@ def consolidated_state_dict(engine) -> Dict[str, torch.Tensor]:
             else:
                 value = param.data
         full[name] = value.detach().to("cpu", torch.float32).clone()
-    for name, tensor in module.state_dict().items():
+    state = module.state_dict()
+    for name, tensor in state.items():
         if name not in full:  # buffers (frozen batch-norm statistics ...)
-            is_float = tensor.is_floating_point()
-            full[name] = tensor.detach().to("cpu", torch.float32 if is_float else tensor.dtype).clone()
+            dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+            full[name] = tensor.detach().to("cpu", dtype).clone()
     # keep the module's own key order so the file diff-matches the official layout
-    order = list(module.state_dict().keys())
-    return {k: full[k] for k in order if k in full} | {k: v for k, v in full.items() if k not in order}
+    return {k: full[k] for k in state} | {k: v for k, v in full.items() if k not in state}
 
 
 def _torch_optimizer(engine) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's ZeRO/bf16 wrappers (engine.optimizer itself without one)."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
 def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
@@ -102,22 +101,16 @@ def consolidated_optimizer_state(engine) -> Dict[str, torch.Tensor]:
                 value = optimizer.state.get(param, {}).get(key)
             if value is None:
                 raise RuntimeError(f"{name}: no optimizer state {key!r} to checkpoint (before the first step?)")
-            full[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).reshape(param.ds_shape if hasattr(
-                param, "ds_shape") else param.shape).clone()
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the full shape aside
+            full[f"{key}/{name}"] = value.detach().to("cpu", torch.float32).reshape(shape).clone()
     steps = [state["step"] for state in optimizer.state.values() if "step" in state]
     full["step"] = torch.tensor(float(steps[0]) if steps else 0.0)
     return full
 
 
-def write_checkpoint(
-    engine,
-    directory: Path,
-    state: TrainState,
-    model_state: Optional[Dict[str, torch.Tensor]],
-    config: Dict[str, Any],
-    optimizer_state: Optional[Dict[str, torch.Tensor]] = None,
-    consumed_image_ids: Optional[list] = None,
-) -> None:
+def write_checkpoint(engine, directory: Path, state: TrainState, model_state: Optional[Dict[str, torch.Tensor]],
+                     config: Dict[str, Any], optimizer_state: Optional[Dict[str, torch.Tensor]] = None,
+                     consumed_image_ids: Optional[list] = None) -> None:
     """Every rank: DeepSpeed state into ``directory/deepspeed``; rank 0 also passes ``model_state``,
     ``optimizer_state`` (``consolidated_optimizer_state``) and the epoch's consumed image ids.
     ``config``: the job's ``TrainConfig.to_dict()``."""
@@ -136,56 +129,33 @@ def write_checkpoint(
 
 def load_resized_weights(model: torch.nn.Module, directory: Path) -> None:
     """Before DeepSpeed wraps ``model``: the consolidated weights of a checkpoint written at another size."""
-    state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True), strict=True)
 
 
 def restore_checkpoint(engine, directory: Path, world_size: int, accumulation: int = 1) -> TrainState:
-    """Load the optimizer (and module) state and return where training stands for this group.
-
-    Same world size: DeepSpeed's own partitions. Another size: the module must already hold
-    ``model.pt`` (``load_resized_weights``); the Adam moments and step come from ``optimizer.pt``, and
-    the epoch position is converted to this group's micro-batches (``accumulation`` per step).
-    """
+    """Load the optimizer (and module) state and return where training stands for this group, its epoch
+    position in this group's micro-batches (``accumulation`` per step). See "Resuming" above: at another
+    size the module must already hold ``model.pt`` (``load_resized_weights``)."""
     state = read_state(directory)
+    redealt = redeal_needed(state, world_size)
     if state.world_size in (0, world_size):
         load_path, _ = engine.load_checkpoint(
             str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
             load_lr_scheduler_states=False)
         if load_path is None:
             raise StorageError(f"{directory / DEEPSPEED_DIR}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
-        if redeal_needed(state, world_size):  # a same-size restart within an already re-dealt epoch
-            state.batches_in_epoch = state.steps_in_epoch * accumulation
-        return state
-    if not (directory / OPTIMIZER_FILE).is_file():
+    elif not (directory / OPTIMIZER_FILE).is_file():
         raise ConfigError(
             f"scaling.num_workers: {directory.name} was written by {state.world_size} workers without "
             f"{OPTIMIZER_FILE} (an older checkpoint); resume with num_workers: {state.world_size}, or start a "
             f"new run with model.init_from pointing at {directory.name}/{MODEL_FILE}")
-    restore_optimizer_moments(engine, torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    engine.global_steps = state.step
-    redealt = redeal_needed(state, world_size)
-    state.world_size, state.epoch_redealt = world_size, redealt
-    state.batches_in_epoch = state.steps_in_epoch * accumulation
+    else:
+        restore_optimizer_moments(engine, torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        engine.global_steps = state.step
+        state.world_size, state.epoch_redealt = world_size, redealt
+    if redealt:  # a resize mid-epoch, or a same-size restart within an already re-dealt epoch
+        state.batches_in_epoch = state.steps_in_epoch * accumulation
     return state
-
-
-def _materialize_adam_state(engine) -> None:
-    """Create the (zero) Adam state a fresh engine makes only at its first step, so it can be written.
-
-    The torch optimizer keys its state by the tensors it updates: ZeRO-3's flat fp32 partitions,
-    ZeRO-1/2's and bf16's flat fp32 groups, or the module's own parameters without a wrapper.
-    ZeRO-1/2 and bf16 then link each parameter's fragment to that state (as DeepSpeed does before
-    loading a universal checkpoint).
-    """
-    wrapper, optimizer = engine.optimizer, _torch_optimizer(engine)
-    flats = getattr(wrapper, "fp32_partitioned_groups_flat", None)
-    tensors = list(flats) if flats is not None else [p for group in optimizer.param_groups for p in group["params"]]
-    for tensor in tensors:
-        if not optimizer.state.get(tensor):
-            optimizer.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
-                                       "exp_avg_sq": torch.zeros_like(tensor)}
-    _relink_fragments(engine)
 
 
 def _relink_fragments(engine) -> None:
@@ -218,7 +188,16 @@ def restore_optimizer_moments(engine, full: Dict[str, torch.Tensor]) -> None:
     from deepspeed.utils import safe_set_full_optimizer_state
 
     optimizer = _torch_optimizer(engine)
-    _materialize_adam_state(engine)
+    # the (zero) Adam state a fresh engine makes only at its first step, keyed by the tensors the torch
+    # optimizer updates: ZeRO-3's flat fp32 partitions, ZeRO-1/2's and bf16's flat fp32 groups, or the
+    # module's own parameters; ZeRO-1/2 and bf16 then link each parameter's fragment to it
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    tensors = list(flats) if flats is not None else [p for group in optimizer.param_groups for p in group["params"]]
+    for tensor in tensors:
+        if not optimizer.state.get(tensor):
+            optimizer.state[tensor] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(tensor),
+                                       "exp_avg_sq": torch.zeros_like(tensor)}
+    _relink_fragments(engine)
     step = full["step"]
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:

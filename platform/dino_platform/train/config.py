@@ -14,6 +14,7 @@ Example (``dino train job.yaml``)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,6 @@ from dino_platform.evaluation.coco_eval import EvalConfig
 from dino_platform.model.config import ModelConfig
 from dino_platform.typed_config import parse_section
 from dino_platform.yaml_docs import apply_override, read_mapping
-
-Precision = Literal["fp32", "bf16", "fp16"]
-ZeroStage = Literal[0, 1, 2, 3]
-
 
 @dataclass
 class OptimConfig:
@@ -48,9 +45,6 @@ class OptimConfig:
     lr_drop_factor: float = 0.1
     # stop after this many optimizer steps (smoke runs, staged runs); the schedule is unchanged
     max_steps: Optional[int] = None
-
-
-PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 @dataclass
@@ -73,7 +67,7 @@ class ScalingConfig:
     # at max workers when keep_total_batch; recomputed for every other world size
     accumulation_steps: int = 1
     # how Ray places the workers' bundles: PACK fills nodes, STRICT_SPREAD one worker per node
-    placement_strategy: PlacementStrategy = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # None: true for a [min, max] range, false for a fixed size
     keep_total_batch: Optional[bool] = None
     # custom Ray resources each worker also asks for, e.g. {train_slot: 1} on GPU node types
@@ -115,9 +109,9 @@ class ScalingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: ZeroStage = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     # bf16/fp16: autocast over the forward with fp32 master parameters (docs/train.md, "Precision")
-    precision: Precision = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # fp32 on an Ampere or newer GPU: matmuls and convolutions in TF32 (10-bit mantissa inputs,
     # fp32 accumulation), as most detection codebases train; false keeps full fp32 arithmetic
     tf32: bool = True
@@ -136,7 +130,7 @@ class DataConfig:
     transform: Dict[str, Any] = field(default_factory=dict)
     # a sample whose decode/transform fails: "fail" stops the run with the sample named; "skip"
     # leaves it out, counts it (metric data/skipped_samples) and lists it (artifact sample_errors.json)
-    on_sample_error: str = "fail"
+    on_sample_error: Literal["fail", "skip"] = "fail"
 
 
 @dataclass(frozen=True)
@@ -222,10 +216,6 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# loading and validation
-
-
 def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[List[str]] = None) -> TrainConfig:
     """Read a YAML file (or a dict), apply ``a.b=value`` overrides, build and validate the config."""
     raw, origin = read_mapping(source, "config file", "model, data, optim, ... sections", label="config")
@@ -240,50 +230,24 @@ def load_config(source: Union[str, Path, Dict[str, Any]], overrides: Optional[Li
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# the ranges of numeric fields (a field left None is not set and passes)
+_POSITIVE = ("optim.lr", "optim.lr_linear_proj_mult", "optim.epochs", "optim.lr_drop", "optim.max_steps",
+             "scaling.cpus_per_worker", "scaling.batch_size_per_worker", "scaling.accumulation_steps",
+             "deepspeed.bucket_size", "model.num_classes", "checkpoint.every_n_steps", "checkpoint.every_n_epochs",
+             "checkpoint.num_to_keep", "run.stall_timeout_s", "tracking.log_every_n_steps")
+_NON_NEGATIVE = ("optim.lr_backbone", "optim.weight_decay", "optim.clip_max_norm", "scaling.resize_check_interval_s",
+                 "run.max_failures")
 
 
 def validate(cfg: TrainConfig) -> None:
     """Cross-field and range checks; raises ConfigError naming the field."""
-    o, s, c = cfg.optim, cfg.scaling, cfg.checkpoint
-    _positive("optim.lr", o.lr)
-    _non_negative("optim.lr_backbone", o.lr_backbone)
-    _non_negative("optim.weight_decay", o.weight_decay)
-    _positive("optim.lr_linear_proj_mult", o.lr_linear_proj_mult)
-    _non_negative("optim.clip_max_norm", o.clip_max_norm)
-    _positive("optim.epochs", o.epochs)
-    _positive("optim.lr_drop", o.lr_drop)
-    if not 0 < o.lr_drop_factor <= 1:
-        raise ConfigError(f"optim.lr_drop_factor: {o.lr_drop_factor} must be in (0, 1]")
-    if o.max_steps is not None:
-        _positive("optim.max_steps", o.max_steps)
-    _positive("scaling.cpus_per_worker", s.cpus_per_worker)
-    _positive("scaling.batch_size_per_worker", s.batch_size_per_worker)
-    _positive("scaling.accumulation_steps", s.accumulation_steps)
-    _validate_scaling(s)
-    _positive("deepspeed.bucket_size", cfg.deepspeed.bucket_size)
-    if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
-        raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
-    _positive("model.num_classes", cfg.model.num_classes)
-    if not cfg.model.preset:
-        raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
-    if not cfg.data.train_uri:
-        raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
-    if cfg.data.on_sample_error not in ("fail", "skip"):
-        raise ConfigError(f"data.on_sample_error: one of fail, skip; got {cfg.data.on_sample_error!r}")
-    for name in ("every_n_steps", "every_n_epochs", "num_to_keep"):
-        if getattr(c, name) is not None:
-            _positive(f"checkpoint.{name}", getattr(c, name))
-    if not _RUN_NAME.match(cfg.run.name):
-        raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
-    _non_negative("run.max_failures", cfg.run.max_failures)
-    if cfg.run.stall_timeout_s is not None:
-        _positive("run.stall_timeout_s", cfg.run.stall_timeout_s)
-    _positive("tracking.log_every_n_steps", cfg.tracking.log_every_n_steps)
-    if not cfg.run.storage_path:
-        raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
-
-
-def _validate_scaling(s: ScalingConfig) -> None:
+    for name in _POSITIVE:
+        _positive(name, functools.reduce(getattr, name.split("."), cfg))
+    for name in _NON_NEGATIVE:
+        _non_negative(name, functools.reduce(getattr, name.split("."), cfg))
+    if not 0 < cfg.optim.lr_drop_factor <= 1:
+        raise ConfigError(f"optim.lr_drop_factor: {cfg.optim.lr_drop_factor} must be in (0, 1]")
+    s = cfg.scaling
     if s.elastic:
         if len(s.num_workers) != 2 or s.num_workers[0] > s.num_workers[1]:
             raise ConfigError(f"scaling.num_workers: {s.num_workers} must be an integer or [min, max] "
@@ -291,7 +255,6 @@ def _validate_scaling(s: ScalingConfig) -> None:
         _positive("scaling.num_workers[0] (min)", s.num_workers[0])
     else:
         _positive("scaling.num_workers", s.num_workers)
-    _non_negative("scaling.resize_check_interval_s", s.resize_check_interval_s)
     for resource, amount in s.resources_per_worker.items():
         if resource in ("CPU", "GPU"):
             raise ConfigError(f"scaling.resources_per_worker.{resource}: set scaling.cpus_per_worker / use_gpu instead")
@@ -299,20 +262,27 @@ def _validate_scaling(s: ScalingConfig) -> None:
     if s.keeps_total_batch:  # fails here, before any worker starts, at the first size that cannot keep it
         for world_size in range(s.min_workers, s.max_workers + 1):
             s.accumulation_for(world_size)
+    if cfg.deepspeed.precision == "fp16" and not s.use_gpu:
+        raise ConfigError("deepspeed.precision: fp16 needs scaling.use_gpu: true; use fp32 or bf16 on CPU")
+    if not cfg.model.preset:
+        raise ConfigError("model.preset: a dino_core preset name is required, e.g. dino_tiny")
+    if not cfg.data.train_uri:
+        raise ConfigError("data.train_uri: required (a directory or s3:// prefix written by `dino ingest`)")
+    if not _RUN_NAME.match(cfg.run.name):
+        raise ConfigError(f"run.name: {cfg.run.name!r} must be letters, digits, '_', '-' or '.'")
+    if not cfg.run.storage_path:
+        raise ConfigError("run.storage_path: required (a local directory or s3://bucket/prefix)")
 
 
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
+def _positive(name: str, value: Optional[float]) -> None:
+    if value is not None and value <= 0:
         raise ConfigError(f"{name}: {value} must be > 0")
 
 
-def _non_negative(name: str, value: float) -> None:
-    if value < 0:
+def _non_negative(name: str, value: Optional[float]) -> None:
+    if value is not None and value < 0:
         raise ConfigError(f"{name}: {value} must be >= 0")
 
-
-# ---------------------------------------------------------------------------------------------
-# logging the config without secrets
 
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key)", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")

@@ -5,9 +5,6 @@ from typing import Any, Dict
 
 from dino_platform.train.config import TrainConfig
 
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-
-
 def build_deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
     """ZeRO stage, precision, batch sizes and clipping for ``deepspeed.initialize(config=...)``.
 
@@ -36,13 +33,12 @@ def build_deepspeed_config(cfg: TrainConfig) -> Dict[str, Any]:
     if ds.precision != "fp32":
         config["torch_autocast"] = {
             "enabled": True,
-            "dtype": AUTOCAST_DTYPES[ds.precision],
+            "dtype": {"bf16": "bfloat16", "fp16": "float16"}[ds.precision],
             # no module's gradients are reduced in the low dtype: ZeRO buckets stay fp32
             "lower_precision_safe_modules": [],
         }
     if ds.zero_stage >= 1:
         # overlapping communication with the backward pass only pays on GPUs (separate streams)
-        config["zero_optimization"]["overlap_comm"] = bool(s.use_gpu)
-        config["zero_optimization"]["reduce_bucket_size"] = ds.bucket_size
-        config["zero_optimization"]["allgather_bucket_size"] = ds.bucket_size
+        config["zero_optimization"].update(overlap_comm=bool(s.use_gpu), reduce_bucket_size=ds.bucket_size,
+                                           allgather_bucket_size=ds.bucket_size)
     return config

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -23,21 +23,9 @@ def init_weights(model: torch.nn.Module, model_cfg: ModelConfig, location) -> No
 
     from dino_platform.model.artifact import read_model_state
 
-    state = read_model_state(location)
-    kwargs = {"strict": model_cfg.init_strict}
-    if model_cfg.init_class_map:
-        kwargs["class_map"] = dict(model_cfg.init_class_map)
-    report = dino_core.load_official_state_dict(model, state, **kwargs)
+    report = dino_core.load_official_state_dict(model, read_model_state(location), strict=model_cfg.init_strict,
+                                                class_map=model_cfg.init_class_map or None)
     log.info("initialised from %s (%s)", model_cfg.init_from, report)
-
-
-def param_groups(model: torch.nn.Module, optim: OptimConfig) -> List[Dict]:
-    """AdamW groups of the official recipe via dino_core (backbone at lr_backbone, optional linear-proj mult)."""
-    import dino_core
-
-    mult = optim.lr_linear_proj_mult if optim.scale_linear_proj_lr else 1.0
-    return dino_core.param_groups(model, lr=optim.lr, lr_backbone=optim.lr_backbone,
-                                  lr_linear_proj_mult=mult, weight_decay=optim.weight_decay)
 
 
 def lr_factor(optim: OptimConfig, epoch: int) -> float:
@@ -75,30 +63,27 @@ def skip_cpu_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def configure_float32_math(cfg: TrainConfig) -> None:
-    """TF32 matmuls and convolutions on CUDA as ``deepspeed.tf32`` says (logged once per worker)."""
-    if not torch.cuda.is_available():
-        return
-    torch.backends.cuda.matmul.allow_tf32 = cfg.deepspeed.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.deepspeed.tf32
-    log.info("float32 matmuls and convolutions: %s (deepspeed.tf32: %s, precision %s)",
-             "TF32" if cfg.deepspeed.tf32 else "full fp32", cfg.deepspeed.tf32, cfg.deepspeed.precision)
-
-
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the recipe's groups, fused: one kernel per step and no host-side step counters."""
-    return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    """AdamW over the official recipe's groups (backbone at lr_backbone, optional linear-proj mult), fused:
+    one kernel per step and no host-side step counters."""
+    import dino_core
+
+    mult = optim.lr_linear_proj_mult if optim.scale_linear_proj_lr else 1.0
+    groups = dino_core.param_groups(model, lr=optim.lr, lr_backbone=optim.lr_backbone, lr_linear_proj_mult=mult,
+                                    weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig) -> Tuple[object, List[float]]:
-    """Wrap ``model`` in a DeepSpeed engine on the process group Ray Train already created.
-
-    Returns the engine and the param groups' base learning rates (for the step decay).
-    """
+    """Wrap ``model`` in a DeepSpeed engine on the process group Ray Train already created; returns the
+    engine and the param groups' base learning rates (for the step decay)."""
     import deepspeed
 
     skip_cpu_shm_comm_build()
-    configure_float32_math(cfg)
+    if torch.cuda.is_available():  # TF32 matmuls and convolutions as deepspeed.tf32 says
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.deepspeed.tf32
+        log.info("float32 matmuls and convolutions: %s (deepspeed.tf32: %s, precision %s)",
+                 "TF32" if cfg.deepspeed.tf32 else "full fp32", cfg.deepspeed.tf32, cfg.deepspeed.precision)
     # Ray Train has initialised torch.distributed; DeepSpeed adopts that group instead of making one
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     optimizer = build_optimizer(model, cfg.optim)

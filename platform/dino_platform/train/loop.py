@@ -31,6 +31,7 @@ from dino_platform import watchdog
 from dino_platform.data.batches import iter_collated
 from dino_platform.data.transforms import transform_configs
 from dino_platform.errors import ConfigError
+from dino_platform.evaluation.runner import evaluate_shard
 from dino_platform.model.config import build_model
 from dino_platform.run_state import (
     STALLS_DIR, WORKER_GROUPS_DIR, TrainState, read_consumed_image_ids, read_state, redeal_needed,
@@ -56,34 +57,26 @@ class EpochPlan:
 
 
 def plan_epochs(num_train_images: int, cfg: TrainConfig) -> EpochPlan:
-    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations).
-
-    ``cfg`` at one world size (``TrainConfig.at_world_size``). With the total batch kept, the steps
-    per epoch, hence the schedule, are the same at every size.
-    """
+    """Micro-batches per worker and optimizer steps per epoch (equal shards, drop_last, whole accumulations)
+    for ``cfg`` at one world size (``at_world_size``); with the total batch kept, the same steps at every size."""
     s = cfg.scaling
-    per_worker = num_train_images // s.num_workers
-    micro = per_worker // s.batch_size_per_worker
+    micro = num_train_images // s.num_workers // s.batch_size_per_worker
     micro -= micro % s.accumulation_steps
     if micro == 0:
         raise ConfigError(
             f"data.train_uri: {num_train_images} training images are fewer than one optimizer step needs "
-            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation {s.accumulation_steps})"
-        )
+            f"(scaling: {s.num_workers} workers x batch {s.batch_size_per_worker} x accumulation "
+            f"{s.accumulation_steps})")
     steps_per_epoch = micro // s.accumulation_steps
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    if cfg.optim.max_steps is not None:
-        total_steps = min(total_steps, cfg.optim.max_steps)
+    total_steps = min(steps_per_epoch * cfg.optim.epochs, cfg.optim.max_steps or math.inf)
     return EpochPlan(micro_batches_per_epoch=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 @dataclass(frozen=True)
 class WorkerInputs:
     """Everything a training worker needs besides its dataset shards, built once by the driver
-    (``trainer.run_training``) and pickled by Ray Train to every worker of every worker group.
-
-    Locations are resolved on the driver: workers may not share its storage settings (``AWS_*``).
-    """
+    (``trainer.run_training``) and pickled by Ray Train to every worker of every worker group. Locations
+    are resolved on the driver: workers may not share its storage settings (``AWS_*``)."""
 
     cfg: TrainConfig  # as configured; each worker group fixes it at its own size (at_world_size)
     num_train_images: int  # rows of data.train_uri: sizes every epoch (plan_epochs)
@@ -111,32 +104,32 @@ def train_loop_per_worker(loop_config: Dict[str, WorkerInputs]) -> None:
     """Ray Train's entry on every worker; ``loop_config`` is ``{"inputs": WorkerInputs}``."""
     inputs = loop_config["inputs"]
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    # an elastic group learns its size only here: fix num_workers and the accumulation for it
-    cfg = inputs.cfg.at_world_size(world_size)
-    plan = inputs.plan(world_size)
-    device = ray.train.torch.get_device()
-    heartbeat = _TrainHeartbeat(cfg, inputs, rank).start()
+    heartbeat = _TrainHeartbeat(inputs, context.get_world_rank()).start()
     try:
-        _train(inputs, cfg, plan, rank, world_size, device, heartbeat)
+        _train(inputs, context.get_world_rank(), context.get_world_size(), heartbeat)
     finally:
         heartbeat.stop()
 
 
-def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, world_size: int, device,
-           heartbeat: "_TrainHeartbeat") -> None:
+def _train(inputs: WorkerInputs, rank: int, world_size: int, heartbeat: "_TrainHeartbeat") -> None:
     """Epochs of micro-batches; after every optimizer step: progress, then evaluation and checkpoint when due."""
+    # an elastic group learns its size only here: fix num_workers and the accumulation for it
+    cfg = inputs.cfg.at_world_size(world_size)
+    plan = inputs.plan(world_size)
+    device = ray.train.torch.get_device()
     tracker = MetricsLogger(inputs.tracking) if inputs.tracking is not None and rank == 0 else None
     worker = _set_up(inputs, cfg, rank, world_size, device, heartbeat)
     engine, criterion, state = worker.engine, worker.criterion, worker.state
-    _record_worker_group(inputs, cfg, rank, world_size, worker, tracker)
+    if rank == 0:
+        _record_worker_group(inputs, world_size, worker, tracker)
 
     train_shard = heartbeat.shard = ray.train.get_dataset_shard("train")
     evaluator = _Evaluator(cfg, worker.postprocessor, ray.train.get_dataset_shard("eval"), inputs.ground_truth,
                            tracker, device) if cfg.data.eval_uri else None
     progress = _Progress(world_size, cfg.scaling.batch_size_per_worker)
     consumed = _ConsumedImages(worker.consumed_before, inputs.image_log, rank, world_size)
-    last_checkpoint_step = state.step if worker.own_checkpoint else -1
+    if state.step >= plan.total_steps and not worker.own_checkpoint:  # started from a finished run's checkpoint
+        _evaluate_and_checkpoint(engine, state, cfg, {}, None, True, consumed, heartbeat)
     redeal = worker.redeal
     while state.step < plan.total_steps:
         set_epoch_lr(engine.optimizer, worker.base_lrs, cfg.optim, state.epoch)
@@ -146,7 +139,8 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
                                  first_index=state.batches_in_epoch if redeal else 0)
         redeal = False
         epoch_started = state.epoch
-        for images, mask, targets in heartbeat.watched(batches, f"epoch {state.epoch}: waiting for micro-batch"):
+        waiting = f"epoch {state.epoch}: waiting for micro-batch"
+        for images, mask, targets in watchdog.watched(batches, heartbeat, waiting):
             progress.batch_arrived()
             heartbeat.phase(f"train step {state.step + 1} (micro-batch {state.batches_in_epoch})")
             seed_step(state.seed, state.epoch * plan.micro_batches_per_epoch + state.batches_in_epoch, rank)
@@ -162,23 +156,19 @@ def _train(inputs: WorkerInputs, cfg: TrainConfig, plan: EpochPlan, rank: int, w
             if end_of_epoch:
                 consumed.new_epoch()
             finished = state.step >= plan.total_steps
-            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps, force=end_of_epoch or finished)
+            metrics = progress.report_if_due(state, engine, cfg.tracking.log_every_n_steps,
+                                             force=end_of_epoch or finished)
             if metrics and tracker is not None:
                 tracker.log_metrics(metrics, step=state.step)
             evaluate, checkpoint = due_after_step(cfg, state, end_of_epoch, finished)
-            if _evaluate_and_checkpoint(engine, state, cfg, metrics or {}, evaluator if evaluate else None,
-                                        checkpoint, consumed, heartbeat):
-                last_checkpoint_step = state.step
+            _evaluate_and_checkpoint(engine, state, cfg, metrics or {}, evaluator if evaluate else None, checkpoint,
+                                     consumed, heartbeat)
             progress.mark()
             if finished:
                 break
         if state.step < plan.total_steps and state.epoch == epoch_started:
             raise RuntimeError(f"rank {rank}: the training shard ended after {state.batches_in_epoch} of "
                                f"{plan.micro_batches_per_epoch} planned micro-batches in epoch {state.epoch}")
-    if last_checkpoint_step != state.step:  # e.g. resumed from the final checkpoint
-        heartbeat.phase(f"checkpointing at step {state.step}")
-        # consolidating is a collective under ZeRO: every rank calls it
-        _save(engine, state, consolidated_state_dict(engine), cfg, {}, consumed)
 
 
 @dataclass
@@ -239,10 +229,8 @@ def _set_up(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, 
 
 
 def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Forward, loss and backward of one micro-batch; DeepSpeed steps the optimizer at an accumulation's last.
-
-    The batch goes to a GPU through pinned host memory, without waiting for the copy. Returns the
-    weighted total loss (a 0-d tensor) and the criterion's loss terms."""
+    """Forward, loss and backward of one micro-batch (to a GPU through pinned memory, without waiting for the
+    copy); DeepSpeed steps the optimizer at an accumulation's last. Returns the 0-d total loss and the terms."""
     device = torch.device(device)
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
@@ -258,6 +246,19 @@ def _train_step(engine, criterion, images, mask, targets, device) -> Tuple[torch
     return loss, losses
 
 
+def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_index: int = 0) -> Iterator[Tuple]:
+    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on).
+    ``first_index``: the epoch position of the shard's first batch (a re-dealt remainder starts at ``skip``)."""
+    train_transform, _ = transform_configs(cfg.data.transform)
+    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
+                            normalization=(train_transform.mean, train_transform.std))
+    for index, batch in enumerate(batches, start=first_index):
+        # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
+        # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
+        if skip <= index < plan.micro_batches_per_epoch:
+            yield batch
+
+
 def count_micro_batch(state: TrainState, accumulation_steps: int) -> bool:
     """Count one trained micro-batch in ``state``; True when it completed an optimizer step."""
     state.batches_in_epoch += 1
@@ -268,8 +269,7 @@ def count_micro_batch(state: TrainState, accumulation_steps: int) -> bool:
 
 
 def end_epoch_if_complete(state: TrainState, plan: EpochPlan) -> bool:
-    """After an optimizer step: move ``state`` to the next epoch when this one's micro-batches are all
-    trained; True when it did."""
+    """After an optimizer step: move ``state`` to the next epoch once its micro-batches are all trained (True)."""
     if state.batches_in_epoch != plan.micro_batches_per_epoch:
         return False
     state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
@@ -278,12 +278,9 @@ def end_epoch_if_complete(state: TrainState, plan: EpochPlan) -> bool:
 
 
 def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, finished: bool) -> Tuple[bool, bool]:
-    """(evaluate, checkpoint) after an optimizer step.
-
-    Both at the run's last step. Evaluation (with ``data.eval_uri``) every ``eval.every_n_epochs``
-    epochs; checkpoints every ``checkpoint.every_n_steps`` steps and every ``checkpoint.every_n_epochs``
-    epochs. ``state`` is counted past the step (an ended epoch already counted).
-    """
+    """(evaluate, checkpoint) after an optimizer step, ``state`` counted past it: both at the run's last
+    step; evaluation (with ``data.eval_uri``) every ``eval.every_n_epochs`` epochs; checkpoints every
+    ``checkpoint.every_n_steps`` steps and every ``checkpoint.every_n_epochs`` epochs."""
     def epoch_due(n: Optional[int]) -> bool:
         return end_of_epoch and n is not None and state.epoch % n == 0
 
@@ -295,40 +292,42 @@ def due_after_step(cfg: TrainConfig, state: TrainState, end_of_epoch: bool, fini
 
 def _evaluate_and_checkpoint(engine, state: TrainState, cfg: TrainConfig, metrics: Dict[str, float],
                              evaluator: Optional["_Evaluator"], checkpoint: bool, consumed: "_ConsumedImages",
-                             heartbeat: "_TrainHeartbeat") -> bool:
-    """Every rank (both are collectives): evaluate with ``evaluator`` when given, then checkpoint when
-    ``checkpoint``; scores without a checkpoint go to Ray Train's report alone. True when it checkpointed."""
+                             heartbeat: "_TrainHeartbeat") -> None:
+    """Every rank (consolidating the state and gathering the consumed image ids are collectives): evaluate
+    with ``evaluator`` when given, then checkpoint when ``checkpoint``; scores without a checkpoint go to
+    Ray Train's report alone."""
+    metrics = {**metrics, "step": state.step, "epoch": state.epoch}
     model_state = None
     if evaluator is not None:
         heartbeat.phase(f"evaluating at step {state.step}")
         started = time.monotonic()
         model_state = consolidated_state_dict(engine)
         # eval/AP etc. go into Ray Train's report too (a Tune sweep schedules on them)
-        metrics = {**metrics, **evaluator.run(model_state, state.step, state.epoch)}
+        metrics.update(evaluator.run(model_state, state.step))
         heartbeat.evaluation_done(time.monotonic() - started)
-    if checkpoint:
-        heartbeat.phase(f"checkpointing at step {state.step}")
-        model_state = model_state if model_state is not None else consolidated_state_dict(engine)
-        _save(engine, state, model_state, cfg, metrics, consumed)
-    elif model_state is not None:
-        ray.train.report({**metrics, "step": state.step, "epoch": state.epoch})
-    return checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# stall watchdog
+    if not checkpoint:
+        if model_state is not None:
+            ray.train.report(metrics)
+        return
+    heartbeat.phase(f"checkpointing at step {state.step}")
+    model_state = model_state if model_state is not None else consolidated_state_dict(engine)
+    optimizer_state = consolidated_optimizer_state(engine)
+    image_ids = consumed.gather()
+    if ray.train.get_context().get_world_rank() != 0:
+        model_state = optimizer_state = None  # rank 0 writes the consolidated files
+    with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as staging:
+        write_checkpoint(engine, Path(staging), state, model_state, cfg.to_dict(), optimizer_state, image_ids)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging),
+                         checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 
 
 class _TrainHeartbeat(watchdog.Heartbeat):
-    """The worker's stall watchdog with its timeout sized from measured times; a stall's report, with
-    the training shard's stats, is written under ``<run>/stalls/`` for the driver.
+    """The worker's stall watchdog; a stall's report, with the training shard's stats, goes to ``<run>/stalls/``.
+    Timeout: ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times,
+    and at least twice the longest evaluation measured (an evaluation is one phase without beats)."""
 
-    ``run.stall_timeout_s`` when set; else the larger of the default and 20 median step times, and
-    at least twice the longest evaluation measured (an evaluation is one phase without beats).
-    """
-
-    def __init__(self, cfg: TrainConfig, inputs: WorkerInputs, rank: int):
-        self.configured = cfg.run.stall_timeout_s
+    def __init__(self, inputs: WorkerInputs, rank: int):
+        self.configured = inputs.cfg.run.stall_timeout_s
         self.step_times: List[float] = []
         self.longest_evaluation = 0.0
         self.last_step = None
@@ -342,17 +341,13 @@ class _TrainHeartbeat(watchdog.Heartbeat):
         super().__init__(f"training worker rank {rank}", self.timeout, watchdog.exit_process(sink), self.data_stats)
 
     def timeout(self) -> float:
-        if self.configured is not None:
-            return float(self.configured)
-        return max(watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+        sized = max(watchdog.stall_timeout(None, self.step_times), 2 * self.longest_evaluation)
+        return sized if self.configured is None else float(self.configured)
 
     def data_stats(self) -> str:
         if self.shard is None:
             return "training data pipeline: not requested yet"
         return f"training data pipeline (rank {self.rank}'s shard):\n{self.shard.stats()}"
-
-    def watched(self, items, phase: str):
-        return watchdog.watched(items, self, phase)
 
     def step_done(self) -> None:
         now = time.monotonic()
@@ -366,57 +361,12 @@ class _TrainHeartbeat(watchdog.Heartbeat):
         self.last_step = None  # the next step's time does not include the evaluation
 
 
-# ---------------------------------------------------------------------------------------------
-# data
-
-
-def _train_batches(shard, cfg: TrainConfig, plan: EpochPlan, skip: int, first_index: int = 0) -> Iterator[Tuple]:
-    """This epoch's micro-batches on this worker, after the first ``skip`` (already trained on).
-
-    ``first_index``: the epoch position of the shard's first batch (its re-dealt remainder after a
-    resize starts at the checkpoint's position; a plain shard at 0).
-    """
-
-    train_transform, _ = transform_configs(cfg.data.transform)
-    batches = iter_collated(shard, batch_size=cfg.scaling.batch_size_per_worker, drop_last=True,
-                            normalization=(train_transform.mean, train_transform.std))
-    for index, batch in enumerate(batches, start=first_index):
-        # beyond the plan: too few to fill an accumulation. Still drained, so the pass completes
-        # and Ray Data counts it (the next pass draws the next epoch's augmentation and order).
-        if skip <= index < plan.micro_batches_per_epoch:
-            yield batch
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints, progress, evaluation
-
-
-def _save(engine, state: TrainState, model_state, cfg: TrainConfig, metrics: Dict[str, float],
-          consumed: "_ConsumedImages") -> None:
-    """Every rank (collectives: the optimizer moments and the consumed image ids are gathered)."""
-    optimizer_state = consolidated_optimizer_state(engine)
-    image_ids = consumed.gather()
-    rank = ray.train.get_context().get_world_rank()
-    with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as staging:
-        directory = Path(staging)
-        if rank != 0:
-            model_state = optimizer_state = None
-        write_checkpoint(engine, directory, state, model_state, cfg.to_dict(), optimizer_state, image_ids)
-        ray.train.report(
-            {**metrics, "step": state.step, "epoch": state.epoch},
-            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-            checkpoint_dir_name=f"checkpoint_step{state.step:07d}",
-        )
-
-
 class _Progress:
     """Loss terms averaged over workers and micro-batches; throughput since the last report.
 
-    The terms are summed as tensors where they were computed: reading one (``float``, ``.item()``)
-    would wait for the GPU at every micro-batch; only a report step copies them to the host.
-    Besides steps/s and images/s a report says how much of the time the loop waited for its next
-    batch (``data_wait_fraction``: near 0 when the data pipeline keeps up) and, on a GPU, the peak
-    memory allocated so far (``peak_gpu_memory_gib``).
+    The terms are summed as tensors where they were computed (reading one would wait for the GPU at
+    every micro-batch); only a report step copies them to the host. A report also gives the share of
+    the time spent waiting for data (``data_wait_fraction``) and, on a GPU, ``peak_gpu_memory_gib``.
     """
 
     MAIN_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_dn", "loss_bbox_dn", "loss_giou_dn",
@@ -487,32 +437,29 @@ class _Progress:
 
 class _ConsumedImages:
     """The image ids of the current epoch this worker trained on, for the checkpoint's data position.
-
-    ``before``: the epoch's ids from the checkpoint this group resumed from (every rank holds them;
-    rank 0 writes them with the gathered new ones). ``log_dir`` (``$DINO_TRAIN_IMAGE_LOG``, an audit
-    of the data semantics): each rank appends one JSON line per optimizer step with its image ids.
-    """
+    ``before``: the epoch's ids from the checkpoint this group resumed from (every rank holds them; rank 0
+    writes them with the gathered new ones). ``log_dir`` (``$DINO_TRAIN_IMAGE_LOG``, an audit of the data
+    semantics): each rank appends one JSON line per optimizer step with its image ids."""
 
     def __init__(self, before: List[int], log_dir: Optional[str], rank: int, world_size: int):
         self.before, self.mine, self.pending = list(before), [], []
-        self.rank, self.world_size = rank, world_size
-        self.log_file, self.group = None, None
+        self.log_file, self.line = None, {}
         if log_dir:
             # one id for this worker group on every rank: the audit tells attempts apart by it
             group = [{"id": uuid.uuid4().hex, "started_ns": time.time_ns()}]
             if dist.is_initialized():
                 dist.broadcast_object_list(group, src=0)
-            self.group = group[0]
+            self.line = {"group": group[0]["id"], "group_started_ns": group[0]["started_ns"], "rank": rank,
+                         "world_size": world_size}  # what every line of this rank's log holds
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.log_file = Path(log_dir) / f"group{self.group['started_ns']}-rank{rank}.jsonl"
+            self.log_file = Path(log_dir) / f"group{group[0]['started_ns']}-rank{rank}.jsonl"
 
     def add(self, targets) -> None:
         self.pending.extend(int(t["image_id"]) for t in targets)
 
     def step_done(self, state: TrainState) -> None:
         if self.log_file is not None:
-            line = {"group": self.group["id"], "group_started_ns": self.group["started_ns"], "step": state.step,
-                    "epoch": state.epoch, "rank": self.rank, "world_size": self.world_size, "image_ids": self.pending}
+            line = {**self.line, "step": state.step, "epoch": state.epoch, "image_ids": self.pending}
             with self.log_file.open("a") as out:
                 out.write(json.dumps(line) + "\n")
         self.mine.extend(self.pending)
@@ -530,35 +477,31 @@ class _ConsumedImages:
         return self.before + [i for ids in everyone for i in ids]
 
 
-def _record_worker_group(inputs: WorkerInputs, cfg: TrainConfig, rank: int, world_size: int, worker: _Worker,
-                         tracker) -> None:
+def _record_worker_group(inputs: WorkerInputs, world_size: int, worker: _Worker, tracker) -> None:
     """Rank 0: note this worker group's start (size, step, the size it resized from) in the log, in the
     run directory and in MLflow; the driver counts restarts and resizes from these records. Then warn
     when the group's reservations leave no node a whole CPU for the data pipeline."""
-    if rank != 0:
-        return
     state, saved = worker.state, worker.saved
+    resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
+    metrics = {"world_size": world_size}
     if saved is not None:
         log.info("resumed at step %d (epoch %d, %d steps in) with %d workers%s", state.step, state.epoch,
                  state.steps_in_epoch, world_size,
                  f" (checkpoint written by {saved.world_size}; the epoch's remaining images re-dealt)"
                  if worker.redeal else "")
-        if tracker is not None:
-            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
-    resized_from = saved.world_size if saved is not None and saved.world_size not in (0, world_size) else None
+        metrics["resumed_from_step"] = state.step
     if resized_from is not None:
         log.info("resized %d -> %d workers at step %d", resized_from, world_size, state.step)
+        metrics.update({"resize/from_workers": resized_from, "resize/to_workers": world_size})
     if tracker is not None:
-        tracker.log_metrics({"world_size": world_size, **({"resize/from_workers": resized_from,
-                                                           "resize/to_workers": world_size}
-                                                          if resized_from is not None else {})}, step=state.step)
+        tracker.log_metrics(metrics, step=state.step)
     record = {"session": inputs.session, "step": state.step, "world_size": world_size,
               "resumed": saved is not None, "resized_from": resized_from, "time_ns": time.time_ns()}
     name = f"{WORKER_GROUPS_DIR}/start-{record['time_ns']}.json"
     inputs.run_location.child(name).write_bytes(json.dumps(record).encode())
-    diagnosis = watchdog.data_pipeline_starvation(
-        watchdog.free_cpus_per_node(), f"Workers hold scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} each; lower it, "
-                                       "or keep training workers off one node, so it keeps a whole CPU free.")
+    hint = (f"Workers hold scaling.cpus_per_worker={inputs.cfg.scaling.cpus_per_worker:g} each; lower it, "
+            "or keep training workers off one node, so it keeps a whole CPU free.")
+    diagnosis = watchdog.data_pipeline_starvation(watchdog.free_cpus_per_node(), hint)
     if diagnosis:
         log.warning("%s The stall watchdog fails the attempt after run.stall_timeout_s if the data does not arrive.",
                     diagnosis)
@@ -572,11 +515,8 @@ class _Evaluator:
         self.tracker, self.device = tracker, device
         self.model = None
 
-    def run(self, model_state: Dict[str, torch.Tensor], step: int, epoch: int) -> Dict[str, float]:
+    def run(self, model_state: Dict[str, torch.Tensor], step: int) -> Dict[str, float]:
         """Evaluate on every rank together; rank 0 returns the summary COCO stats (``eval/AP`` ...), others {}."""
-        from dino_platform.evaluation.coco_eval import EvalProtocol
-        from dino_platform.evaluation.runner import evaluate_shard
-
         if self.model is None:
             self.model, _, _ = build_model(self.cfg.model)
             self.model.to(self.device)
@@ -585,9 +525,7 @@ class _Evaluator:
         _, eval_transform = transform_configs(self.cfg.data.transform)
         result = evaluate_shard(self.model, self.postprocessor, self.shard, self.ground_truth,
                                 batch_size=self.cfg.eval.batch_size,
-                                protocol=EvalProtocol(num_select=int(self.postprocessor.num_select),
-                                                      detections_per_image=self.cfg.eval.detections_per_image,
-                                                      max_dets=self.cfg.eval.max_dets, engine=self.cfg.eval.engine),
+                                protocol=self.cfg.eval.protocol(num_select=int(self.postprocessor.num_select)),
                                 num_drawn=self.cfg.eval.num_logged_images if self.tracker else 0,
                                 draw_threshold=self.cfg.eval.logged_score_threshold,
                                 normalization=(eval_transform.mean, eval_transform.std))

@@ -30,10 +30,10 @@ from dino_platform.ray_session import connect
 from dino_platform.storage import resolve
 from dino_platform.tracking import MetricsLogger, finish_run, resolve_tracking_uri, start_or_resume_run
 from dino_platform.model.artifact import weights_location
-from dino_platform.run_state import STALLS_DIR, WORKER_GROUPS_DIR, read_train_state
+from dino_platform.run_state import read_train_state, stall_reports, worker_groups
 from dino_platform.train.config import TrainConfig, flat_params
 from dino_platform.train.loop import WorkerInputs, train_loop_per_worker
-from dino_platform.watchdog import DEFAULT_STALL_TIMEOUT_S
+from dino_platform.watchdog import stall_timeout
 
 log = logging.getLogger("dino.train")
 
@@ -88,7 +88,13 @@ def run_training(cfg: TrainConfig, callbacks: Optional[List[Any]] = None,
     run_location = storage.child(cfg.run.name)
     datasets = _datasets(cfg, run_location)
     start = read_train_state(start_from) if start_from else None
-    inputs = _worker_inputs(cfg, run_location, start)  # validated before an MLflow run is opened
+    inputs = WorkerInputs(  # validated before an MLflow run is opened; locations resolved here, on the driver
+        cfg, dataset_size(cfg.data.train_uri), run_location, session=uuid.uuid4().hex,
+        ground_truth=read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
+        init_location=weights_location(cfg.model.init_from) if cfg.model.init_from else None,
+        start_location=start.location if start is not None else None,
+        # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
+        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None)
     if cfg.tracking.enabled:
         inputs = dataclasses.replace(inputs, tracking=_open_tracking(cfg, run_location.uri))
     trainer = _torch_trainer(cfg, storage, inputs, datasets, start, callbacks)
@@ -140,19 +146,8 @@ def _torch_trainer(cfg: TrainConfig, storage, inputs: WorkerInputs, datasets, st
         ),
         datasets=datasets,
         dataset_config=OrderedShards(inputs.run_location, start_epoch=start.epoch if start else 0,
-                                     start_location=start.location if start else None),
+                                     start_location=inputs.start_location),
     )
-
-
-def _worker_inputs(cfg: TrainConfig, run_location, start) -> WorkerInputs:
-    """The workers' inputs, locations and ground truth resolved here (see ``WorkerInputs``); tracking off."""
-    return WorkerInputs(
-        cfg, dataset_size(cfg.data.train_uri), run_location, session=uuid.uuid4().hex,
-        ground_truth=read_ground_truth(cfg.data.eval_uri) if cfg.data.eval_uri else None,
-        init_location=weights_location(cfg.model.init_from) if cfg.model.init_from else None,
-        start_location=start.location if start is not None else None,
-        # an audit of the data semantics: each rank logs the image ids of every step (tests, debugging)
-        image_log=os.environ.get("DINO_TRAIN_IMAGE_LOG") or None)
 
 
 def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]], error: Optional[BaseException],
@@ -173,7 +168,7 @@ def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]]
         finish_run(inputs.tracking, status="FAILED" if error else "FINISHED")
     outcome = TrainingOutcome(checkpoint=checkpoint, metrics=metrics, run_dir=run_location.uri,
                               tracking=inputs.tracking, error=error, worker_groups=groups)
-    if groups and (outcome.restarts or outcome.resizes):
+    if outcome.restarts:
         log.info("run %s: %d worker-group restarts, %d resizes (%s)", cfg.run.name, outcome.restarts,
                  outcome.resizes, " -> ".join(str(g["world_size"]) for g in groups))
     if error is None:
@@ -197,22 +192,12 @@ def _outcome(inputs: WorkerInputs, checkpoint, metrics: Optional[Dict[str, Any]]
 def collective_timeout_s(cfg: TrainConfig) -> int:
     """The process group's timeout: past the stall timeout, so a collective waiting on a lost peer
     errors instead of hanging, after the watchdog has had the chance to report where it waited."""
-    stall = cfg.run.stall_timeout_s if cfg.run.stall_timeout_s is not None else DEFAULT_STALL_TIMEOUT_S
-    return int(math.ceil(1.5 * stall))
-
-
-def stall_reports(run_location, session: str) -> List[str]:
-    """The stall watchdog reports the workers of this ``run_training`` call wrote, oldest first."""
-    folder = run_location.child(STALLS_DIR)
-    if not folder.exists():
-        return []
-    names = sorted(name for name in folder.list_files(recursive=False) if name.startswith(f"{session}-"))
-    return [folder.child(name).read_bytes().decode() for name in names]
+    return int(math.ceil(1.5 * stall_timeout(cfg.run.stall_timeout_s, [])))
 
 
 def _skipped_samples(error_log) -> List[Dict[str, Any]]:
     """The records ``data.on_sample_error: skip`` wrote for this run (all its passes), in file order."""
-    records = [json.loads(error_log.child(name).read_bytes()) for name in sorted(error_log.list_files())]
+    records = [json.loads(error_log.child(name).read_bytes()) for name in error_log.list_files()]
     if records:
         log.warning("%d samples were skipped (data.on_sample_error: skip); listed in %s", len(records), error_log.uri)
     return records
@@ -231,10 +216,8 @@ def lost_nodes(error: BaseException) -> List[str]:
         ip = re.search(r"\bip[:= ]+([0-9.]+)|node IP[:= ]+([0-9.]+)|\(ip=([0-9.]+)", text, re.IGNORECASE)
         name = f"node {node.group(1)}" if node else "a node"
         address = next((g for g in ip.groups() if g), None) if ip else None
-        entry = f"{name} ({address})" if address else name
-        if entry not in lost:
-            lost.append(entry)
-    return lost
+        lost.append(f"{name} ({address})" if address else name)
+    return list(dict.fromkeys(lost))  # each node once, in order
 
 
 def _alive_nodes() -> Dict[str, str]:
@@ -243,11 +226,8 @@ def _alive_nodes() -> Dict[str, str]:
 
 
 def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: float = 60.0) -> List[str]:
-    """Nodes alive at the start and dead now, for a worker-group failure.
-
-    A killed node's workers surface as "actor unavailable" before the GCS declares the node dead
-    (after its missed health checks), so wait a little for that verdict.
-    """
+    """Nodes alive at the start and dead now, for a worker-group failure. A killed node's workers surface as
+    "actor unavailable" before the GCS declares the node dead (missed health checks): wait for that verdict."""
     if not getattr(error, "worker_failures", None):
         return []
     deadline = time.monotonic() + wait_s
@@ -257,15 +237,6 @@ def _nodes_lost_since(before: Dict[str, str], error: BaseException, wait_s: floa
         if lost or time.monotonic() > deadline:
             return lost
         time.sleep(1.0)
-
-
-def worker_groups(run_location, session: str) -> List[Dict[str, Any]]:
-    """The worker groups this ``run_training`` call started, in order (see ``loop._record_worker_group``)."""
-    folder = run_location.child(WORKER_GROUPS_DIR)
-    if not folder.exists():
-        return []
-    records = [json.loads(folder.child(name).read_bytes()) for name in folder.list_files(recursive=False)]
-    return sorted((r for r in records if r.get("session") == session), key=lambda r: (r["step"], r["time_ns"]))
 
 
 def _open_tracking(cfg: TrainConfig, run_dir: str):
