@@ -1,6 +1,6 @@
 """Where a training run stood, as its checkpoints and run directory record it (read-only).
 
-``train.checkpoint`` writes these records (its docstring shows a checkpoint's layout); the driver,
+``train.checkpointing`` writes these records (its docstring shows a checkpoint's layout); the driver,
 the data split and the workers read them here. A checkpoint directory is a local ``Path`` (a
 worker's copy) or a storage ``Location``.
 """

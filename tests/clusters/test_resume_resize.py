@@ -3,7 +3,7 @@
 Three real Ray Train worker groups run one after another on the local Ray instance: 2 workers,
 then 1, then 2 again. Each builds a DeepSpeed engine of every ZeRO stage (a small model, the
 platform's DeepSpeed config at that world size), restores the previous group's checkpoint with
-``train.checkpoint.restore_checkpoint``, records what it restored, trains two optimizer steps
+``train.checkpointing.restore_checkpoint``, records what it restored, trains two optimizer steps
 with the accumulation that keeps the total batch, and checkpoints. After each resize the restored
 consolidated weights and Adam moments must equal what the previous group saved, bit for bit.
 
@@ -37,7 +37,7 @@ def _group(config):
     import deepspeed
     import ray.train
     from dino_platform.run_state import TrainState
-    from dino_platform.train.checkpoint import (
+    from dino_platform.train.checkpointing import (
         consolidated_optimizer_state, consolidated_state_dict, load_resized_weights, restore_checkpoint,
         write_checkpoint,
     )

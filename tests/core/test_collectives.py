@@ -76,7 +76,7 @@ def test_training_collectives_take_tensors_on_the_collective_device(collective_c
     import deepspeed
 
     import dino_core
-    from dino_platform.train.checkpoint import consolidated_state_dict
+    from dino_platform.train.checkpointing import consolidated_state_dict
     from dino_platform.train.config import load_config
     from dino_platform.train.deepspeed_config import build_deepspeed_config
     from dino_platform.train.engine import skip_cpu_shm_comm_build

@@ -37,7 +37,7 @@ from dino_platform.run_state import (
     STALLS_DIR, WORKER_GROUPS_DIR, TrainState, read_consumed_image_ids, read_state, redeal_needed,
 )
 from dino_platform.storage import Location
-from dino_platform.train.checkpoint import (
+from dino_platform.train.checkpointing import (
     consolidated_optimizer_state, consolidated_state_dict, load_resized_weights, restore_checkpoint, write_checkpoint,
 )
 from dino_platform.train.config import TrainConfig

@@ -101,7 +101,7 @@ def _train(engine, steps: int, start: int = 0):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_checkpoint_round_trip_resumes_exactly_and_consolidates_every_stage(stage, process_group, tmp_path):
     from dino_platform.run_state import TrainState
-    from dino_platform.train.checkpoint import consolidated_state_dict, restore_checkpoint, write_checkpoint
+    from dino_platform.train.checkpointing import consolidated_state_dict, restore_checkpoint, write_checkpoint
 
     reference = _engine(stage)
     _train(reference, 4)
