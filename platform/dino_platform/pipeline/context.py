@@ -69,11 +69,7 @@ def model_reference(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, A
         uri = ctx.outputs[ref.stage]["alias_uri"]
         version = resolve_version(uri, ctx.tracking_uri)
         return uri, {"model": uri, "version": version.version}
-    if ref.stage:
-        return ctx.outputs[ref.stage]["checkpoint"], weights_identity(ctx, ref)
-    if ref.uri:
-        return ref.uri, weights_identity(ctx, ref)
-    return ref.model, weights_identity(ctx, ref)
+    return ctx.outputs[ref.stage]["checkpoint"] if ref.stage else ref.uri or ref.model, weights_identity(ctx, ref)
 
 
 def weights_source(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:

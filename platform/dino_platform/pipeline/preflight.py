@@ -22,8 +22,7 @@ def check_resources(spec: PipelineSpec, total: Dict[str, float], nodes: List[Dic
     """Raise ConfigError naming the stage when its workers cannot ever be placed (pure function)."""
     capacity = autoscaling_max or total
     where_from = "the autoscaler's maximum" if autoscaling_max else "ray.cluster_resources()"
-    for name in spec.stages:
-        stage = spec.stages[name]
+    for name, stage in spec.stages.items():
         group = KINDS[stage.kind].workers(spec, name, stage)
         if group is None:
             continue

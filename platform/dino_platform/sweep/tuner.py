@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -67,11 +67,6 @@ class SweepOutcome:
     evaluation: Optional[Dict[str, float]]
     registration: Optional[Dict[str, Any]]
     restored: bool
-
-    def to_dict(self) -> Dict[str, Any]:
-        import dataclasses
-
-        return dataclasses.asdict(self)
 
     def summary(self) -> str:
         lines = [f"sweep {self.sweep_dir}: {len(self.trials)} trials{' (restored)' if self.restored else ''}; "
@@ -163,7 +158,7 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     if spec.register.enabled:
         outcome.evaluation, outcome.registration = evaluate_and_register(spec, best, tracking_uri, parent_run_id)
     _close_parent(tracking_uri, parent_run_id, "FINISHED", trials, best)
-    resolve(spec.sweep_dir).child(RESULT_FILE).write_bytes(json.dumps(outcome.to_dict(), indent=1).encode())
+    resolve(spec.sweep_dir).child(RESULT_FILE).write_bytes(json.dumps(asdict(outcome), indent=1).encode())
     log.info("%s", outcome.summary())
     return outcome
 
@@ -220,15 +215,14 @@ def _summarise(result, spec: SweepSpec) -> TrialSummary:
     metric = spec.scheduler.metric
     frame = result.metrics_dataframe
     rows = frame.to_dict("records") if frame is not None else []
-    evaluated = [r for r in rows if _finite(r.get(metric))]
+    evaluated = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     with_checkpoint = [r for r in evaluated if r.get(CHECKPOINT_KEY)]
     last = with_checkpoint[-1] if with_checkpoint else None
     sign = 1 if spec.scheduler.mode == "max" else -1
     best_metric = max((sign * r[metric] for r in evaluated), default=None)
     trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
-    config = {k: v for k, v in (result.config or {}).items()}
     return TrialSummary(
-        trial_id=trial_id, config=config,
+        trial_id=trial_id, config=dict(result.config or {}),
         epochs=int(max((r.get("epoch") or 0 for r in rows), default=0)),
         best_metric=None if best_metric is None else sign * best_metric,
         checkpoint=last[CHECKPOINT_KEY] if last else None,
@@ -236,24 +230,15 @@ def _summarise(result, spec: SweepSpec) -> TrialSummary:
         status="ERROR" if result.error else "TERMINATED")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def _best(trials: List[TrialSummary], mode: str) -> Optional[TrialSummary]:
     """The trial whose latest kept checkpoint scored best (the checkpoint that will be registered)."""
     candidates = [t for t in trials if t.checkpoint and t.checkpoint_metric is not None]
-    if not candidates:
-        return None
-    pick = max if mode == "max" else min
-    return pick(candidates, key=lambda t: t.checkpoint_metric)
+    return (max if mode == "max" else min)(candidates, key=lambda t: t.checkpoint_metric, default=None)
 
 
 def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str, parent_run_id: str):
     """The pipelines' gate, with the evaluate and register stages' functions: COCO evaluation under the
     training config's ``eval`` section (its own MLflow run) -> registry version -> alias if better."""
-    from dataclasses import asdict
-
     from dino_platform.pipeline.stages.evaluate import evaluate_checkpoint
     from dino_platform.pipeline.stages.register import register_checkpoint
     from dino_platform.registry.models import git_commit

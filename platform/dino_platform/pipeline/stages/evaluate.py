@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Dict, Optional
 from dino_platform.errors import ConfigError
 from dino_platform.evaluation.coco_eval import EvalConfig
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
-from dino_platform.pipeline.kind import StageKind, WorkerGroup
+from dino_platform.pipeline.kind import StageKind, WorkerGroup, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
@@ -132,13 +132,8 @@ def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if not outputs.get("run_id"):
-        return False
-    try:
-        MlflowClient(ctx.tracking_uri).get_run(outputs["run_id"])
-        return True
-    except MlflowException:
-        return False
+    run_id = outputs.get("run_id")
+    return bool(run_id) and holds(lambda: MlflowClient(ctx.tracking_uri).get_run(run_id), MlflowException)
 
 
 def _summary(out: Dict[str, Any]) -> str:

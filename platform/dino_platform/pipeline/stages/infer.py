@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, model_reference
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
@@ -78,11 +78,8 @@ def _run(ctx, name: str, stage: InferStage, fp: str):
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    try:
-        manifest = json.loads(resolve(outputs["manifest"]).read_bytes())
-        return manifest.get("digest") == outputs["digest"]
-    except (StorageError, KeyError, ValueError):
-        return False
+    return holds(lambda: json.loads(resolve(outputs["manifest"]).read_bytes()).get("digest") == outputs["digest"],
+                 StorageError, KeyError, ValueError)
 
 
 def _summary(out: Dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, model_reference
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
@@ -89,10 +89,7 @@ def first_images(shards_uri: str, limit: int) -> List[Tuple[str, bytes]]:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    try:
-        return all(resolve(uri).exists() for uri in [*outputs["pngs"], outputs["json"]])
-    except (StorageError, KeyError):
-        return False
+    return holds(lambda: all(resolve(u).exists() for u in [*outputs["pngs"], outputs["json"]]), StorageError, KeyError)
 
 
 def _summary(out: Dict[str, Any]) -> str:

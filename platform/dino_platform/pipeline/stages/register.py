@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Literal
 
 from dino_platform.errors import ConfigError
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import NAME_PATTERN
 from dino_platform.pipeline.state import fingerprint
 
@@ -115,12 +115,8 @@ def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    try:
-        MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri).get_model_version(
-            outputs["model_name"], outputs["version"])
-        return True
-    except (MlflowException, KeyError):
-        return False
+    client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+    return holds(lambda: client.get_model_version(outputs["model_name"], outputs["version"]), MlflowException, KeyError)
 
 
 def _summary(out: Dict[str, Any]) -> str:

@@ -6,11 +6,11 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
-from dino_platform.pipeline.kind import StageKind, WorkerGroup
+from dino_platform.pipeline.kind import StageKind, WorkerGroup, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef, class_maps
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
@@ -156,11 +156,8 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
         raise DataError(f"stage {name}: training finished without a checkpoint in {run_dir.uri}")
     checkpoint = run_dir.child(posixpath.basename(outcome.checkpoint.path.rstrip("/"))).uri
     config_hash = fingerprint(_train_identity(cfg.to_dict()))
-    datasets = {stage.train_data: ctx.dataset_digest(stage.train_data)}
-    if stage.eval_data:
-        datasets[stage.eval_data] = ctx.dataset_digest(stage.eval_data)
     lineage = {"runs": {**lineage["runs"], name: outcome.tracking.run_id if outcome.tracking else None},
-               "datasets": {**lineage["datasets"], **datasets},
+               "datasets": {**lineage["datasets"], **{d: ctx.dataset_digest(d) for d in _datasets(stage)}},
                "configs": {**lineage["configs"], name: config_hash}}
     metrics = outcome.metrics or {}
     outputs = {"checkpoint": checkpoint, "run_dir": run_dir.uri, "run_id": lineage["runs"][name],
@@ -185,11 +182,7 @@ def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
     from dino_platform.model.artifact import weights_location
 
-    try:
-        weights_location(outputs["checkpoint"])
-        return True
-    except (StorageError, KeyError):
-        return False
+    return holds(lambda: weights_location(outputs["checkpoint"]), StorageError, KeyError)
 
 
 def _summary(out: Dict[str, Any]) -> str:
@@ -200,6 +193,9 @@ def _summary(out: Dict[str, Any]) -> str:
     return f"{out['checkpoint']}{restarts}"
 
 
+def _datasets(stage: TrainStage) -> List[str]:
+    return [d for d in (stage.train_data, stage.eval_data) if d]
+
+
 KIND = StageKind("train", TrainStage, ("checkpoint",), _validate, _fingerprint, _run, _outputs_exist, _summary,
-                 preflight=_preflight, workers=_workers,
-                 datasets=lambda stage: [d for d in (stage.train_data, stage.eval_data) if d])
+                 preflight=_preflight, workers=_workers, datasets=_datasets)
