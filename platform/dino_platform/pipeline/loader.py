@@ -1,10 +1,6 @@
 """Read a pipeline spec: YAML -> preset -> ``--set`` overrides -> typed spec -> every check that
 needs no storage and no cluster (the spec's own, then each stage kind's, in the order written).
-
-    spec = load_spec("pipelines/o365_pretrain_coco_ft.yaml", preset="smoke", overrides=["output_root=/tmp/x"])
-
-Every error names the file and the field (``unknown field stages.finetune.config.optim.lrr; ...;
-did you mean stages.finetune.config.optim.lr?``).
+Errors name the file and the field (``unknown field stages.finetune.config.optim.lrr; ...``).
 """
 from __future__ import annotations
 

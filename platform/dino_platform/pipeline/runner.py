@@ -4,11 +4,12 @@
     print(result.summary())
 
 A stage is skipped when its fingerprint matches the state file's record, the record says done and
-its outputs still exist; otherwise it runs. A training stage that was interrupted runs again with
-the same run directory, and the trainer continues from its last checkpoint there.
+its outputs still exist. An interrupted training stage runs again in the same run directory and
+continues from its last checkpoint there.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -23,6 +24,7 @@ from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.state import PipelineState
 from dino_platform.ray_session import connect
+from dino_platform.storage import resolve
 
 log = logging.getLogger("dino.pipeline")
 
@@ -97,7 +99,6 @@ def _training_curves(ctx: StageContext) -> Optional[str]:
     the last training stage's MLflow run as ``curves/pipeline.png``. None without training stages."""
     from mlflow import MlflowClient
 
-    from dino_platform.storage import resolve
     from dino_platform.drawing import plot_curves
 
     client = MlflowClient(ctx.tracking_uri)
@@ -121,8 +122,6 @@ def _training_curves(ctx: StageContext) -> Optional[str]:
     if aps:
         panels["validation COCO AP"] = aps
     figure = plot_curves(panels)
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     target = resolve(ctx.spec.output_root).child("training_curves.png")
@@ -171,8 +170,6 @@ def _run_stage(ctx: StageContext, name: str, stage) -> None:
 def _ensure_experiment(ctx: StageContext) -> None:
     """Create the MLflow experiment; with a local SQLite store its artifacts live under the output root."""
     from mlflow import MlflowClient
-
-    from dino_platform.storage import resolve
 
     client = MlflowClient(ctx.tracking_uri)
     if client.get_experiment_by_name(ctx.spec.experiment) is None:

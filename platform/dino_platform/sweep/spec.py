@@ -1,21 +1,7 @@
-"""A sweep's declaration: base training config, search space, scheduler, budget, registry gate.
-
-    name: sweep_coco_ft
-    output_root: ./runs/sweeps              # Tune's experiment lives at <output_root>/<name>
-    tracking: {uri: null, experiment: sweep_coco_ft}
-    train: {...}                            # a TrainConfig (dino train's YAML) without run/tracking
-    search_space:                           # dotted TrainConfig fields -> one distribution each
-      optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
-      model.overrides.dn_number: {choice: [0, 50, 100]}
-      model.overrides.num_queries: {randint: [50, 300]}      # both ends included
-    scheduler: {kind: asha, metric: eval/AP, mode: max, grace_period: 1, reduction_factor: 2}
-    # or PBT: every perturbation_interval epochs the bottom quantile_fraction of trials continue a
-    # top trial's checkpoint with its hyper-parameters perturbed (x1.2 / x0.8, or resampled)
-    scheduler: {kind: pbt, metric: eval/AP, mode: max, perturbation_interval: 2, mutate: [optim.lr]}
-    budget: {num_samples: 16, max_concurrent: 4, trial_cpus: 0.1, seed: 0}
-    register: {model_name: dino-coco, alias: champion, eval_data: <shards uri>}
-
-Errors name the field (``search_space.optim.lr: loguniform needs 0 < low < high``).
+"""A sweep's declaration (``docs/sweeps.md``): a base ``train`` config (``dino train``'s YAML), a
+``search_space`` of dotted TrainConfig fields -> one distribution each, the ASHA/PBT ``scheduler``,
+the ``budget`` and the ``register`` gate. Errors name the field
+(``search_space.optim.lr: loguniform needs 0 < low < high``).
 """
 from __future__ import annotations
 
@@ -52,21 +38,19 @@ class Domain:
     def to_tune(self):
         from ray import tune
 
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.values)
-        if self.kind == "uniform":
-            return tune.uniform(*self.values)
         if self.kind == "randint":
             return tune.randint(self.values[0], self.values[1] + 1)  # Tune's upper bound is exclusive
-        return tune.choice(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return getattr(tune, self.kind)(*self.values)  # loguniform, uniform
 
     def extremes(self) -> List[Any]:
         """Values that together exercise the field's type and range checks."""
         if self.kind == "choice":
             return list(self.values)
         if self.kind == "randint":
-            return [self.values[0], self.values[1]]
-        return [float(self.values[0]), float(self.values[1])]  # Tune samples floats: an integer field rejects them
+            return list(self.values)
+        return [float(v) for v in self.values]  # Tune samples floats: an integer field rejects them
 
 
 @dataclass
@@ -131,7 +115,7 @@ class SweepSpec:
         return f"{self.output_root.rstrip('/')}/{self.name}"
 
     def base_config(self) -> TrainConfig:
-        return load_config(copy.deepcopy(self.train))
+        return load_config(self.train)
 
     @property
     def max_epochs(self) -> int:
@@ -139,10 +123,9 @@ class SweepSpec:
 
     def pbt_mutations(self) -> Dict[str, Any]:
         """PBT's ``hyperparam_mutations``: each mutated key's distribution (a list for ``choice``)."""
-        keys = self.scheduler.mutate if self.scheduler.mutate is not None else [
-            k for k in self.search_space if pbt_mutable(k)]
-        return {k: list(self.search_space[k].values) if self.search_space[k].kind == "choice"
-                else self.search_space[k].to_tune() for k in keys}
+        keys = self.scheduler.mutate if self.scheduler.mutate is not None else filter(pbt_mutable, self.search_space)
+        space = self.search_space
+        return {k: list(space[k].values) if space[k].kind == "choice" else space[k].to_tune() for k in keys}
 
 
 _TOP = ("name", "description", "output_root", "tracking", "train", "search_space", "scheduler", "budget",

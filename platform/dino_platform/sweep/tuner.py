@@ -1,21 +1,15 @@
 """Running a sweep: a Ray Tune ``Tuner`` whose trials each train a ``TorchTrainer`` (Ray Train V2).
 
-Ray 2.60's Train V2 no longer accepts a trainer as a Tune trainable; a trial is a function that
-builds and ``fit()``s the ``TorchTrainer`` itself (``train.trainer.run_training``), and
-``sweep.reporting`` re-reports rank 0's reports (loss, ``eval/AP`` ..., ``epoch``) to Tune, with a
-pointer checkpoint (the training checkpoint's URI) on those that saved one. ASHA stops trials on
-them; PBT clones the best trials' latest checkpoint into the worst with perturbed hyper-parameters
-(the exploiting trial starts a new training run from that checkpoint: ``trial_run``). The trial's
-workers ask the cluster for ``train.scaling``'s resources; the trial process itself holds only
-``budget.trial_cpus``.
+Train V2 accepts no trainer as a Tune trainable: a trial is a function that ``fit()``s one itself
+(``train.trainer.run_training``), and ``sweep.reporting`` re-reports rank 0's reports to Tune with a
+pointer to the newest training checkpoint. ASHA stops trials on them; PBT clones the best trials'
+latest checkpoint into the worst with perturbed hyper-parameters (``trial_run``). A trial's workers
+ask for ``train.scaling``'s resources; the trial process itself holds only ``budget.trial_cpus``.
 
-MLflow: the sweep has one parent run; each trial's training run is created beforehand with
+MLflow: one parent run for the sweep; each trial's training run is created beforehand with
 ``mlflow.parentRunId`` (so it nests) and the training job continues it (found by its run key).
-
-Re-running the same sweep finds ``<output_root>/<name>`` and resumes it with ``Tuner.restore``:
-finished trials stay finished, unfinished ones restart from their last training checkpoint.
-The best trial's latest evaluated checkpoint is then evaluated on ``register.eval_data`` and
-registered; the alias (``champion``) moves only when its AP beats the holder's.
+Re-running a sweep resumes ``<output_root>/<name>`` with ``Tuner.restore``; the best trial's latest
+evaluated checkpoint is then evaluated and registered by the evaluate and register stages' functions.
 """
 from __future__ import annotations
 
@@ -93,11 +87,10 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     tracking_uri = _tracking_uri(spec)
     parent_run_id = _parent_run(spec, tracking_uri)
     storage = resolve(spec.output_root)
-    # absolute locations: a Tune trial runs in its own working directory
+    base = spec.base_config()  # its locations made absolute: a Tune trial runs in its own working directory
     train = apply_values(spec.train, {key: resolve(uri).uri for key, uri in (
-        ("data.train_uri", (spec.train.get("data") or {}).get("train_uri")),
-        ("data.eval_uri", (spec.train.get("data") or {}).get("eval_uri")),
-        ("model.init_from", (spec.train.get("model") or {}).get("init_from"))) if uri})
+        ("data.train_uri", base.data.train_uri), ("data.eval_uri", base.data.eval_uri),
+        ("model.init_from", base.model.init_from)) if uri})
     trainable = tune.with_resources(
         partial(train_trial, train=train, trials_root=resolve(f"{spec.sweep_dir}/trials").uri, tracking_uri=tracking_uri,
                 experiment=spec.experiment, parent_run_id=parent_run_id),
@@ -216,15 +209,13 @@ def _summarise(result, spec: SweepSpec) -> TrialSummary:
     frame = result.metrics_dataframe
     rows = frame.to_dict("records") if frame is not None else []
     evaluated = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-    with_checkpoint = [r for r in evaluated if r.get(CHECKPOINT_KEY)]
-    last = with_checkpoint[-1] if with_checkpoint else None
-    sign = 1 if spec.scheduler.mode == "max" else -1
-    best_metric = max((sign * r[metric] for r in evaluated), default=None)
+    last = next((r for r in reversed(evaluated) if r.get(CHECKPOINT_KEY)), None)
+    best_metric = (max if spec.scheduler.mode == "max" else min)((r[metric] for r in evaluated), default=None)
     trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
     return TrialSummary(
         trial_id=trial_id, config=dict(result.config or {}),
         epochs=int(max((r.get("epoch") or 0 for r in rows), default=0)),
-        best_metric=None if best_metric is None else sign * best_metric,
+        best_metric=best_metric,
         checkpoint=last[CHECKPOINT_KEY] if last else None,
         checkpoint_metric=float(last[metric]) if last else None,
         status="ERROR" if result.error else "TERMINATED")

@@ -82,7 +82,6 @@ def _fingerprint(ctx, name: str, stage: EvaluateStage) -> str:
 def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     checkpoint, lineage = weights_source(ctx, stage.checkpoint)
     model = asdict(stage.model) if stage.model is not None else None  # None: what the checkpoint records
-    transform = dict(stage.transform) if stage.transform is not None else None
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
@@ -97,7 +96,7 @@ def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
     evaluation = evaluate_checkpoint(checkpoint, data_uri, stage.eval, ctx.tracking_uri, ctx.spec.experiment,
                                      f"{name}-{fp[:10]}", tags, workers=r.workers, cpus_per_worker=r.cpus_per_worker,
-                                     use_gpu=r.gpus_per_worker > 0, model=model, transform=transform)
+                                     use_gpu=r.gpus_per_worker > 0, model=model, transform=stage.transform)
     stats = evaluation["metrics"]
     log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], evaluation["run_id"])
     return {**evaluation, "data": stage.data, "lineage": lineage}, {"AP": stats["AP"], "AP50": stats["AP50"]}

@@ -23,18 +23,12 @@ log = logging.getLogger("dino.pipeline")
 
 
 @dataclass
-class InitSpec:
+class InitSpec(SourceRef):
     """First weights of a train stage and how to carry the class head across label spaces."""
 
-    stage: Optional[str] = None
-    uri: Optional[str] = None
-    model: Optional[str] = None
     # name of a shipped class map (o365_to_coco: Objects365 ids -> COCO ids); unmapped classes start fresh
     class_map: Optional[str] = None
     strict: bool = True
-
-    def source(self) -> SourceRef:
-        return SourceRef(stage=self.stage, uri=self.uri, model=self.model)
 
 
 @dataclass
@@ -66,7 +60,7 @@ def _validate(scope, name: str, stage: TrainStage) -> None:
     if stage.eval_data is not None:
         scope.dataset(f"{where}.eval_data", stage.eval_data)
     if stage.init is not None:
-        scope.source(f"{where}.init", stage.init.source(), ("checkpoint",))
+        scope.source(f"{where}.init", stage.init, ("checkpoint",))
         if stage.init.class_map is not None and stage.init.class_map not in class_maps():
             raise ConfigError(f"{where}.init.class_map: {stage.init.class_map!r} is not a shipped class map"
                               f"{did_you_mean(stage.init.class_map, class_maps())}; "
@@ -114,7 +108,7 @@ def _workers(spec: PipelineSpec, name: str, stage: TrainStage) -> WorkerGroup:
 
 def _preflight(spec: PipelineSpec, name: str, stage: TrainStage) -> None:
     if stage.init is not None:
-        check_source_exists(spec, f"stages.{name}.init", stage.init.source())
+        check_source_exists(spec, f"stages.{name}.init", stage.init)
 
 
 def _train_identity(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -131,7 +125,7 @@ def _fingerprint(ctx, name: str, stage: TrainStage) -> str:
     identity = _train_identity(train_config(ctx.spec, name).to_dict())
     data = {"train": ctx.dataset_digest(stage.train_data),
             "eval": ctx.dataset_digest(stage.eval_data) if stage.eval_data else None}
-    init = weights_identity(ctx, stage.init.source()) if stage.init is not None else None
+    init = weights_identity(ctx, stage.init) if stage.init is not None else None
     return fingerprint("train", identity, data, init)
 
 
@@ -142,7 +136,7 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
     lineage = {"runs": {}, "datasets": {}, "configs": {}}
     init_from = None
     if stage.init is not None:
-        init_from, lineage = weights_source(ctx, stage.init.source())
+        init_from, lineage = weights_source(ctx, stage.init)
     run_name = f"{name}-{fp[:10]}"  # a changed config or input trains afresh; the same one resumes
     cfg = train_config(spec, name, run_name=run_name, init_from=init_from)
     run_dir = resolve(spec.train_storage).child(run_name)
