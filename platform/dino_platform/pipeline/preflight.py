@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from dino_platform.data.manifest import read_manifest
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
@@ -66,8 +67,6 @@ def cluster_shape() -> Tuple[Dict[str, float], List[Dict[str, float]], Optional[
 
 def check_inputs(spec: PipelineSpec) -> None:
     """Datasets, checkpoints and registry models that must exist before the first stage runs."""
-    from dino_platform.data.manifest import read_manifest
-
     named = {False: set(), True: set()}  # ingested by the pipeline or not -> dataset names
     for stage in spec.stages.values():
         kind = KINDS[stage.kind]

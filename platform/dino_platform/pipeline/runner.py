@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from dino_platform.drawing import plot_curves
 from dino_platform.pipeline.context import StageContext
 from dino_platform.pipeline.preflight import preflight
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.state import PipelineState
 from dino_platform.ray_session import connect
-from dino_platform.storage import resolve
+from dino_platform.registry.models import git_commit
+from dino_platform.storage import in_submitted_ray_job, resolve
 
 log = logging.getLogger("dino.pipeline")
 
@@ -69,8 +71,6 @@ class PipelineResult:
 
 def run_pipeline(spec: PipelineSpec) -> PipelineResult:
     """Check the cluster and inputs, then run (or skip) each stage in order; raise on the first failure."""
-    from dino_platform.registry.models import git_commit
-
     started = time.time()
     where = connect(spec.ray.address, num_cpus=spec.ray.num_cpus)
     _note_where_output_goes(spec)
@@ -98,8 +98,6 @@ def _training_curves(ctx: StageContext) -> Optional[str]:
     against one step axis (each stage continues where the one before it ended), also logged to
     the last training stage's MLflow run as ``curves/pipeline.png``. None without training stages."""
     from mlflow import MlflowClient
-
-    from dino_platform.drawing import plot_curves
 
     client = MlflowClient(ctx.tracking_uri)
     losses: Dict[str, list] = {}
@@ -180,8 +178,6 @@ def _ensure_experiment(ctx: StageContext) -> None:
 
 
 def _note_where_output_goes(spec: PipelineSpec) -> None:
-    from dino_platform.storage import in_submitted_ray_job
-
     given = str(spec.raw.get("output_root", ""))
     relative = "://" not in given and not os.path.isabs(os.path.expanduser(given))
     if relative and in_submitted_ray_job():

@@ -22,12 +22,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
+
 from dino_platform.errors import DataError
+from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
+from dino_platform.pipeline.stages.evaluate import evaluate_checkpoint
+from dino_platform.pipeline.stages.ingest import ingest_dataset
+from dino_platform.pipeline.stages.register import register_checkpoint
+from dino_platform.ray_session import connect
+from dino_platform.registry.models import git_commit
 from dino_platform.storage import resolve
 from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
-from dino_platform.ray_session import connect
-from dino_platform.tracking import find_or_create_run, start_or_resume_run
+from dino_platform.tracking import find_or_create_run, resolve_tracking_uri, start_or_resume_run
+from dino_platform.train.config import flat_params, load_config
 
 log = logging.getLogger("dino.sweep")
 
@@ -165,7 +173,6 @@ def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str,
     """Train one sampled configuration (or continue one, see ``trial_run``); reports reach Tune as they come."""
     from ray import tune
 
-    from dino_platform.train.config import flat_params, load_config
     from dino_platform.train.trainer import run_training
 
     trial_id = tune.get_context().get_trial_id()
@@ -230,10 +237,6 @@ def _best(trials: List[TrialSummary], mode: str) -> Optional[TrialSummary]:
 def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str, parent_run_id: str):
     """The pipelines' gate, with the evaluate and register stages' functions: COCO evaluation under the
     training config's ``eval`` section (its own MLflow run) -> registry version -> alias if better."""
-    from dino_platform.pipeline.stages.evaluate import evaluate_checkpoint
-    from dino_platform.pipeline.stages.register import register_checkpoint
-    from dino_platform.registry.models import git_commit
-
     base = spec.base_config()
     data_uri = spec.register.eval_data or base.data.eval_uri
     if not data_uri:
@@ -255,16 +258,12 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
 
 
 def _tracking_uri(spec: SweepSpec) -> str:
-    from dino_platform.tracking import resolve_tracking_uri
-
     local = Path(spec.sweep_dir) if "://" not in spec.sweep_dir else Path("runs") / spec.name
     return resolve_tracking_uri(spec.tracking_uri, local)
 
 
 def _parent_run(spec: SweepSpec, tracking_uri: str) -> str:
     """The sweep's MLflow run, keyed by the sweep directory (found again when the sweep resumes)."""
-    import yaml
-
     params = {"scheduler": spec.scheduler.kind, "metric": spec.scheduler.metric,
               "num_samples": str(spec.budget.num_samples), "max_concurrent": str(spec.budget.max_concurrent)}
     sweep = {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
@@ -292,9 +291,6 @@ def _close_parent(tracking_uri: str, run_id: str, status: str, trials: Optional[
 def _prepare_synthetic_data(spec: SweepSpec) -> None:
     """Smoke presets: synthetic COCO-like images, ingested (as an ingest stage does) where train.data
     points when it holds no shards yet."""
-    from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
-    from dino_platform.pipeline.stages.ingest import ingest_dataset
-
     data = spec.train.get("data") or {}
     targets = {"train": data.get("train_uri"), "val": data.get("eval_uri")}
     for split, options in (spec.synth or {}).items():

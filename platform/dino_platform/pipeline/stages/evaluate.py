@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Dict, Optional
 
 from dino_platform.errors import ConfigError
-from dino_platform.evaluation.coco_eval import EvalConfig
+from dino_platform.evaluation.coco_eval import EvalConfig, protocol_tags
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
 from dino_platform.pipeline.kind import StageKind, WorkerGroup, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
@@ -111,7 +111,6 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, config: EvalConfig, trac
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from dino_platform.evaluation.coco_eval import protocol_tags
     from dino_platform.evaluation.runner import run_evaluation
 
     result = run_evaluation(checkpoint, data_uri, config, num_workers=workers, model=model, transform=transform,

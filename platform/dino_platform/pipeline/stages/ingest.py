@@ -6,6 +6,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
+from dino_platform.data.manifest import verify_shards
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
@@ -35,8 +36,6 @@ def _validate(scope, name: str, stage: IngestStage) -> None:
 
 def _preflight(spec, name: str, stage: IngestStage) -> None:
     """The raw sources must exist, unless their shards are already complete."""
-    from dino_platform.data.manifest import verify_shards
-
     for dataset in stage.datasets:
         ds = spec.datasets[dataset]
         if ds.synth is not None or holds(lambda: verify_shards(spec.shards_uri(dataset)), DataError, StorageError):
@@ -92,8 +91,6 @@ def ingest_dataset(ds: DatasetSpec, shards: str, raw_uri: str, parallel: bool):
 
 def _complete_ingest(shards: str, annotations: str, shard_size: int):
     """The manifest of ``shards`` when it is a finished ingest of ``annotations`` at ``shard_size``; else None."""
-    from dino_platform.data.manifest import verify_shards
-
     try:
         manifest = verify_shards(shards)
     except (DataError, StorageError):
@@ -118,8 +115,6 @@ def _synthesize(s: SynthSpec, raw_uri: str) -> None:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    from dino_platform.data.manifest import verify_shards
-
     return holds(lambda: all(verify_shards(o["shards"]).digest == o["digest"]
                              for o in outputs.get("datasets", {}).values()), DataError, StorageError)
 

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
+from dino_platform.model.artifact import weights_location
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
 from dino_platform.pipeline.kind import StageKind, WorkerGroup, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef, class_maps
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
+from dino_platform.run_state import latest_registered_checkpoint
 from dino_platform.storage import resolve
 from dino_platform.train.config import TrainConfig, validate
 from dino_platform.typed_config import parse_section
@@ -165,8 +167,6 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
 
 def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
     """(checkpoint dir name, step) Ray Train will resume ``run_dir`` from, or None for a fresh run."""
-    from dino_platform.run_state import latest_registered_checkpoint
-
     latest = latest_registered_checkpoint(run_dir)
     if latest is None:
         return None
@@ -174,8 +174,6 @@ def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    from dino_platform.model.artifact import weights_location
-
     return holds(lambda: weights_location(outputs["checkpoint"]), StorageError, KeyError)
 
 
