@@ -94,9 +94,8 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
 
 
 def _training_curves(ctx: StageContext) -> Optional[str]:
-    """``<output_root>/training_curves.png``: training loss and validation AP of the training stages
-    against one step axis (each stage continues where the one before it ended), also logged to
-    the last training stage's MLflow run as ``curves/pipeline.png``. None without training stages."""
+    """``<output_root>/training_curves.png`` (and ``curves/pipeline.png`` in the last training stage's MLflow run):
+    loss and validation AP of the training stages on one step axis; None without training stages."""
     from mlflow import MlflowClient
 
     client = MlflowClient(ctx.tracking_uri)

@@ -83,8 +83,8 @@ def _report(tune, metrics: Dict[str, Any], latest: Optional[Dict[str, Any]], tri
     Tune hands over the trial's *last* result, often a progress report made after the checkpoint.
     """
     path = metrics.get(CHECKPOINT_KEY)
-    if path is not None:
-        uri = _uri(storage_root, path)
+    if path is not None:  # relative to its filesystem's root: the URI the platform resolves
+        uri = f"s3://{path.lstrip('/')}" if storage_root.startswith("s3://") else path
         metrics = {**metrics, CHECKPOINT_KEY: uri}
         latest = {"uri": uri, "trial_id": trial_id, "run_name": run_name,
                   "step": metrics.get("step"), "epoch": metrics.get("epoch")}
@@ -95,13 +95,6 @@ def _report(tune, metrics: Dict[str, Any], latest: Optional[Dict[str, Any]], tri
         (Path(directory) / POINTER_FILE).write_text(json.dumps(latest, indent=1))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
     return latest
-
-
-def _uri(storage_root: str, path: str) -> str:
-    """A checkpoint path as Ray reports it (filesystem-relative) -> the URI the platform resolves."""
-    if storage_root.startswith("s3://"):
-        return f"s3://{path.lstrip('/')}"
-    return path
 
 
 def read_pointer(checkpoint) -> Optional[Dict[str, Any]]:

@@ -92,7 +92,8 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     connect(**spec.ray)  # a local instance keeps the dashboard on: stopped trials give their CPUs back
     _prepare_synthetic_data(spec)
-    tracking_uri = _tracking_uri(spec)
+    local = Path(spec.sweep_dir) if "://" not in spec.sweep_dir else Path("runs") / spec.name
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri, local)
     parent_run_id = _parent_run(spec, tracking_uri)
     storage = resolve(spec.output_root)
     base = spec.base_config()  # its locations made absolute: a Tune trial runs in its own working directory
@@ -164,9 +165,6 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     return outcome
 
 
-# ---------------------------------------------------------------------------------------------
-# one trial (runs in a Tune trial process)
-
 
 def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str, tracking_uri: str,
                 experiment: str, parent_run_id: str) -> None:
@@ -206,9 +204,6 @@ def trial_run(trial_id: str, pointer: Optional[Dict[str, Any]]):
         return (pointer or {}).get("run_name") or f"trial_{trial_id}", None
     return f"trial_{trial_id}_from_{pointer['trial_id']}_step{int(pointer['step']):07d}", pointer["uri"]
 
-
-# ---------------------------------------------------------------------------------------------
-# results, gate
 
 
 def _summarise(result, spec: SweepSpec) -> TrialSummary:
@@ -252,14 +247,6 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
                                        data_uri, tags)
     return evaluation["metrics"], {**asdict(registration), "eval_run_id": evaluation["run_id"]}
 
-
-# ---------------------------------------------------------------------------------------------
-# tracking and data
-
-
-def _tracking_uri(spec: SweepSpec) -> str:
-    local = Path(spec.sweep_dir) if "://" not in spec.sweep_dir else Path("runs") / spec.name
-    return resolve_tracking_uri(spec.tracking_uri, local)
 
 
 def _parent_run(spec: SweepSpec, tracking_uri: str) -> str:

@@ -83,11 +83,8 @@ def register_checkpoint(tracking_uri: str, model_name: str, alias: str, evaluati
 
 
 def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
-    """Export the registered version (``register.export: [onnx]``) into its artifact directory, once.
-
-    The file lands next to ``model.pt`` (``runs:/<eval run>/model/model.onnx``) and the version is
-    tagged ``export.onnx`` with that URI; a version that already has it is not exported again.
-    """
+    """Export the registered version (``register.export: [onnx]``) once, next to its ``model.pt``
+    (``runs:/<eval run>/model/model.onnx``); the version's tag ``export.onnx`` holds that URI."""
     from mlflow import MlflowClient
 
     from dino_platform.serving.onnx import ONNX_FILE, export_model
