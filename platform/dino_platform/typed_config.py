@@ -83,19 +83,25 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
+        return float(number(value, name))
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {tp!r} for {name}")  # a bug in this file, not user input
+
+
+def number(value: Any, name: str) -> Union[int, float]:
+    """``value`` as given if it is an int or a float, a float if it is a numeric string (YAML 1.1 reads
+    ``1e-4``, without a dot, as one); else ConfigError naming ``name``."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    return value
 
 
 def _describe(tp: Any) -> str:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Collection, Dict, Iterable, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import yaml
 
 from dino_platform.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -85,17 +87,48 @@ def apply_override(raw: Dict[str, Any], item: str, example: str) -> None:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. {example}")
     key, text = item.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
+    set_dotted(raw, key.strip(), yaml.safe_load(text), f"--set {item!r}")
+
+
+def set_dotted(raw: Dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``raw[a][b][c] = value`` for ``key`` ``a.b.c``, creating missing sections; errors start with ``where``."""
+    parts = [p for p in key.split(".") if p]
     if not parts:
-        raise ConfigError(f"--set {item!r}: empty key")
+        raise ConfigError(f"{where}: empty key")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         if node.get(part) is None:
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(text)
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth + 1])} is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_document(source: Union[str, Path, Dict[str, Any]], what: str, layout: str, preset: Optional[str],
+                  overrides: Optional[List[str]], example: str, build: Callable[[Dict[str, Any], str], T],
+                  replace: Collection[str] = ()) -> T:
+    """``build(raw, origin)`` of ``source`` with ``preset`` and ``--set`` ``overrides`` applied; errors name the file.
+
+    ``what``/``layout`` as in ``read_mapping``; ``example``: a ``KEY=VALUE`` for a malformed override;
+    ``replace``: keys a preset replaces rather than merges (``deep_merge``).
+    """
+    raw, origin = read_mapping(source, what, layout)
+    try:
+        raw = apply_preset(raw, preset, replace)
+        for item in overrides or []:
+            apply_override(raw, item, example)
+        return build(raw, origin)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def check_keys(raw: Dict[str, Any], allowed: Sequence[str]) -> None:
+    """A top-level key not in ``allowed`` fails with a did-you-mean."""
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown field {unknown[0]}{did_you_mean(unknown[0], allowed)}; "
+                          f"allowed: {', '.join(allowed)}")
 
 
 def did_you_mean(word: Any, choices: Iterable[Any]) -> str:

@@ -3,10 +3,8 @@
     spec = load_spec("pipelines/o365_pretrain_coco_ft.yaml", preset="smoke", overrides=["output_root=/tmp/x"])
     result = run_pipeline(spec)
 
-``load_spec`` validates everything that can be checked without touching storage or the cluster;
-``run_pipeline`` checks the rest (cluster resources, datasets that must already exist) before the
-first stage starts. Each stage kind is one module in ``pipeline/stages/`` (``kind.StageKind``). See
-``docs/pipelines.md``.
+``load_spec`` checks all that needs no storage or cluster, ``run_pipeline`` the rest before the first
+stage starts. Each stage kind is one module in ``pipeline/stages/`` (``kind.StageKind``); see ``docs/pipelines.md``.
 """
 from dino_platform.pipeline.loader import load_spec
 from dino_platform.pipeline.spec import PipelineSpec

@@ -3,11 +3,17 @@ and checked (the stage kinds' protocol is in ``kind.py``)."""
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from dino_platform.data.manifest import read_manifest
+from dino_platform.errors import StorageError
+from dino_platform.model.artifact import FILES, MODEL_FILE, weights_location
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import PipelineState
+from dino_platform.registry.models import download_model, resolve_version
 from dino_platform.storage import resolve
 
 
@@ -27,8 +33,6 @@ class StageContext:
     def dataset_digest(self, name: str) -> str:
         """The manifest digest of dataset ``name``'s shards (content of every shard, in order)."""
         if name not in self._digests:
-            from dino_platform.data.manifest import read_manifest
-
             self._digests[name] = read_manifest(self.spec.shards_uri(name)).digest
         return self._digests[name]
 
@@ -38,8 +42,6 @@ class StageContext:
     def content_sha256(self, uri: str) -> str:
         """sha256 of the weights file ``uri`` names (a checkpoint directory means its model.pt)."""
         if uri not in self._content:
-            from dino_platform.model.artifact import weights_location
-
             location = weights_location(uri)
             hasher = hashlib.sha256()
             with location.fs.open_input_stream(location.path) as stream:
@@ -55,8 +57,6 @@ def weights_identity(ctx: StageContext, ref: SourceRef) -> Dict[str, Any]:
         return {"stage": ref.stage, "fingerprint": ctx.fingerprints[ref.stage]}
     if ref.uri:
         return {"uri": ref.uri, "sha256": ctx.content_sha256(ref.uri)}
-    from dino_platform.registry.models import resolve_version
-
     version = resolve_version(ref.model, ctx.tracking_uri)
     return {"model": ref.model, "version": version.version, "run_id": version.run_id}
 
@@ -64,16 +64,10 @@ def weights_identity(ctx: StageContext, ref: SourceRef) -> Dict[str, Any]:
 def model_reference(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:
     """(URI for load_artifact, what identifies it) of a predict/infer stage's ``model``."""
     if ref.stage and "alias_uri" in ctx.outputs[ref.stage]:  # a register stage: its alias
-        from dino_platform.registry.models import resolve_version
-
         uri = ctx.outputs[ref.stage]["alias_uri"]
         version = resolve_version(uri, ctx.tracking_uri)
         return uri, {"model": uri, "version": version.version}
-    if ref.stage:
-        return ctx.outputs[ref.stage]["checkpoint"], weights_identity(ctx, ref)
-    if ref.uri:
-        return ref.uri, weights_identity(ctx, ref)
-    return ref.model, weights_identity(ctx, ref)
+    return ctx.outputs[ref.stage]["checkpoint"] if ref.stage else ref.uri or ref.model, weights_identity(ctx, ref)
 
 
 def weights_source(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, Any]]:
@@ -89,12 +83,6 @@ def weights_source(ctx: StageContext, ref: SourceRef) -> Tuple[str, Dict[str, An
 
 def _registry_weights(ctx: StageContext, model_uri: str) -> str:
     """Copy a registered version's artifact under the output root (reachable by every node); its URI."""
-    import tempfile
-    from pathlib import Path
-
-    from dino_platform.model.artifact import FILES, MODEL_FILE
-    from dino_platform.registry.models import download_model, resolve_version
-
     version = resolve_version(model_uri, ctx.tracking_uri)
     target = resolve(ctx.spec.output_root).child(f"registry_cache/{version.name}-v{version.version}")
     if not target.child(MODEL_FILE).exists():
@@ -107,16 +95,10 @@ def _registry_weights(ctx: StageContext, model_uri: str) -> str:
 
 def check_source_exists(spec: PipelineSpec, where: str, ref: SourceRef) -> None:
     """Preflight: the checkpoint URI or registry model ``ref`` names exists (an earlier stage's is made here)."""
-    from dino_platform.errors import StorageError
-
     if ref.uri:
-        from dino_platform.model.artifact import weights_location
-
         try:
             weights_location(ref.uri)
         except StorageError as exc:
             raise StorageError(f"{where}.uri: {exc}") from None
     if ref.model:
-        from dino_platform.registry.models import resolve_version
-
         resolve_version(ref.model, spec.tracking_uri(), field=f"{where}.model")

@@ -18,6 +18,14 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 
+def holds(check: Callable[[], Any], *errors: type) -> bool:
+    """``bool(check())``; False when it raises one of ``errors`` (an output that is gone or unreadable)."""
+    try:
+        return bool(check())
+    except errors:
+        return False
+
+
 class WorkerGroup(NamedTuple):
     where: str  # the field that sets it, for errors (``config.scaling``)
     workers: int

@@ -1,13 +1,10 @@
 """Read a pipeline spec: YAML -> preset -> ``--set`` overrides -> typed spec -> every check that
 needs no storage and no cluster (the spec's own, then each stage kind's, in the order written).
-
-    spec = load_spec("pipelines/o365_pretrain_coco_ft.yaml", preset="smoke", overrides=["output_root=/tmp/x"])
-
-Every error names the file and the field (``unknown field stages.finetune.config.optim.lrr; ...;
-did you mean stages.finetune.config.optim.lr?``).
+Errors name the file and the field (``unknown field stages.finetune.config.optim.lrr; ...``).
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -17,7 +14,7 @@ from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.validation import Scope, validate_spec
 from dino_platform.storage import output_root as storage_output_root
 from dino_platform.typed_config import parse_section
-from dino_platform.yaml_docs import apply_override, apply_preset, did_you_mean, read_mapping
+from dino_platform.yaml_docs import check_keys, did_you_mean, load_document
 
 _TOP_LEVEL = ("name", "description", "output_root", "ray", "tracking", "datasets", "stages", "presets")
 
@@ -28,31 +25,12 @@ def load_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = 
 
     Raises ConfigError naming the file and the field for anything wrong.
     """
-    raw, origin = read_mapping(source, "pipeline spec", "name, output_root, datasets, stages")
-    try:
-        raw = apply_preset(raw, preset)
-        for item in overrides or []:
-            apply_override(raw, item, "stages.pretrain.config.optim.max_steps=100")
-        spec = _build_spec(raw)
-        spec.source, spec.preset = origin, preset
-        validate_spec(spec)
-        scope = Scope(spec, {k.name: k.outputs for k in KINDS.values()})
-        for name, stage in spec.stages.items():
-            kind = KINDS[stage.kind]
-            kind.validate(scope, name, stage)
-            if "shards" in kind.outputs:
-                scope.ingested.update(kind.datasets(stage))
-            scope.earlier[name] = stage.kind
-    except ConfigError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
-    return spec
+    return load_document(source, "pipeline spec", "name, output_root, datasets, stages", preset, overrides,
+                         "stages.pretrain.config.optim.max_steps=100", partial(_build_spec, preset=preset))
 
 
-def _build_spec(raw: Dict[str, Any]) -> PipelineSpec:
-    unknown = sorted(set(raw) - set(_TOP_LEVEL))
-    if unknown:
-        raise ConfigError(f"unknown field {unknown[0]}{did_you_mean(unknown[0], _TOP_LEVEL)}; "
-                          f"allowed: {', '.join(_TOP_LEVEL)}")
+def _build_spec(raw: Dict[str, Any], origin: str, preset: Optional[str]) -> PipelineSpec:
+    check_keys(raw, _TOP_LEVEL)
     for name in ("name", "output_root"):
         if not isinstance(raw.get(name), str) or not raw[name]:
             raise ConfigError(f"{name}: required (a string)")
@@ -69,15 +47,23 @@ def _build_spec(raw: Dict[str, Any]) -> PipelineSpec:
     for name, value in stages_raw.items():
         _check_name("stages", name)
         stages[name] = _build_stage(name, value)
-    # local: absolute from here on (Ray workers have other working dirs); relative in a submitted
-    # job: under $DINO_HOME, not in Ray's temporary copy of the working dir
-    output_root = storage_output_root(raw["output_root"])
-    return PipelineSpec(
-        name=raw["name"], output_root=output_root, datasets=datasets, stages=stages,
+    spec = PipelineSpec(
+        # local: absolute from here on (Ray workers have other working dirs); relative in a submitted
+        # job: under $DINO_HOME, not in Ray's temporary copy of the working dir
+        name=raw["name"], output_root=storage_output_root(raw["output_root"]), datasets=datasets, stages=stages,
         ray=parse_section(RaySpec, raw.get("ray") or {}, "ray"),
         tracking=parse_section(TrackingSpec, raw.get("tracking") or {}, "tracking"),
-        description=str(raw.get("description") or ""), raw=raw,
+        description=str(raw.get("description") or ""), source=origin, preset=preset, raw=raw,
     )
+    validate_spec(spec)
+    scope = Scope(spec, {k.name: k.outputs for k in KINDS.values()})
+    for name, stage in spec.stages.items():
+        kind = KINDS[stage.kind]
+        kind.validate(scope, name, stage)
+        if "shards" in kind.outputs:
+            scope.ingested.update(kind.datasets(stage))
+        scope.earlier[name] = stage.kind
+    return spec
 
 
 def _check_name(section: str, name: Any) -> None:

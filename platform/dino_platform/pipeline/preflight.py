@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from dino_platform.data.manifest import read_manifest
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
@@ -22,8 +23,7 @@ def check_resources(spec: PipelineSpec, total: Dict[str, float], nodes: List[Dic
     """Raise ConfigError naming the stage when its workers cannot ever be placed (pure function)."""
     capacity = autoscaling_max or total
     where_from = "the autoscaler's maximum" if autoscaling_max else "ray.cluster_resources()"
-    for name in spec.stages:
-        stage = spec.stages[name]
+    for name, stage in spec.stages.items():
         group = KINDS[stage.kind].workers(spec, name, stage)
         if group is None:
             continue
@@ -67,8 +67,6 @@ def cluster_shape() -> Tuple[Dict[str, float], List[Dict[str, float]], Optional[
 
 def check_inputs(spec: PipelineSpec) -> None:
     """Datasets, checkpoints and registry models that must exist before the first stage runs."""
-    from dino_platform.data.manifest import read_manifest
-
     named = {False: set(), True: set()}  # ingested by the pipeline or not -> dataset names
     for stage in spec.stages.values():
         kind = KINDS[stage.kind]

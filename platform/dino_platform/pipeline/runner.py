@@ -4,11 +4,12 @@
     print(result.summary())
 
 A stage is skipped when its fingerprint matches the state file's record, the record says done and
-its outputs still exist; otherwise it runs. A training stage that was interrupted runs again with
-the same run directory, and the trainer continues from its last checkpoint there.
+its outputs still exist. An interrupted training stage runs again in the same run directory and
+continues from its last checkpoint there.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -17,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from dino_platform.drawing import plot_curves
 from dino_platform.pipeline.context import StageContext
 from dino_platform.pipeline.preflight import preflight
 from dino_platform.pipeline.spec import PipelineSpec
 from dino_platform.pipeline.stages import KINDS
 from dino_platform.pipeline.state import PipelineState
 from dino_platform.ray_session import connect
+from dino_platform.registry.models import git_commit
+from dino_platform.storage import in_submitted_ray_job, resolve
 
 log = logging.getLogger("dino.pipeline")
 
@@ -67,8 +71,6 @@ class PipelineResult:
 
 def run_pipeline(spec: PipelineSpec) -> PipelineResult:
     """Check the cluster and inputs, then run (or skip) each stage in order; raise on the first failure."""
-    from dino_platform.registry.models import git_commit
-
     started = time.time()
     where = connect(spec.ray.address, num_cpus=spec.ray.num_cpus)
     _note_where_output_goes(spec)
@@ -92,13 +94,9 @@ def run_pipeline(spec: PipelineSpec) -> PipelineResult:
 
 
 def _training_curves(ctx: StageContext) -> Optional[str]:
-    """``<output_root>/training_curves.png``: training loss and validation AP of the training stages
-    against one step axis (each stage continues where the one before it ended), also logged to
-    the last training stage's MLflow run as ``curves/pipeline.png``. None without training stages."""
+    """``<output_root>/training_curves.png`` (and ``curves/pipeline.png`` in the last training stage's MLflow run):
+    loss and validation AP of the training stages on one step axis; None without training stages."""
     from mlflow import MlflowClient
-
-    from dino_platform.storage import resolve
-    from dino_platform.drawing import plot_curves
 
     client = MlflowClient(ctx.tracking_uri)
     losses: Dict[str, list] = {}
@@ -121,8 +119,6 @@ def _training_curves(ctx: StageContext) -> Optional[str]:
     if aps:
         panels["validation COCO AP"] = aps
     figure = plot_curves(panels)
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     target = resolve(ctx.spec.output_root).child("training_curves.png")
@@ -172,8 +168,6 @@ def _ensure_experiment(ctx: StageContext) -> None:
     """Create the MLflow experiment; with a local SQLite store its artifacts live under the output root."""
     from mlflow import MlflowClient
 
-    from dino_platform.storage import resolve
-
     client = MlflowClient(ctx.tracking_uri)
     if client.get_experiment_by_name(ctx.spec.experiment) is None:
         location = None
@@ -183,8 +177,6 @@ def _ensure_experiment(ctx: StageContext) -> None:
 
 
 def _note_where_output_goes(spec: PipelineSpec) -> None:
-    from dino_platform.storage import in_submitted_ray_job
-
     given = str(spec.raw.get("output_root", ""))
     relative = "://" not in given and not os.path.isabs(os.path.expanduser(given))
     if relative and in_submitted_ray_job():

@@ -21,10 +21,6 @@ def class_maps() -> Dict[str, Callable[[], Dict[int, int]]]:
     return {"o365_to_coco": o365_to_coco_ids}
 
 
-# ---------------------------------------------------------------------------------------------
-# the typed spec
-
-
 @dataclass
 class SynthSpec:
     """Raw data made by ``dino synth`` (demos and tests) instead of annotation/image URIs."""
@@ -87,7 +83,6 @@ class PipelineSpec:
     preset: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)  # resolved mapping (presets applied)
 
-    # --- derived locations ---------------------------------------------------------------------
     def shards_uri(self, dataset: str) -> str:
         ds = self.datasets[dataset]
         return ds.shards or _join(self.output_root, f"shards/{dataset}")
@@ -120,6 +115,7 @@ class PipelineSpec:
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
+
 
 def _join(root: str, relative: str) -> str:
     return f"{root.rstrip('/')}/{relative}"

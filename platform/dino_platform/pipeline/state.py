@@ -5,9 +5,8 @@
                              "started_at": 1700000000.0, "finished_at": 1700003600.0, "attempts": 1}},
      "runs": [{"started_at": ..., "preset": "smoke", "actions": {"pretrain": {"action": "skipped"}}}]}
 
-A stage is skipped when its fingerprint (hash of its config, the digests of the data it reads and
-the fingerprints of the stages it reads from) equals the recorded one, its status is ``done`` and its
-outputs still exist. The file is rewritten atomically after every change (storage layer).
+A stage's fingerprint hashes its config, the digests of the data it reads and the identity of the
+weights it reads (``runner`` says when it is skipped). The file is rewritten atomically after every change.
 """
 from __future__ import annotations
 

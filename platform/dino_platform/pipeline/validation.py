@@ -1,9 +1,7 @@
 """Checks of a pipeline spec that need no storage and no cluster, shared by the stage kinds.
 
-``loader.load_spec`` calls ``validate_spec`` and then each stage kind's ``validate`` with a ``Scope``:
-the datasets ingested and the stages declared so far, so a typo'd dataset or stage name, or a stage
-reading an output no earlier stage produces, fails before anything starts. Checks that need storage
-or the cluster live in ``preflight``.
+``Scope`` holds the datasets ingested and the stages declared so far, so a typo'd dataset or stage
+name, or a stage reading an output no earlier stage produces, fails before anything starts.
 """
 from __future__ import annotations
 

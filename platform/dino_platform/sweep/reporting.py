@@ -1,12 +1,10 @@
 """From a trial's training job to Tune: every Ray Train report, with a pointer to the newest checkpoint.
 
-Ray's own ``TuneReportCallback`` forwards metrics only. Population Based Training needs a Tune
-checkpoint on the results it acts on (it clones the best trials' latest checkpoint into the worst),
-so a trial here runs ``TorchTrainer.fit()`` in a thread and, in the trial's own thread, re-reports
-every training report to Tune. Once the run has saved a checkpoint, each report goes with a
-*pointer* checkpoint: a directory holding ``train_checkpoint.json`` (the newest training
-checkpoint's URI, the trial and run that wrote it, its step and epoch), so Tune never copies model
-weights. ``checkpoint_path`` appears in the metrics only of the report that saved it.
+Ray's ``TuneReportCallback`` forwards metrics only, but PBT clones the checkpoint on the results it
+acts on. So a trial runs ``TorchTrainer.fit()`` in a thread and re-reports each training report to
+Tune from its own thread, once a checkpoint exists with a *pointer* checkpoint: a directory holding
+``train_checkpoint.json`` (the training checkpoint's URI, trial, run, step, epoch), so Tune never
+copies weights. ``checkpoint_path`` appears in the metrics only of the report that saved it.
 
     pointer = read_pointer(tune.get_checkpoint())   # None for a fresh trial
 """
@@ -41,11 +39,8 @@ class ForwardReports(UserCallback):
 
 def fit_and_report(fit: Callable[[List[Any]], Any], trial_id: str, run_name: str, storage_root: str,
                    poll_s: float = 1.0) -> Any:
-    """Call ``fit(callbacks)`` in a thread; re-report each of its reports to Tune from this thread.
-
-    Returns what ``fit`` returned; re-raises what it raised (after every report it made reached Tune).
-    ``storage_root`` is the URI the checkpoint paths are relative to (their filesystem's root path).
-    """
+    """Call ``fit(callbacks)`` in a thread and re-report its reports to Tune from this one; return what ``fit``
+    returned or re-raise what it raised. ``storage_root``: the URI the reported checkpoint paths are relative to."""
     from ray import tune
     from ray.util.queue import Queue
 
@@ -84,13 +79,12 @@ def _report(tune, metrics: Dict[str, Any], latest: Optional[Dict[str, Any]], tri
             storage_root: str) -> Optional[Dict[str, Any]]:
     """Report ``metrics`` to Tune with a pointer to the newest training checkpoint; return that pointer.
 
-    Every report after the first checkpoint carries the pointer, not only the report that saved it:
-    when PBT asks a running trial for its checkpoint, Tune hands over the trial's *last* result, which
-    by then is often a progress report made after the checkpoint.
+    Every report after the first checkpoint carries it: when PBT asks a running trial for its checkpoint,
+    Tune hands over the trial's *last* result, often a progress report made after the checkpoint.
     """
     path = metrics.get(CHECKPOINT_KEY)
-    if path is not None:
-        uri = _uri(storage_root, path)
+    if path is not None:  # relative to its filesystem's root: the URI the platform resolves
+        uri = f"s3://{path.lstrip('/')}" if storage_root.startswith("s3://") else path
         metrics = {**metrics, CHECKPOINT_KEY: uri}
         latest = {"uri": uri, "trial_id": trial_id, "run_name": run_name,
                   "step": metrics.get("step"), "epoch": metrics.get("epoch")}
@@ -101,13 +95,6 @@ def _report(tune, metrics: Dict[str, Any], latest: Optional[Dict[str, Any]], tri
         (Path(directory) / POINTER_FILE).write_text(json.dumps(latest, indent=1))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
     return latest
-
-
-def _uri(storage_root: str, path: str) -> str:
-    """A checkpoint path as Ray reports it (filesystem-relative) -> the URI the platform resolves."""
-    if storage_root.startswith("s3://"):
-        return f"s3://{path.lstrip('/')}"
-    return path
 
 
 def read_pointer(checkpoint) -> Optional[Dict[str, Any]]:

@@ -1,21 +1,7 @@
-"""A sweep's declaration: base training config, search space, scheduler, budget, registry gate.
-
-    name: sweep_coco_ft
-    output_root: ./runs/sweeps              # Tune's experiment lives at <output_root>/<name>
-    tracking: {uri: null, experiment: sweep_coco_ft}
-    train: {...}                            # a TrainConfig (dino train's YAML) without run/tracking
-    search_space:                           # dotted TrainConfig fields -> one distribution each
-      optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
-      model.overrides.dn_number: {choice: [0, 50, 100]}
-      model.overrides.num_queries: {randint: [50, 300]}      # both ends included
-    scheduler: {kind: asha, metric: eval/AP, mode: max, grace_period: 1, reduction_factor: 2}
-    # or PBT: every perturbation_interval epochs the bottom quantile_fraction of trials continue a
-    # top trial's checkpoint with its hyper-parameters perturbed (x1.2 / x0.8, or resampled)
-    scheduler: {kind: pbt, metric: eval/AP, mode: max, perturbation_interval: 2, mutate: [optim.lr]}
-    budget: {num_samples: 16, max_concurrent: 4, trial_cpus: 0.1, seed: 0}
-    register: {model_name: dino-coco, alias: champion, eval_data: <shards uri>}
-
-Errors name the field (``search_space.optim.lr: loguniform needs 0 < low < high``).
+"""A sweep's declaration (``docs/sweeps.md``): a base ``train`` config (``dino train``'s YAML), a
+``search_space`` of dotted TrainConfig fields -> one distribution each, the ASHA/PBT ``scheduler``,
+the ``budget`` and the ``register`` gate. Errors name the field
+(``search_space.optim.lr: loguniform needs 0 < low < high``).
 """
 from __future__ import annotations
 
@@ -28,8 +14,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from dino_platform.errors import ConfigError
 from dino_platform.train.config import TrainConfig, load_config
-from dino_platform.typed_config import parse_section
-from dino_platform.yaml_docs import apply_override, apply_preset, read_mapping
+from dino_platform.typed_config import number, parse_section
+from dino_platform.yaml_docs import check_keys, load_document, set_dotted
 
 DOMAIN_KINDS = ("loguniform", "uniform", "choice", "randint")
 # fields the sweep sets itself for every trial
@@ -52,21 +38,19 @@ class Domain:
     def to_tune(self):
         from ray import tune
 
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.values)
-        if self.kind == "uniform":
-            return tune.uniform(*self.values)
         if self.kind == "randint":
             return tune.randint(self.values[0], self.values[1] + 1)  # Tune's upper bound is exclusive
-        return tune.choice(list(self.values))
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return getattr(tune, self.kind)(*self.values)  # loguniform, uniform
 
     def extremes(self) -> List[Any]:
         """Values that together exercise the field's type and range checks."""
         if self.kind == "choice":
             return list(self.values)
         if self.kind == "randint":
-            return [self.values[0], self.values[1]]
-        return [float(self.values[0]), float(self.values[1])]  # Tune samples floats: an integer field rejects them
+            return list(self.values)
+        return [float(v) for v in self.values]  # Tune samples floats: an integer field rejects them
 
 
 @dataclass
@@ -131,7 +115,7 @@ class SweepSpec:
         return f"{self.output_root.rstrip('/')}/{self.name}"
 
     def base_config(self) -> TrainConfig:
-        return load_config(copy.deepcopy(self.train))
+        return load_config(self.train)
 
     @property
     def max_epochs(self) -> int:
@@ -139,61 +123,47 @@ class SweepSpec:
 
     def pbt_mutations(self) -> Dict[str, Any]:
         """PBT's ``hyperparam_mutations``: each mutated key's distribution (a list for ``choice``)."""
-        keys = self.scheduler.mutate if self.scheduler.mutate is not None else [
-            k for k in self.search_space if pbt_mutable(k)]
-        return {k: list(self.search_space[k].values) if self.search_space[k].kind == "choice"
-                else self.search_space[k].to_tune() for k in keys}
+        keys = self.scheduler.mutate if self.scheduler.mutate is not None else filter(pbt_mutable, self.search_space)
+        space = self.search_space
+        return {k: list(space[k].values) if space[k].kind == "choice" else space[k].to_tune() for k in keys}
 
 
-_TOP = {"name", "description", "output_root", "tracking", "train", "search_space", "scheduler", "budget",
-        "register", "synth", "ray", "presets"}
+_TOP = ("name", "description", "output_root", "tracking", "train", "search_space", "scheduler", "budget",
+        "register", "synth", "ray", "presets")
 
 
 def load_sweep_spec(source: Union[str, Path, Dict[str, Any]], preset: Optional[str] = None,
                     overrides: Optional[List[str]] = None) -> SweepSpec:
     """Read the YAML, apply a preset (deep merge; a preset's ``search_space`` replaces the whole
     space) and ``a.b=value`` overrides, validate everything."""
-    raw, origin = read_mapping(source, "sweep spec", "name, output_root, train, search_space")
-    try:
-        raw = apply_preset(raw, preset, replace=("search_space",))
-        for item in overrides or []:
-            apply_override(raw, item, "budget.num_samples=8")
-        spec = _build(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
-    spec.source = origin
-    return spec
+    return load_document(source, "sweep spec", "name, output_root, train, search_space", preset, overrides,
+                         "budget.num_samples=8", _build, replace=("search_space",))
 
 
-def _build(raw: Dict[str, Any]) -> SweepSpec:
-    unknown = sorted(set(raw) - _TOP)
-    if unknown:
-        raise ConfigError(f"unknown field {unknown[0]}; allowed: {', '.join(sorted(_TOP - {'presets'}))}")
+def _build(raw: Dict[str, Any], origin: str) -> SweepSpec:
+    check_keys(raw, _TOP)
     for key in ("name", "output_root", "train", "search_space"):
         if not raw.get(key):
             raise ConfigError(f"{key}: required")
+    for key in ("name", "output_root"):
+        if not isinstance(raw[key], str):
+            raise ConfigError(f"{key}: expected a non-empty string, got {raw[key]!r}")
     if not isinstance(raw["train"], dict):
         raise ConfigError("train: expected a mapping (a dino train config)")
     tracking = raw.get("tracking") or {}
     if set(tracking) - {"uri", "experiment"}:
         raise ConfigError(f"tracking.{sorted(set(tracking) - {'uri', 'experiment'})[0]}: unknown; allowed: uri, experiment")
     spec = SweepSpec(
-        name=_text(raw["name"], "name"), output_root=_text(raw["output_root"], "output_root"),
+        name=raw["name"], output_root=raw["output_root"],
         train=copy.deepcopy(raw["train"]), search_space=parse_search_space(raw["search_space"]),
         tracking_uri=tracking.get("uri"), experiment=tracking.get("experiment") or raw["name"],
         scheduler=parse_section(SchedulerSpec, raw.get("scheduler") or {}, "scheduler"),
         budget=parse_section(BudgetSpec, raw.get("budget") or {}, "budget"),
         register=parse_section(RegisterSpec, raw.get("register") or {}, "register"),
-        synth=raw.get("synth"), ray=dict(raw.get("ray") or {}),
+        synth=raw.get("synth"), ray=dict(raw.get("ray") or {}), source=origin,
     )
     _validate(spec)
     return spec
-
-
-def _text(value: Any, name: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
-    return value
 
 
 def parse_search_space(raw: Any) -> Dict[str, Domain]:
@@ -210,7 +180,7 @@ def parse_search_space(raw: Any) -> Dict[str, Domain]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{name}: {kind} needs a non-empty list, got {values!r}")
         if kind != "choice":
-            values = [_number(v, name) for v in values]
+            values = [number(v, name) for v in values]
             if len(values) != 2:
                 raise ConfigError(f"{name}: {kind} needs [low, high], got {values!r}")
             low, high = values
@@ -224,17 +194,6 @@ def parse_search_space(raw: Any) -> Dict[str, Domain]:
     if not space:
         raise ConfigError("search_space: at least one field to search is required")
     return space
-
-
-def _number(value: Any, name: str) -> Union[int, float]:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
-    return value
 
 
 def _check_field_path(key: str, name: str) -> None:
@@ -272,12 +231,7 @@ def apply_values(train: Dict[str, Any], values: Dict[str, Any]) -> Dict[str, Any
     """A copy of the raw training config with each dotted field set to its sampled value."""
     raw = copy.deepcopy(train)
     for key, value in values.items():
-        node = raw
-        for part in key.split(".")[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[key.split(".")[-1]] = value
+        set_dotted(raw, key, value, f"search_space.{key}")
     return raw
 
 

@@ -1,21 +1,15 @@
 """Running a sweep: a Ray Tune ``Tuner`` whose trials each train a ``TorchTrainer`` (Ray Train V2).
 
-Ray 2.60's Train V2 no longer accepts a trainer as a Tune trainable; a trial is a function that
-builds and ``fit()``s the ``TorchTrainer`` itself (``train.trainer.run_training``), and
-``sweep.reporting`` re-reports rank 0's reports (loss, ``eval/AP`` ..., ``epoch``) to Tune, with a
-pointer checkpoint (the training checkpoint's URI) on those that saved one. ASHA stops trials on
-them; PBT clones the best trials' latest checkpoint into the worst with perturbed hyper-parameters
-(the exploiting trial starts a new training run from that checkpoint: ``trial_run``). The trial's
-workers ask the cluster for ``train.scaling``'s resources; the trial process itself holds only
-``budget.trial_cpus``.
+Train V2 accepts no trainer as a Tune trainable: a trial is a function that ``fit()``s one itself
+(``train.trainer.run_training``), and ``sweep.reporting`` re-reports rank 0's reports to Tune with a
+pointer to the newest training checkpoint. ASHA stops trials on them; PBT clones the best trials'
+latest checkpoint into the worst with perturbed hyper-parameters (``trial_run``). A trial's workers
+ask for ``train.scaling``'s resources; the trial process itself holds only ``budget.trial_cpus``.
 
-MLflow: the sweep has one parent run; each trial's training run is created beforehand with
+MLflow: one parent run for the sweep; each trial's training run is created beforehand with
 ``mlflow.parentRunId`` (so it nests) and the training job continues it (found by its run key).
-
-Re-running the same sweep finds ``<output_root>/<name>`` and resumes it with ``Tuner.restore``:
-finished trials stay finished, unfinished ones restart from their last training checkpoint.
-The best trial's latest evaluated checkpoint is then evaluated on ``register.eval_data`` and
-registered; the alias (``champion``) moves only when its AP beats the holder's.
+Re-running a sweep resumes ``<output_root>/<name>`` with ``Tuner.restore``; the best trial's latest
+evaluated checkpoint is then evaluated and registered by the evaluate and register stages' functions.
 """
 from __future__ import annotations
 
@@ -23,17 +17,25 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
+
 from dino_platform.errors import DataError
+from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
+from dino_platform.pipeline.stages.evaluate import evaluate_checkpoint
+from dino_platform.pipeline.stages.ingest import ingest_dataset
+from dino_platform.pipeline.stages.register import register_checkpoint
+from dino_platform.ray_session import connect
+from dino_platform.registry.models import git_commit
 from dino_platform.storage import resolve
 from dino_platform.sweep.reporting import CHECKPOINT_KEY, fit_and_report, read_pointer
 from dino_platform.sweep.spec import SweepSpec, apply_values
-from dino_platform.ray_session import connect
-from dino_platform.tracking import find_or_create_run, start_or_resume_run
+from dino_platform.tracking import find_or_create_run, resolve_tracking_uri, start_or_resume_run
+from dino_platform.train.config import flat_params, load_config
 
 log = logging.getLogger("dino.sweep")
 
@@ -68,11 +70,6 @@ class SweepOutcome:
     registration: Optional[Dict[str, Any]]
     restored: bool
 
-    def to_dict(self) -> Dict[str, Any]:
-        import dataclasses
-
-        return dataclasses.asdict(self)
-
     def summary(self) -> str:
         lines = [f"sweep {self.sweep_dir}: {len(self.trials)} trials{' (restored)' if self.restored else ''}; "
                  f"MLflow parent run {self.parent_run_id}"]
@@ -95,14 +92,14 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     connect(**spec.ray)  # a local instance keeps the dashboard on: stopped trials give their CPUs back
     _prepare_synthetic_data(spec)
-    tracking_uri = _tracking_uri(spec)
+    local = Path(spec.sweep_dir) if "://" not in spec.sweep_dir else Path("runs") / spec.name
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri, local)
     parent_run_id = _parent_run(spec, tracking_uri)
     storage = resolve(spec.output_root)
-    # absolute locations: a Tune trial runs in its own working directory
+    base = spec.base_config()  # its locations made absolute: a Tune trial runs in its own working directory
     train = apply_values(spec.train, {key: resolve(uri).uri for key, uri in (
-        ("data.train_uri", (spec.train.get("data") or {}).get("train_uri")),
-        ("data.eval_uri", (spec.train.get("data") or {}).get("eval_uri")),
-        ("model.init_from", (spec.train.get("model") or {}).get("init_from"))) if uri})
+        ("data.train_uri", base.data.train_uri), ("data.eval_uri", base.data.eval_uri),
+        ("model.init_from", base.model.init_from)) if uri})
     trainable = tune.with_resources(
         partial(train_trial, train=train, trials_root=resolve(f"{spec.sweep_dir}/trials").uri, tracking_uri=tracking_uri,
                 experiment=spec.experiment, parent_run_id=parent_run_id),
@@ -163,13 +160,10 @@ def run_sweep(spec: SweepSpec) -> SweepOutcome:
     if spec.register.enabled:
         outcome.evaluation, outcome.registration = evaluate_and_register(spec, best, tracking_uri, parent_run_id)
     _close_parent(tracking_uri, parent_run_id, "FINISHED", trials, best)
-    resolve(spec.sweep_dir).child(RESULT_FILE).write_bytes(json.dumps(outcome.to_dict(), indent=1).encode())
+    resolve(spec.sweep_dir).child(RESULT_FILE).write_bytes(json.dumps(asdict(outcome), indent=1).encode())
     log.info("%s", outcome.summary())
     return outcome
 
-
-# ---------------------------------------------------------------------------------------------
-# one trial (runs in a Tune trial process)
 
 
 def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str, tracking_uri: str,
@@ -177,7 +171,6 @@ def train_trial(values: Dict[str, Any], train: Dict[str, Any], trials_root: str,
     """Train one sampled configuration (or continue one, see ``trial_run``); reports reach Tune as they come."""
     from ray import tune
 
-    from dino_platform.train.config import flat_params, load_config
     from dino_platform.train.trainer import run_training
 
     trial_id = tune.get_context().get_trial_id()
@@ -212,52 +205,33 @@ def trial_run(trial_id: str, pointer: Optional[Dict[str, Any]]):
     return f"trial_{trial_id}_from_{pointer['trial_id']}_step{int(pointer['step']):07d}", pointer["uri"]
 
 
-# ---------------------------------------------------------------------------------------------
-# results, gate
-
 
 def _summarise(result, spec: SweepSpec) -> TrialSummary:
     metric = spec.scheduler.metric
     frame = result.metrics_dataframe
     rows = frame.to_dict("records") if frame is not None else []
-    evaluated = [r for r in rows if _finite(r.get(metric))]
-    with_checkpoint = [r for r in evaluated if r.get(CHECKPOINT_KEY)]
-    last = with_checkpoint[-1] if with_checkpoint else None
-    sign = 1 if spec.scheduler.mode == "max" else -1
-    best_metric = max((sign * r[metric] for r in evaluated), default=None)
+    evaluated = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    last = next((r for r in reversed(evaluated) if r.get(CHECKPOINT_KEY)), None)
+    best_metric = (max if spec.scheduler.mode == "max" else min)((r[metric] for r in evaluated), default=None)
     trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
-    config = {k: v for k, v in (result.config or {}).items()}
     return TrialSummary(
-        trial_id=trial_id, config=config,
+        trial_id=trial_id, config=dict(result.config or {}),
         epochs=int(max((r.get("epoch") or 0 for r in rows), default=0)),
-        best_metric=None if best_metric is None else sign * best_metric,
+        best_metric=best_metric,
         checkpoint=last[CHECKPOINT_KEY] if last else None,
         checkpoint_metric=float(last[metric]) if last else None,
         status="ERROR" if result.error else "TERMINATED")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def _best(trials: List[TrialSummary], mode: str) -> Optional[TrialSummary]:
     """The trial whose latest kept checkpoint scored best (the checkpoint that will be registered)."""
     candidates = [t for t in trials if t.checkpoint and t.checkpoint_metric is not None]
-    if not candidates:
-        return None
-    pick = max if mode == "max" else min
-    return pick(candidates, key=lambda t: t.checkpoint_metric)
+    return (max if mode == "max" else min)(candidates, key=lambda t: t.checkpoint_metric, default=None)
 
 
 def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str, parent_run_id: str):
     """The pipelines' gate, with the evaluate and register stages' functions: COCO evaluation under the
     training config's ``eval`` section (its own MLflow run) -> registry version -> alias if better."""
-    from dataclasses import asdict
-
-    from dino_platform.pipeline.stages.evaluate import evaluate_checkpoint
-    from dino_platform.pipeline.stages.register import register_checkpoint
-    from dino_platform.registry.models import git_commit
-
     base = spec.base_config()
     data_uri = spec.register.eval_data or base.data.eval_uri
     if not data_uri:
@@ -274,21 +248,9 @@ def evaluate_and_register(spec: SweepSpec, best: TrialSummary, tracking_uri: str
     return evaluation["metrics"], {**asdict(registration), "eval_run_id": evaluation["run_id"]}
 
 
-# ---------------------------------------------------------------------------------------------
-# tracking and data
-
-
-def _tracking_uri(spec: SweepSpec) -> str:
-    from dino_platform.tracking import resolve_tracking_uri
-
-    local = Path(spec.sweep_dir) if "://" not in spec.sweep_dir else Path("runs") / spec.name
-    return resolve_tracking_uri(spec.tracking_uri, local)
-
 
 def _parent_run(spec: SweepSpec, tracking_uri: str) -> str:
     """The sweep's MLflow run, keyed by the sweep directory (found again when the sweep resumes)."""
-    import yaml
-
     params = {"scheduler": spec.scheduler.kind, "metric": spec.scheduler.metric,
               "num_samples": str(spec.budget.num_samples), "max_concurrent": str(spec.budget.max_concurrent)}
     sweep = {"search_space": {k: {d.kind: list(d.values)} for k, d in spec.search_space.items()},
@@ -316,9 +278,6 @@ def _close_parent(tracking_uri: str, run_id: str, status: str, trials: Optional[
 def _prepare_synthetic_data(spec: SweepSpec) -> None:
     """Smoke presets: synthetic COCO-like images, ingested (as an ingest stage does) where train.data
     points when it holds no shards yet."""
-    from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
-    from dino_platform.pipeline.stages.ingest import ingest_dataset
-
     data = spec.train.get("data") or {}
     targets = {"train": data.get("train_uri"), "val": data.get("eval_uri")}
     for split, options in (spec.synth or {}).items():

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Dict, Optional
 
 from dino_platform.errors import ConfigError
-from dino_platform.evaluation.coco_eval import EvalConfig
+from dino_platform.evaluation.coco_eval import EvalConfig, protocol_tags
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
-from dino_platform.pipeline.kind import StageKind, WorkerGroup
+from dino_platform.pipeline.kind import StageKind, WorkerGroup, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
@@ -82,7 +82,6 @@ def _fingerprint(ctx, name: str, stage: EvaluateStage) -> str:
 def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     checkpoint, lineage = weights_source(ctx, stage.checkpoint)
     model = asdict(stage.model) if stage.model is not None else None  # None: what the checkpoint records
-    transform = dict(stage.transform) if stage.transform is not None else None
     r = stage.resources
     data_uri = ctx.spec.shards_uri(stage.data)
     lineage = {**lineage, "datasets": {**lineage.get("datasets", {}), stage.data: ctx.dataset_digest(stage.data)},
@@ -97,7 +96,7 @@ def _run(ctx, name: str, stage: EvaluateStage, fp: str):
     log.info("stage %s: COCO evaluation of %s on %s", name, checkpoint, data_uri)
     evaluation = evaluate_checkpoint(checkpoint, data_uri, stage.eval, ctx.tracking_uri, ctx.spec.experiment,
                                      f"{name}-{fp[:10]}", tags, workers=r.workers, cpus_per_worker=r.cpus_per_worker,
-                                     use_gpu=r.gpus_per_worker > 0, model=model, transform=transform)
+                                     use_gpu=r.gpus_per_worker > 0, model=model, transform=stage.transform)
     stats = evaluation["metrics"]
     log.info("stage %s: AP %.4f AP50 %.4f (MLflow run %s)", name, stats["AP"], stats["AP50"], evaluation["run_id"])
     return {**evaluation, "data": stage.data, "lineage": lineage}, {"AP": stats["AP"], "AP50": stats["AP50"]}
@@ -112,7 +111,6 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str, config: EvalConfig, trac
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from dino_platform.evaluation.coco_eval import protocol_tags
     from dino_platform.evaluation.runner import run_evaluation
 
     result = run_evaluation(checkpoint, data_uri, config, num_workers=workers, model=model, transform=transform,
@@ -132,13 +130,8 @@ def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if not outputs.get("run_id"):
-        return False
-    try:
-        MlflowClient(ctx.tracking_uri).get_run(outputs["run_id"])
-        return True
-    except MlflowException:
-        return False
+    run_id = outputs.get("run_id")
+    return bool(run_id) and holds(lambda: MlflowClient(ctx.tracking_uri).get_run(run_id), MlflowException)
 
 
 def _summary(out: Dict[str, Any]) -> str:

@@ -7,9 +7,10 @@ from typing import Any, Dict, Optional
 
 from dino_platform.errors import ConfigError, DataError, StorageError
 from dino_platform.pipeline.context import check_source_exists, model_reference
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
+from dino_platform.serving.infer import MANIFEST_FILE, InferConfig, run_inference
 from dino_platform.storage import resolve
 
 
@@ -38,8 +39,6 @@ def _validate(scope, name: str, stage: InferStage) -> None:
         raise ConfigError(f"{where}: give either images (a prefix of image files) or dataset")
     if stage.dataset is not None:
         scope.dataset(f"{where}.dataset", stage.dataset)
-    from dino_platform.serving.infer import InferConfig
-
     InferConfig(model="-", out="-", images=stage.images or "-", threshold=stage.threshold,
                 concurrency=stage.concurrency, batch_size=stage.batch_size, part_size=stage.part_size,
                 cpus_per_actor=stage.cpus_per_actor).validate_fields(where)
@@ -61,8 +60,6 @@ def _fingerprint(ctx, name: str, stage: InferStage) -> str:
 
 
 def _run(ctx, name: str, stage: InferStage, fp: str):
-    from dino_platform.serving.infer import MANIFEST_FILE, InferConfig, run_inference
-
     model_ref, identity = model_reference(ctx, stage.model)
     out = stage.out or f"{ctx.spec.output_root.rstrip('/')}/detections/{name}"
     manifest = run_inference(InferConfig(
@@ -78,11 +75,8 @@ def _run(ctx, name: str, stage: InferStage, fp: str):
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    try:
-        manifest = json.loads(resolve(outputs["manifest"]).read_bytes())
-        return manifest.get("digest") == outputs["digest"]
-    except (StorageError, KeyError, ValueError):
-        return False
+    return holds(lambda: json.loads(resolve(outputs["manifest"]).read_bytes()).get("digest") == outputs["digest"],
+                 StorageError, KeyError, ValueError)
 
 
 def _summary(out: Dict[str, Any]) -> str:

@@ -6,8 +6,9 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
+from dino_platform.data.manifest import verify_shards
 from dino_platform.errors import ConfigError, DataError, StorageError
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import DatasetSpec, SynthSpec
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
@@ -35,17 +36,10 @@ def _validate(scope, name: str, stage: IngestStage) -> None:
 
 def _preflight(spec, name: str, stage: IngestStage) -> None:
     """The raw sources must exist, unless their shards are already complete."""
-    from dino_platform.data.manifest import verify_shards
-
     for dataset in stage.datasets:
         ds = spec.datasets[dataset]
-        if ds.synth is not None:
+        if ds.synth is not None or holds(lambda: verify_shards(spec.shards_uri(dataset)), DataError, StorageError):
             continue
-        try:
-            verify_shards(spec.shards_uri(dataset))
-            continue
-        except (DataError, StorageError):
-            pass
         for key, uri, want_file in (("annotations", ds.annotations, True), ("images", ds.images, False)):
             location = resolve(uri)
             ok = location.is_file() if want_file else bool(location.list_files(recursive=False) or location.exists())
@@ -97,8 +91,6 @@ def ingest_dataset(ds: DatasetSpec, shards: str, raw_uri: str, parallel: bool):
 
 def _complete_ingest(shards: str, annotations: str, shard_size: int):
     """The manifest of ``shards`` when it is a finished ingest of ``annotations`` at ``shard_size``; else None."""
-    from dino_platform.data.manifest import verify_shards
-
     try:
         manifest = verify_shards(shards)
     except (DataError, StorageError):
@@ -123,12 +115,8 @@ def _synthesize(s: SynthSpec, raw_uri: str) -> None:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    from dino_platform.data.manifest import verify_shards
-
-    try:
-        return all(verify_shards(o["shards"]).digest == o["digest"] for o in outputs.get("datasets", {}).values())
-    except (DataError, StorageError):
-        return False
+    return holds(lambda: all(verify_shards(o["shards"]).digest == o["digest"]
+                             for o in outputs.get("datasets", {}).values()), DataError, StorageError)
 
 
 KIND = StageKind("ingest", IngestStage, ("shards",), _validate, _fingerprint, _run, _outputs_exist,

@@ -5,9 +5,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import pyarrow.parquet as pq
+
+from dino_platform.data.manifest import read_manifest, shard_locations
 from dino_platform.errors import ConfigError, DataError, StorageError
+from dino_platform.model.artifact import load_artifact
 from dino_platform.pipeline.context import check_source_exists, model_reference
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.storage import resolve
@@ -54,7 +58,6 @@ def _fingerprint(ctx, name: str, stage: PredictStage) -> str:
 
 
 def _run(ctx, name: str, stage: PredictStage, fp: str):
-    from dino_platform.model.artifact import load_artifact
     from dino_platform.serving.predict import predict_to_directory
 
     model_ref, identity = model_reference(ctx, stage.model)
@@ -73,10 +76,6 @@ def _run(ctx, name: str, stage: PredictStage, fp: str):
 
 def first_images(shards_uri: str, limit: int) -> List[Tuple[str, bytes]]:
     """(file name, encoded bytes) of the first ``limit`` images stored in a shard directory."""
-    import pyarrow.parquet as pq
-
-    from dino_platform.data.manifest import read_manifest, shard_locations
-
     images: List[Tuple[str, bytes]] = []
     for location in shard_locations(shards_uri, read_manifest(shards_uri)):
         with location.fs.open_input_file(location.path) as handle:
@@ -89,10 +88,7 @@ def first_images(shards_uri: str, limit: int) -> List[Tuple[str, bytes]]:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    try:
-        return all(resolve(uri).exists() for uri in [*outputs["pngs"], outputs["json"]])
-    except (StorageError, KeyError):
-        return False
+    return holds(lambda: all(resolve(u).exists() for u in [*outputs["pngs"], outputs["json"]]), StorageError, KeyError)
 
 
 def _summary(out: Dict[str, Any]) -> str:

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, List, Literal
 
+from dino_platform.data.manifest import read_manifest
 from dino_platform.errors import ConfigError
-from dino_platform.pipeline.kind import StageKind
+from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
+from dino_platform.model.artifact import load_artifact
+from dino_platform.pipeline.kind import StageKind, holds
 from dino_platform.pipeline.spec import NAME_PATTERN
 from dino_platform.pipeline.state import fingerprint
+from dino_platform.registry.models import MODEL_DIR, register_evaluated
 
 log = logging.getLogger("dino.pipeline")
 
@@ -68,11 +74,6 @@ def register_checkpoint(tracking_uri: str, model_name: str, alias: str, evaluati
     """``evaluate.evaluate_checkpoint``'s result as a version: the artifact with the model and transform it was
     evaluated with and the categories of ``data_uri``'s shards; the alias moves only when its AP is better
     (``registry.models.Registration``). The register stage's and the sweep's."""
-    from dino_platform.data.manifest import read_manifest
-    from dino_platform.evaluation.coco_eval import PROTOCOL_TAG, protocol_tags
-    from dino_platform.model.artifact import load_artifact
-    from dino_platform.registry.models import register_evaluated
-
     if evaluation.get("protocol"):
         tags = {**tags, **protocol_tags(evaluation["protocol"])}
     artifact = replace(load_artifact(evaluation["checkpoint"], **evaluation["model"]), transform=evaluation["transform"],
@@ -82,18 +83,11 @@ def register_checkpoint(tracking_uri: str, model_name: str, alias: str, evaluati
 
 
 def _attach_export(ctx, registration, eval_run_id: str, fmt: str) -> str:
-    """Export the registered version (``register.export: [onnx]``) into its artifact directory, once.
-
-    The file lands next to ``model.pt`` (``runs:/<eval run>/model/model.onnx``) and the version is
-    tagged ``export.onnx`` with that URI; a version that already has it is not exported again.
-    """
-    import tempfile
-    from pathlib import Path
-
+    """Export the registered version (``register.export: [onnx]``) once, next to its ``model.pt``
+    (``runs:/<eval run>/model/model.onnx``); the version's tag ``export.onnx`` holds that URI."""
     from mlflow import MlflowClient
 
     from dino_platform.serving.onnx import ONNX_FILE, export_model
-    from dino_platform.registry.models import MODEL_DIR
 
     client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)
     version = client.get_model_version(registration.name, registration.version)
@@ -115,12 +109,8 @@ def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    try:
-        MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri).get_model_version(
-            outputs["model_name"], outputs["version"])
-        return True
-    except (MlflowException, KeyError):
-        return False
+    client = MlflowClient(ctx.tracking_uri, registry_uri=ctx.tracking_uri)
+    return holds(lambda: client.get_model_version(outputs["model_name"], outputs["version"]), MlflowException, KeyError)
 
 
 def _summary(out: Dict[str, Any]) -> str:

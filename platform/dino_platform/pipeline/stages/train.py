@@ -6,14 +6,16 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from dino_platform.errors import ConfigError, DataError, StorageError
+from dino_platform.model.artifact import weights_location
 from dino_platform.pipeline.context import check_source_exists, weights_identity, weights_source
-from dino_platform.pipeline.kind import StageKind, WorkerGroup
+from dino_platform.pipeline.kind import StageKind, WorkerGroup, holds
 from dino_platform.pipeline.spec import PipelineSpec, SourceRef, class_maps
 from dino_platform.pipeline.state import fingerprint
 from dino_platform.pipeline.validation import validate_model
+from dino_platform.run_state import latest_registered_checkpoint
 from dino_platform.storage import resolve
 from dino_platform.train.config import TrainConfig, validate
 from dino_platform.typed_config import parse_section
@@ -23,18 +25,12 @@ log = logging.getLogger("dino.pipeline")
 
 
 @dataclass
-class InitSpec:
+class InitSpec(SourceRef):
     """First weights of a train stage and how to carry the class head across label spaces."""
 
-    stage: Optional[str] = None
-    uri: Optional[str] = None
-    model: Optional[str] = None
     # name of a shipped class map (o365_to_coco: Objects365 ids -> COCO ids); unmapped classes start fresh
     class_map: Optional[str] = None
     strict: bool = True
-
-    def source(self) -> SourceRef:
-        return SourceRef(stage=self.stage, uri=self.uri, model=self.model)
 
 
 @dataclass
@@ -66,7 +62,7 @@ def _validate(scope, name: str, stage: TrainStage) -> None:
     if stage.eval_data is not None:
         scope.dataset(f"{where}.eval_data", stage.eval_data)
     if stage.init is not None:
-        scope.source(f"{where}.init", stage.init.source(), ("checkpoint",))
+        scope.source(f"{where}.init", stage.init, ("checkpoint",))
         if stage.init.class_map is not None and stage.init.class_map not in class_maps():
             raise ConfigError(f"{where}.init.class_map: {stage.init.class_map!r} is not a shipped class map"
                               f"{did_you_mean(stage.init.class_map, class_maps())}; "
@@ -114,7 +110,7 @@ def _workers(spec: PipelineSpec, name: str, stage: TrainStage) -> WorkerGroup:
 
 def _preflight(spec: PipelineSpec, name: str, stage: TrainStage) -> None:
     if stage.init is not None:
-        check_source_exists(spec, f"stages.{name}.init", stage.init.source())
+        check_source_exists(spec, f"stages.{name}.init", stage.init)
 
 
 def _train_identity(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
@@ -131,7 +127,7 @@ def _fingerprint(ctx, name: str, stage: TrainStage) -> str:
     identity = _train_identity(train_config(ctx.spec, name).to_dict())
     data = {"train": ctx.dataset_digest(stage.train_data),
             "eval": ctx.dataset_digest(stage.eval_data) if stage.eval_data else None}
-    init = weights_identity(ctx, stage.init.source()) if stage.init is not None else None
+    init = weights_identity(ctx, stage.init) if stage.init is not None else None
     return fingerprint("train", identity, data, init)
 
 
@@ -142,7 +138,7 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
     lineage = {"runs": {}, "datasets": {}, "configs": {}}
     init_from = None
     if stage.init is not None:
-        init_from, lineage = weights_source(ctx, stage.init.source())
+        init_from, lineage = weights_source(ctx, stage.init)
     run_name = f"{name}-{fp[:10]}"  # a changed config or input trains afresh; the same one resumes
     cfg = train_config(spec, name, run_name=run_name, init_from=init_from)
     run_dir = resolve(spec.train_storage).child(run_name)
@@ -156,11 +152,8 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
         raise DataError(f"stage {name}: training finished without a checkpoint in {run_dir.uri}")
     checkpoint = run_dir.child(posixpath.basename(outcome.checkpoint.path.rstrip("/"))).uri
     config_hash = fingerprint(_train_identity(cfg.to_dict()))
-    datasets = {stage.train_data: ctx.dataset_digest(stage.train_data)}
-    if stage.eval_data:
-        datasets[stage.eval_data] = ctx.dataset_digest(stage.eval_data)
     lineage = {"runs": {**lineage["runs"], name: outcome.tracking.run_id if outcome.tracking else None},
-               "datasets": {**lineage["datasets"], **datasets},
+               "datasets": {**lineage["datasets"], **{d: ctx.dataset_digest(d) for d in _datasets(stage)}},
                "configs": {**lineage["configs"], name: config_hash}}
     metrics = outcome.metrics or {}
     outputs = {"checkpoint": checkpoint, "run_dir": run_dir.uri, "run_id": lineage["runs"][name],
@@ -174,8 +167,6 @@ def _run(ctx, name: str, stage: TrainStage, fp: str):
 
 def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
     """(checkpoint dir name, step) Ray Train will resume ``run_dir`` from, or None for a fresh run."""
-    from dino_platform.run_state import latest_registered_checkpoint
-
     latest = latest_registered_checkpoint(run_dir)
     if latest is None:
         return None
@@ -183,13 +174,7 @@ def latest_checkpoint(run_dir) -> Optional[Tuple[str, int]]:
 
 
 def _outputs_exist(ctx, outputs: Dict[str, Any]) -> bool:
-    from dino_platform.model.artifact import weights_location
-
-    try:
-        weights_location(outputs["checkpoint"])
-        return True
-    except (StorageError, KeyError):
-        return False
+    return holds(lambda: weights_location(outputs["checkpoint"]), StorageError, KeyError)
 
 
 def _summary(out: Dict[str, Any]) -> str:
@@ -200,6 +185,9 @@ def _summary(out: Dict[str, Any]) -> str:
     return f"{out['checkpoint']}{restarts}"
 
 
+def _datasets(stage: TrainStage) -> List[str]:
+    return [d for d in (stage.train_data, stage.eval_data) if d]
+
+
 KIND = StageKind("train", TrainStage, ("checkpoint",), _validate, _fingerprint, _run, _outputs_exist, _summary,
-                 preflight=_preflight, workers=_workers,
-                 datasets=lambda stage: [d for d in (stage.train_data, stage.eval_data) if d])
+                 preflight=_preflight, workers=_workers, datasets=_datasets)
