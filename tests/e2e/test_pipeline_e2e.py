@@ -106,10 +106,12 @@ def _submit(address: str, working_dir: Path, output_root: str, dino_home: Path, 
     runtime_env["env_vars"] = {"DINO_GIT_COMMIT": commit, "RAY_USAGE_STATS_ENABLED": "0",
                                "MLFLOW_DISABLE_TELEMETRY": "true", "DINO_HOME": str(dino_home)}
     submission = f"pipeline-{uuid.uuid4().hex[:8]}"
-    subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
-                    "--no-wait", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
-                    *ENTRY, "--set", f"output_root={output_root}"],
-                   cwd=working_dir, env=_env(), check=True, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id",
+                           submission, "--no-wait", "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env),
+                           "--", *ENTRY, "--set", f"output_root={output_root}"],
+                          cwd=working_dir, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, \
+        f"ray job submit failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return submission
 
 
