@@ -53,12 +53,11 @@ class Artifact:
                              model=model, postprocessor=postprocessor)
 
     def write(self, directory: Path) -> None:
-        """This artifact's files in ``directory`` (the weights re-exported in the official layout)."""
-        import dino_core
-
-        model, _ = self.build()
-        write_artifact(directory, dino_core.export_official_state_dict(model), self.model, self.transform,
-                       self.categories, self.source)
+        """This artifact's files in ``directory``: its weights as read (``model.pt`` and official files hold
+        the official layout already) and its config. Callers have built it before (registering follows an
+        evaluation), so the weights are not loaded into a model again here."""
+        write_artifact(directory, read_model_state(self.weights), self.model, self.transform, self.categories,
+                       self.source)
 
 
 def write_artifact(directory: Path, state: Mapping[str, torch.Tensor], model: ModelConfig,
