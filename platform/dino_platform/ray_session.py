@@ -3,12 +3,15 @@
 Ray Train's ``PlacementGroupCleaner`` (a detached actor started with every ``TorchTrainer``) asks
 the State API whether the training's controller is still alive, and frees the workers' placement
 group once it is gone. The State API is served by the dashboard, so a local instance started here
-keeps it on and tells its processes where it is (``RAY_API_SERVER_ADDRESS``, inherited by every
-worker). Without that, with a second Ray instance on the host (a sweep or pipeline beside another
+keeps it on and tells its processes where it is (``RAY_API_SERVER_ADDRESS`` in the environment the
+raylet, and so every worker, inherits; the driver asks ``state_api_url()``). Without that, with a second Ray instance on the host (a sweep or pipeline beside another
 job, a test session) the cleaner's own lookup fails ("Found multiple active Ray instances"): the
 log repeats "PlacementGroupCleaner: Failed to query Ray Train Controller actor state" and the
 CPUs of a stopped trial stay reserved. A driver that joins a cluster (``ray job submit``) names
 the cluster's State API in its job's runtime env for the same reason.
+
+The driver's own environment is left as it was: a variable that outlived its instance would send a
+later ``ray job submit`` or a child process's State API calls to a dead or foreign dashboard.
 """
 from __future__ import annotations
 
@@ -16,6 +19,19 @@ import contextlib
 import os
 import socket
 from typing import Any, Optional
+
+_STATE_API: Optional[tuple] = None  # (Ray session name, State API URL) of the instance connect joined or started
+
+
+def state_api_url() -> Optional[str]:
+    """The State API (dashboard) URL of the Ray instance this process is connected to, if ``connect``
+    joined or started it; None otherwise (Ray's state calls then resolve it themselves)."""
+    import ray
+
+    if _STATE_API is None or not ray.is_initialized():
+        return None
+    session, url = _STATE_API
+    return url if ray.get_runtime_context().get_session_name() == session else None
 
 
 def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, log_to_driver: bool = True,
@@ -41,6 +57,7 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
                 url = get_address_for_submission_client(address)
         options.setdefault("runtime_env", {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None)
         ray.init(address=address, log_to_driver=log_to_driver, **options)  # a cluster's CPUs are its own
+        _remember(url or os.environ.get("RAY_API_SERVER_ADDRESS"))
         return f"Ray cluster at {address}"
     options.setdefault("dashboard_host", "127.0.0.1")
     if "dashboard_port" not in options:
@@ -48,7 +65,30 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
             probe.bind(("127.0.0.1", 0))
             options["dashboard_port"] = probe.getsockname()[1]
     # the dashboard on, its State API named: Ray Train's PlacementGroupCleaner needs it (above)
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, include_dashboard=True, **options)
+    url = f"http://127.0.0.1:{options['dashboard_port']}"
+    with _environment("RAY_API_SERVER_ADDRESS", url):  # while the raylet starts: its workers inherit it
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, include_dashboard=True, **options)
+    _remember(url)
     return f"a local Ray instance ({num_cpus or 'all'} CPUs)"
+
+
+def _remember(url: Optional[str]) -> None:
+    import ray
+
+    global _STATE_API
+    _STATE_API = (ray.get_runtime_context().get_session_name(), url) if url and ray.is_initialized() else None
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` inside the block; the previous value (or its absence) after it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 

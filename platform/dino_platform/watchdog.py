@@ -210,7 +210,9 @@ def pending_tasks(limit: int = 20) -> List[str]:
     """'name: resources' of tasks waiting for a node (Ray's state API; empty if it is not reachable)."""
     from ray.util.state import list_tasks
 
-    tasks = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=limit, raise_on_missing_output=False,
+    from dino_platform.ray_session import state_api_url
+
+    tasks = list_tasks(address=state_api_url(), filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=limit, raise_on_missing_output=False,
                        timeout=10)
     return [f"{t.name}: {getattr(t, 'required_resources', None) or '?'}" for t in tasks]
 

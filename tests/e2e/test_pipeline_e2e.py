@@ -52,9 +52,22 @@ def _env():
     # RAY_AUTH_MODE=token and the token on the client); job entrypoints find the venv's python first.
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
                PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in _FOREIGN:
+        env.pop(name, None)
     return env
+
+
+# a shell user's `ray job submit` has none of these; either would send the client to another cluster
+_FOREIGN = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_foreign_cluster():
+    """This module's in-process job clients also talk only to the head started here."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _FOREIGN:
+            patch.delenv(name, raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")

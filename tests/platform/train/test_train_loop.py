@@ -4,6 +4,7 @@ and the one place the platform starts Ray."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import pickle
 from pathlib import Path
@@ -172,15 +173,21 @@ def test_ray_session_connect_is_the_only_place_the_platform_starts_ray():
 def ray_init_calls(monkeypatch):
     import ray
 
+
+    from dino_platform import ray_session
+
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_session, "_remember", lambda url: calls[-1].update(remembered=url))
+    # each call records its arguments and the State API address its raylet would inherit
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(
+        {**kwargs, "inherited": os.environ.get("RAY_API_SERVER_ADDRESS")}))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "")  # restored afterwards; connect may set it
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     return calls
 
 
-def test_connect_starts_a_local_instance_with_its_state_api_named(ray_init_calls):
+def test_connect_starts_a_local_instance_with_its_state_api_named_to_it_only(ray_init_calls):
     import os
 
     from dino_platform.ray_session import connect
@@ -188,7 +195,10 @@ def test_connect_starts_a_local_instance_with_its_state_api_named(ray_init_calls
     assert connect(num_cpus=2, log_to_driver=False) == "a local Ray instance (2 CPUs)"
     (call,) = ray_init_calls
     assert call["address"] == "local" and call["num_cpus"] == 2 and call["include_dashboard"] is True
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{call['dashboard_port']}"
+    url = f"http://127.0.0.1:{call['dashboard_port']}"
+    assert call["inherited"] == url and call["remembered"] == url
+    # the driver's environment is as it was: a later `ray job submit` or child process is not sent to it
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
 
 
 def test_connect_joins_the_address_given_else_ray_address_without_local_settings(ray_init_calls, monkeypatch):
@@ -211,3 +221,32 @@ def test_connect_keeps_a_running_instance(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init called while connected"))
     assert connect() == "the Ray instance this process already uses"
+
+
+def test_a_started_instance_names_its_state_api_to_its_workers_and_forgets_it_at_shutdown():
+    """A real local instance, in a process of its own (this session may have one already)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent('''
+        import os
+        import ray
+        from dino_platform.ray_session import connect, state_api_url
+
+        connect(num_cpus=1, log_to_driver=False)
+        url = state_api_url()
+        assert url and "RAY_API_SERVER_ADDRESS" not in os.environ, (url, os.environ.get("RAY_API_SERVER_ADDRESS"))
+        worker_env = ray.get(ray.remote(lambda: os.environ.get("RAY_API_SERVER_ADDRESS")).remote())
+        assert worker_env == url, (worker_env, url)
+        from ray.util.state import list_nodes
+        assert len(list_nodes(address=url, timeout=30)) == 1  # this instance's State API answers there
+        ray.shutdown()
+        assert state_api_url() is None
+        print("ok")
+    ''')
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
