@@ -35,7 +35,7 @@ ext: venv
 	else $(PY) setup.py -q build_ext --inplace; fi
 
 test: venv ext
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" --durations=30 $(PYTEST_ARGS)
 
 test-fast: venv ext
 	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
