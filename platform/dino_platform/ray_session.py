@@ -3,12 +3,12 @@
 Ray Train's ``PlacementGroupCleaner`` (a detached actor started with every ``TorchTrainer``) asks
 the State API whether the training's controller is still alive, and frees the workers' placement
 group once it is gone. The State API is served by the dashboard, so a local instance started here
-keeps it on and tells its processes where it is (``RAY_API_SERVER_ADDRESS`` in the environment the
-raylet, and so every worker, inherits; the driver asks ``state_api_url()``). Without that, with a second Ray instance on the host (a sweep or pipeline beside another
-job, a test session) the cleaner's own lookup fails ("Found multiple active Ray instances"): the
-log repeats "PlacementGroupCleaner: Failed to query Ray Train Controller actor state" and the
-CPUs of a stopped trial stay reserved. A driver that joins a cluster (``ray job submit``) names
-the cluster's State API in its job's runtime env for the same reason.
+keeps it on. Without naming it, with a second Ray instance on the host (a sweep or pipeline beside
+another job, a test session) the cleaner's own lookup fails ("Found multiple active Ray instances"):
+the log repeats "PlacementGroupCleaner: Failed to query Ray Train Controller actor state" and the
+CPUs of a stopped trial stay reserved. So ``connect`` names the State API of the instance it starts
+or joins (``RAY_API_SERVER_ADDRESS``) in the job's runtime env, which every task and actor of the
+job inherits, and the driver asks ``state_api_url()``.
 
 The driver's own environment is left as it was: a variable that outlived its instance would send a
 later ``ray job submit`` or a child process's State API calls to a dead or foreign dashboard.
@@ -49,14 +49,13 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
         return "the Ray instance this process already uses"
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        url = None  # the cluster's State API, named to every process of the job (unless named already)
+        url = None  # the cluster's State API (unless named already)
         if not os.environ.get("RAY_API_SERVER_ADDRESS"):
             with contextlib.suppress(Exception):  # no dashboard on that cluster: nothing to name
                 from ray.dashboard.utils import get_address_for_submission_client
 
                 url = get_address_for_submission_client(address)
-        options.setdefault("runtime_env", {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} if url else None)
-        ray.init(address=address, log_to_driver=log_to_driver, **options)  # a cluster's CPUs are its own
+        ray.init(address=address, log_to_driver=log_to_driver, **_naming(url, options))  # a cluster's CPUs are its own
         _remember(url or os.environ.get("RAY_API_SERVER_ADDRESS"))
         return f"Ray cluster at {address}"
     options.setdefault("dashboard_host", "127.0.0.1")
@@ -64,12 +63,21 @@ def connect(address: Optional[str] = None, *, num_cpus: Optional[int] = None, lo
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             options["dashboard_port"] = probe.getsockname()[1]
-    # the dashboard on, its State API named: Ray Train's PlacementGroupCleaner needs it (above)
-    url = f"http://127.0.0.1:{options['dashboard_port']}"
-    with _environment("RAY_API_SERVER_ADDRESS", url):  # while the raylet starts: its workers inherit it
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, include_dashboard=True, **options)
+    url = f"http://127.0.0.1:{options['dashboard_port']}"  # the dashboard on: Ray Train's cleaner needs it (above)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=log_to_driver, include_dashboard=True,
+             **_naming(url, options))
     _remember(url)
     return f"a local Ray instance ({num_cpus or 'all'} CPUs)"
+
+
+def _naming(url: Optional[str], options: dict) -> dict:
+    """``options`` with ``url`` as the job's ``RAY_API_SERVER_ADDRESS`` (a value the caller's runtime env
+    gives wins)."""
+    if not url:
+        return options
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {"RAY_API_SERVER_ADDRESS": url, **(runtime_env.get("env_vars") or {})}
+    return {**options, "runtime_env": runtime_env}
 
 
 def _remember(url: Optional[str]) -> None:
@@ -77,18 +85,3 @@ def _remember(url: Optional[str]) -> None:
 
     global _STATE_API
     _STATE_API = (ray.get_runtime_context().get_session_name(), url) if url and ray.is_initialized() else None
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """``os.environ[name] = value`` inside the block; the previous value (or its absence) after it."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-

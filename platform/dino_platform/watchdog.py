@@ -212,8 +212,8 @@ def pending_tasks(limit: int = 20) -> List[str]:
 
     from dino_platform.ray_session import state_api_url
 
-    tasks = list_tasks(address=state_api_url(), filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=limit, raise_on_missing_output=False,
-                       timeout=10)
+    tasks = list_tasks(address=state_api_url(), filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], limit=limit,
+                       raise_on_missing_output=False, timeout=10)
     return [f"{t.name}: {getattr(t, 'required_resources', None) or '?'}" for t in tasks]
 
 

@@ -173,32 +173,33 @@ def test_ray_session_connect_is_the_only_place_the_platform_starts_ray():
 def ray_init_calls(monkeypatch):
     import ray
 
-
     from dino_platform import ray_session
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_session, "_remember", lambda url: calls[-1].update(remembered=url))
-    # each call records its arguments and the State API address its raylet would inherit
+    # each call records its arguments and the driver's State API variable while Ray starts
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(
-        {**kwargs, "inherited": os.environ.get("RAY_API_SERVER_ADDRESS")}))
+        {**kwargs, "driver_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     return calls
 
 
-def test_connect_starts_a_local_instance_with_its_state_api_named_to_it_only(ray_init_calls):
-    import os
-
+def test_connect_starts_a_local_instance_with_its_state_api_named_to_its_job_only(ray_init_calls):
     from dino_platform.ray_session import connect
 
     assert connect(num_cpus=2, log_to_driver=False) == "a local Ray instance (2 CPUs)"
     (call,) = ray_init_calls
     assert call["address"] == "local" and call["num_cpus"] == 2 and call["include_dashboard"] is True
     url = f"http://127.0.0.1:{call['dashboard_port']}"
-    assert call["inherited"] == url and call["remembered"] == url
+    assert call["runtime_env"] == {"env_vars": {"RAY_API_SERVER_ADDRESS": url}} and call["remembered"] == url
     # the driver's environment is as it was: a later `ray job submit` or child process is not sent to it
-    assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    assert call["driver_env"] is None and "RAY_API_SERVER_ADDRESS" not in os.environ
+    # a runtime env of the caller's keeps its settings, its own values first
+    connect(runtime_env={"pip": ["x"], "env_vars": {"A": "1", "RAY_API_SERVER_ADDRESS": "http://mine:1"}})
+    assert ray_init_calls[1]["runtime_env"] == {"pip": ["x"], "env_vars": {"A": "1",
+                                                                         "RAY_API_SERVER_ADDRESS": "http://mine:1"}}
 
 
 def test_connect_joins_the_address_given_else_ray_address_without_local_settings(ray_init_calls, monkeypatch):
@@ -223,7 +224,7 @@ def test_connect_keeps_a_running_instance(monkeypatch):
     assert connect() == "the Ray instance this process already uses"
 
 
-def test_a_started_instance_names_its_state_api_to_its_workers_and_forgets_it_at_shutdown():
+def test_a_started_instance_names_its_state_api_to_its_tasks_and_actors_and_forgets_it_at_shutdown():
     """A real local instance, in a process of its own (this session may have one already)."""
     import subprocess
     import sys
@@ -239,6 +240,17 @@ def test_a_started_instance_names_its_state_api_to_its_workers_and_forgets_it_at
         assert url and "RAY_API_SERVER_ADDRESS" not in os.environ, (url, os.environ.get("RAY_API_SERVER_ADDRESS"))
         worker_env = ray.get(ray.remote(lambda: os.environ.get("RAY_API_SERVER_ADDRESS")).remote())
         assert worker_env == url, (worker_env, url)
+
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def env(self):
+                return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+            def detached_child_env(self):  # as Ray Train's controller starts its PlacementGroupCleaner
+                return ray.get(Probe.options(lifetime="detached").remote().env.remote())
+
+        cleaner_env = ray.get(Probe.remote().detached_child_env.remote())
+        assert cleaner_env == url, (cleaner_env, url)
         from ray.util.state import list_nodes
         assert len(list_nodes(address=url, timeout=30)) == 1  # this instance's State API answers there
         ray.shutdown()
